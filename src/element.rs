@@ -11,7 +11,7 @@ use half::{bf16, f16};
 #[repr(u8)]
 #[non_exhaustive]
 pub enum DType {
-    /// Raw bytes (no reduction except bitwise-free ops: only valid for data movement).
+    /// `u8` (also raw bytes).
     U8 = 0,
     /// `i8`.
     I8 = 1,
@@ -33,12 +33,15 @@ pub enum DType {
     F32 = 9,
     /// `f64`.
     F64 = 10,
+    /// `u16`.
+    U16 = 11,
 }
 
 impl DType {
     /// Every dtype, in code order.
-    pub const ALL: [DType; 11] = [
+    pub const ALL: [DType; 12] = [
         DType::U8,
+        DType::U16,
         DType::I8,
         DType::I16,
         DType::I32,
@@ -55,7 +58,7 @@ impl DType {
     pub const fn size(self) -> usize {
         match self {
             DType::U8 | DType::I8 => 1,
-            DType::I16 | DType::F16 | DType::BF16 => 2,
+            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
             DType::I32 | DType::U32 | DType::F32 => 4,
             DType::I64 | DType::U64 | DType::F64 => 8,
         }
@@ -74,6 +77,7 @@ impl DType {
             DType::I16 => "i16",
             DType::I32 => "i32",
             DType::I64 => "i64",
+            DType::U16 => "u16",
             DType::U32 => "u32",
             DType::U64 => "u64",
             DType::F16 => "f16",
@@ -106,7 +110,9 @@ mod sealed {
 
 /// A type ferrocomm can send, receive and reduce. Sealed: implemented for the types of
 /// [`DType`] only.
-pub trait Element: bytemuck::Pod + Send + Sync + PartialEq + std::fmt::Debug + sealed::Sealed {
+pub trait Element:
+    bytemuck::Pod + Send + Sync + PartialEq + std::fmt::Debug + sealed::Sealed
+{
     /// The wire type of `Self`.
     const DTYPE: DType;
 }
@@ -121,7 +127,7 @@ macro_rules! element {
 }
 
 element! {
-    u8 => U8, i8 => I8, i16 => I16, i32 => I32, i64 => I64, u32 => U32, u64 => U64,
+    u8 => U8, u16 => U16, i8 => I8, i16 => I16, i32 => I32, i64 => I64, u32 => U32, u64 => U64,
     f16 => F16, bf16 => BF16, f32 => F32, f64 => F64,
 }
 

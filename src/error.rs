@@ -127,7 +127,11 @@ impl Error {
     }
 
     /// Builds an [`Error::Config`].
-    pub fn config(name: impl Into<String>, value: impl Into<String>, why: impl Into<String>) -> Self {
+    pub fn config(
+        name: impl Into<String>,
+        value: impl Into<String>,
+        why: impl Into<String>,
+    ) -> Self {
         Error::Config {
             name: name.into(),
             value: value.into(),

@@ -2,11 +2,15 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+pub mod collective;
+pub mod comm;
+mod config;
 pub mod element;
 pub mod error;
 pub mod rendezvous;
 pub mod transport;
 pub mod wire;
 
+pub use comm::{CommConfig, Communicator, RawRequest, Request, Scope, Source, Status, Tag};
 pub use element::{DType, Element};
 pub use error::{Error, Result};

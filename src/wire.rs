@@ -266,7 +266,12 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        for kind in [FrameKind::Eager, FrameKind::Rts, FrameKind::Cts, FrameKind::Data] {
+        for kind in [
+            FrameKind::Eager,
+            FrameKind::Rts,
+            FrameKind::Cts,
+            FrameKind::Data,
+        ] {
             let len = if kind == FrameKind::Cts { 0 } else { 77 };
             let h = header(kind, len, 9, 0xab);
             assert_eq!(FrameHeader::decode(&h.encode(), 1 << 20, 1 << 40), Ok(h));
@@ -282,22 +287,37 @@ mod tests {
         ));
         let mut b = good;
         b[0] = 0;
-        assert!(matches!(FrameHeader::decode(&b, 100, 100), Err(DecodeError::BadMagic(_))));
+        assert!(matches!(
+            FrameHeader::decode(&b, 100, 100),
+            Err(DecodeError::BadMagic(_))
+        ));
         let mut b = good;
         b[2] = 9;
-        assert_eq!(FrameHeader::decode(&b, 100, 100), Err(DecodeError::BadVersion(9)));
+        assert_eq!(
+            FrameHeader::decode(&b, 100, 100),
+            Err(DecodeError::BadVersion(9))
+        );
         let mut b = good;
         b[3] = 0;
-        assert_eq!(FrameHeader::decode(&b, 100, 100), Err(DecodeError::BadKind(0)));
+        assert_eq!(
+            FrameHeader::decode(&b, 100, 100),
+            Err(DecodeError::BadKind(0))
+        );
         let mut b = good;
         b[5] = 1;
-        assert_eq!(FrameHeader::decode(&b, 100, 100), Err(DecodeError::Reserved));
+        assert_eq!(
+            FrameHeader::decode(&b, 100, 100),
+            Err(DecodeError::Reserved)
+        );
         assert_eq!(
             FrameHeader::decode(&good, 9, 100),
             Err(DecodeError::TooLong { len: 10, max: 9 })
         );
         let cts = header(FrameKind::Cts, 1, 0, 0).encode();
-        assert!(matches!(FrameHeader::decode(&cts, 100, 100), Err(DecodeError::TooLong { .. })));
+        assert!(matches!(
+            FrameHeader::decode(&cts, 100, 100),
+            Err(DecodeError::TooLong { .. })
+        ));
     }
 
     #[test]

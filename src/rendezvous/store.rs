@@ -103,7 +103,9 @@ impl Store for PrefixStore {
         self.inner.set(&self.key(key), value)
     }
     fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
-        self.inner.get(&self.key(key), timeout).map_err(|e| self.strip(e))
+        self.inner
+            .get(&self.key(key), timeout)
+            .map_err(|e| self.strip(e))
     }
     fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.inner.try_get(&self.key(key))

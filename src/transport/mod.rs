@@ -26,7 +26,8 @@
 //! 5. **Failures are per peer and final.** When a peer dies or misbehaves, the transport
 //!    reports [`Events::peer_failed`] once, forgets every buffer of that peer (they may be
 //!    reused at once) and fails later operations on it.
-//! 6. **Waiting is cheap.** [`Transport::wait`] blocks in the kernel (poll, futex) rather
+//! 6. **Abort is immediate.** After [`Transport::abort`] no buffer is touched again.
+//! 7. **Waiting is cheap.** [`Transport::wait`] blocks in the kernel (poll, futex) rather
 //!    than spinning, and returns early when [`Transport::waker`]'s function is called from
 //!    another thread.
 //!
@@ -36,8 +37,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::wire::Envelope;
 use crate::error::{Error, Result};
+pub use crate::wire::Envelope;
 
 pub mod local;
 pub mod tcp;
@@ -170,7 +171,13 @@ pub trait Transport: Send {
     /// # Safety
     /// `data` must stay valid and unchanged until `token` is reported done or the peer
     /// reported failed (contract point 4).
-    unsafe fn send(&mut self, peer: usize, env: &Envelope, data: SendBuf, token: Token) -> Result<()>;
+    unsafe fn send(
+        &mut self,
+        peer: usize,
+        env: &Envelope,
+        data: SendBuf,
+        token: Token,
+    ) -> Result<()>;
 
     /// Moves the kept message `handle` of `peer` ([`Stored::Remote`]) into `dst`; reports
     /// `token` to [`Events::recv_done`] when it is there. `dst.len` equals the message length.
@@ -193,4 +200,9 @@ pub trait Transport: Send {
 
     /// A function that makes a concurrent or later [`Transport::wait`] return early.
     fn waker(&self) -> Waker;
+
+    /// Gives up on everything in flight: forgets every borrowed buffer at once (the caller
+    /// may reuse them as soon as this returns) and closes the connections. Used when the
+    /// communicator fails for good (timeout, abort).
+    fn abort(&mut self);
 }

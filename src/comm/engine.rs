@@ -1,0 +1,604 @@
+//! The progress engine: requests, message matching and the transports of one process.
+//!
+//! One engine serves a process's world communicator and every communicator derived from it
+//! (they share the transports and are told apart by the context in each envelope). It is
+//! driven by whichever thread waits: there is no I/O thread.
+//!
+//! Matching follows MPI: a receive names a context, a source (or any) and a tag (or any);
+//! posted receives are matched in the order they were posted, arriving messages in the
+//! order each peer sent them, so messages between two ranks with the same context and tag
+//! never overtake each other. A message that arrives before its receive is kept in the
+//! unexpected queue (small ones whole, large ones still at the sender, see the transport
+//! contract).
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use super::envelope::Env;
+use crate::error::{Error, Result};
+use crate::transport::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport};
+
+/// Identifies a request: slot index in the low 32 bits, the slot's generation above.
+pub(crate) type ReqId = Token;
+
+/// Marks the calling rank itself in the routing table.
+const ROUTE_SELF: u8 = u8::MAX;
+
+/// What a completed request reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Done {
+    /// World rank of the sender (receives) or destination (sends).
+    pub peer: usize,
+    /// Bytes received or sent.
+    pub len: usize,
+    /// The message's envelope (receives).
+    pub env: Envelope,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum OpKind {
+    Send,
+    Recv,
+}
+
+/// What a request is, for error messages.
+#[derive(Clone, Copy, Debug)]
+struct Op {
+    kind: OpKind,
+    peer: Option<usize>,
+    tag: Option<u32>,
+    ctx: u64,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.kind, self.peer) {
+            (OpKind::Send, Some(p)) => write!(f, "send to rank {p}")?,
+            (OpKind::Send, None) => write!(f, "send")?,
+            (OpKind::Recv, Some(p)) => write!(f, "recv from rank {p}")?,
+            (OpKind::Recv, None) => write!(f, "recv from any rank")?,
+        }
+        match self.tag {
+            Some(t) => write!(f, " (tag {t}, context {:#x})", self.ctx),
+            None => write!(f, " (any tag, context {:#x})", self.ctx),
+        }
+    }
+}
+
+enum State {
+    Free,
+    /// A receive waiting in the posted queue.
+    Posted,
+    /// Handed to a transport.
+    Active,
+    Done(Result<Done>),
+}
+
+struct Slot {
+    generation: u32,
+    state: State,
+    op: Op,
+    /// Filled when a receive is matched.
+    matched: Done,
+}
+
+struct PostedRecv {
+    ctx: u64,
+    src: Option<usize>,
+    tag: Option<u32>,
+    buf: RecvBuf,
+    req: ReqId,
+}
+
+struct Unexpected {
+    peer: usize,
+    env: Envelope,
+    msg: Stored,
+}
+
+/// Matching state; receives the transports' events.
+struct Core {
+    me: usize,
+    posted: VecDeque<PostedRecv>,
+    unexpected: VecDeque<Unexpected>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    failed: Vec<Option<Error>>,
+    fatal: Option<Error>,
+}
+
+fn id_of(index: u32, generation: u32) -> ReqId {
+    ((generation as u64) << 32) | index as u64
+}
+
+fn matches(p: &PostedRecv, peer: usize, ctx: u64, tag: u32) -> bool {
+    p.ctx == ctx && p.src.is_none_or(|s| s == peer) && p.tag.is_none_or(|t| t == tag)
+}
+
+fn truncated(op: &Op, cap: usize, len: usize, peer: usize, tag: u32) -> Error {
+    Error::invalid(
+        op.to_string(),
+        "buffer",
+        format!(
+            "it holds {cap} bytes but the message from rank {peer} (tag {tag}) has {len}; \
+             post a receive at least as large as the message"
+        ),
+    )
+}
+
+/// Rewrites a peer failure reported by a transport so that it names `op`.
+fn for_op(err: &Error, op: &Op) -> Error {
+    match err {
+        Error::PeerLost {
+            rank, peer, detail, ..
+        } => Error::PeerLost {
+            rank: *rank,
+            peer: *peer,
+            op: op.to_string(),
+            detail: detail.clone(),
+        },
+        other => other.clone(),
+    }
+}
+
+impl Core {
+    fn slot(&mut self, id: ReqId) -> Option<&mut Slot> {
+        let s = self.slots.get_mut((id & 0xffff_ffff) as usize)?;
+        (s.generation == (id >> 32) as u32 && !matches!(s.state, State::Free)).then_some(s)
+    }
+
+    fn alloc(&mut self, state: State, op: Op) -> ReqId {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    state: State::Free,
+                    op,
+                    matched: Done {
+                        peer: 0,
+                        len: 0,
+                        env: Envelope::default(),
+                    },
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let s = &mut self.slots[index as usize];
+        s.generation = s.generation.wrapping_add(1);
+        s.state = state;
+        s.op = op;
+        id_of(index, s.generation)
+    }
+
+    fn finish(&mut self, id: ReqId, result: Result<Done>) {
+        if let Some(s) = self.slot(id) {
+            s.state = State::Done(result);
+        }
+    }
+
+    fn peer_error(&self, peer: usize) -> Option<&Error> {
+        self.failed.get(peer).and_then(Option::as_ref)
+    }
+}
+
+impl Events for Core {
+    fn incoming(&mut self, peer: usize, env: &Envelope, len: usize) -> Placement {
+        if self.fatal.is_some() {
+            return Placement::Discard;
+        }
+        let (ctx, tag) = Env::key(env);
+        let Some(pos) = self.posted.iter().position(|p| matches(p, peer, ctx, tag)) else {
+            return Placement::Keep;
+        };
+        let p = self.posted.remove(pos).expect("position is in range");
+        let env = *env;
+        let Some(slot) = self.slot(p.req) else {
+            return Placement::Discard;
+        };
+        if p.buf.len < len {
+            let err = truncated(&slot.op, p.buf.len, len, peer, tag);
+            slot.state = State::Done(Err(err));
+            return Placement::Discard;
+        }
+        slot.state = State::Active;
+        slot.matched = Done { peer, len, env };
+        Placement::Into(p.buf, p.req)
+    }
+
+    fn stored(&mut self, peer: usize, env: Envelope, msg: Stored) {
+        if self.fatal.is_none() {
+            self.unexpected.push_back(Unexpected { peer, env, msg });
+        }
+    }
+
+    fn recv_done(&mut self, token: Token) {
+        if let Some(s) = self.slot(token) {
+            s.state = State::Done(Ok(s.matched));
+        }
+    }
+
+    fn send_done(&mut self, token: Token) {
+        if let Some(s) = self.slot(token) {
+            s.state = State::Done(Ok(s.matched));
+        }
+    }
+
+    fn peer_failed(&mut self, peer: usize, err: Error) {
+        tracing::debug!(rank = self.me, peer, "peer failed: {err}");
+        if let Some(f) = self.failed.get_mut(peer) {
+            f.get_or_insert(err.clone());
+        }
+        // Fail everything that needs this peer: its transfers in flight, receives naming it,
+        // and receives from any source (the peer may have been the one to send).
+        let mut doomed = Vec::new();
+        self.posted.retain(|p| {
+            let hit = p.src.is_none_or(|s| s == peer);
+            if hit {
+                doomed.push(p.req);
+            }
+            !hit
+        });
+        for s in self.slots.iter_mut() {
+            let involved = matches!(s.state, State::Active)
+                && match s.op.peer {
+                    Some(p) => p == peer,
+                    None => s.matched.peer == peer,
+                };
+            if involved {
+                s.state = State::Done(Err(for_op(&err, &s.op)));
+            }
+        }
+        for id in doomed {
+            if let Some(s) = self.slot(id) {
+                s.state = State::Done(Err(for_op(&err, &s.op)));
+            }
+        }
+        // Large messages still at the dead sender can never be fetched.
+        self.unexpected
+            .retain(|u| !(u.peer == peer && matches!(u.msg, Stored::Remote { .. })));
+    }
+}
+
+/// The transports and matching state of one process. Not thread-safe by itself: the
+/// communicator layer wraps it in a mutex.
+pub(crate) struct Engine {
+    transports: Vec<Box<dyn Transport>>,
+    /// Index into `transports` for each world rank (`ROUTE_SELF` for this rank).
+    route: Vec<u8>,
+    core: Core,
+}
+
+impl Engine {
+    /// An engine for world rank `me` reaching world rank `r` through
+    /// `transports[route[r]]` (`route[me]` is ignored).
+    pub fn new(me: usize, transports: Vec<Box<dyn Transport>>, mut route: Vec<u8>) -> Engine {
+        if let Some(r) = route.get_mut(me) {
+            *r = ROUTE_SELF;
+        }
+        let world = route.len();
+        Engine {
+            transports,
+            route,
+            core: Core {
+                me,
+                posted: VecDeque::new(),
+                unexpected: VecDeque::new(),
+                slots: Vec::new(),
+                free: Vec::new(),
+                failed: vec![None; world],
+                fatal: None,
+            },
+        }
+    }
+
+    /// Names of the transports in use.
+    pub fn transport_names(&self) -> Vec<&'static str> {
+        self.transports.iter().map(|t| t.name()).collect()
+    }
+
+    /// The name of the transport that reaches `peer` (`"self"` for this rank).
+    pub fn transport_of(&self, peer: usize) -> &'static str {
+        match self.route.get(peer) {
+            Some(&ROUTE_SELF) => "self",
+            Some(&t) => self.transports[t as usize].name(),
+            None => "none",
+        }
+    }
+
+    /// Wakers of every transport (for other threads and abort).
+    pub fn wakers(&self) -> Vec<crate::transport::Waker> {
+        self.transports.iter().map(|t| t.waker()).collect()
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.core.fatal {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn check_peer(&self, peer: usize, op: &Op) -> Result<()> {
+        if peer >= self.route.len() {
+            return Err(Error::invalid(
+                op.to_string(),
+                "rank",
+                format!(
+                    "rank {peer} does not exist in a world of {}",
+                    self.route.len()
+                ),
+            ));
+        }
+        match self.core.peer_error(peer) {
+            Some(e) => Err(for_op(e, op)),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts sending `data` with envelope `env` to world rank `peer`.
+    ///
+    /// # Safety
+    /// `data` must stay valid and unchanged until the request completes, is abandoned by
+    /// [`Engine::abort`], or this call returns an error.
+    pub unsafe fn send(&mut self, peer: usize, env: &Env, data: SendBuf) -> Result<ReqId> {
+        self.check_usable()?;
+        let op = Op {
+            kind: OpKind::Send,
+            peer: Some(peer),
+            tag: Some(env.tag),
+            ctx: env.ctx,
+        };
+        self.check_peer(peer, &op)?;
+        let envelope = env.encode();
+        let id = self.core.alloc(State::Active, op);
+        if let Some(s) = self.core.slot(id) {
+            s.matched = Done {
+                peer,
+                len: data.len,
+                env: envelope,
+            };
+        }
+        let route = self.route[peer];
+        if route == ROUTE_SELF {
+            // SAFETY: `data` is valid now (caller's contract); it is copied before returning.
+            let bytes = unsafe { data.as_slice() };
+            self.deliver_to_self(&envelope, bytes);
+            self.core.send_done(id);
+            return Ok(id);
+        }
+        // SAFETY: forwarded from this function's contract.
+        let sent = unsafe { self.transports[route as usize].send(peer, &envelope, data, id) };
+        if let Err(e) = sent {
+            self.release(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    fn deliver_to_self(&mut self, envelope: &Envelope, bytes: &[u8]) {
+        let me = self.core.me;
+        match self.core.incoming(me, envelope, bytes.len()) {
+            Placement::Into(buf, token) => {
+                // SAFETY: the posted receive handed over its buffer, at least `len` bytes.
+                let dst = unsafe { buf.as_mut_slice() };
+                dst[..bytes.len()].copy_from_slice(bytes);
+                self.core.recv_done(token);
+            }
+            Placement::Keep => self
+                .core
+                .stored(me, *envelope, Stored::Bytes(bytes.to_vec())),
+            Placement::Discard => {}
+        }
+    }
+
+    /// Posts a receive of a message with context `ctx` from world rank `src` (any when
+    /// `None`) with tag `tag` (any when `None`) into `buf`.
+    ///
+    /// # Safety
+    /// `buf` must stay valid and unused by anyone else until the request completes, is
+    /// cancelled, abandoned by [`Engine::abort`], or this call returns an error.
+    pub unsafe fn recv(
+        &mut self,
+        ctx: u64,
+        src: Option<usize>,
+        tag: Option<u32>,
+        buf: RecvBuf,
+    ) -> Result<ReqId> {
+        self.check_usable()?;
+        let op = Op {
+            kind: OpKind::Recv,
+            peer: src,
+            tag,
+            ctx,
+        };
+        if let Some(s) = src {
+            if s >= self.route.len() {
+                self.check_peer(s, &op)?;
+            }
+        }
+        // Messages that arrived before their sender failed can still be received.
+        let pos = self.core.unexpected.iter().position(|u| {
+            let (c, t) = Env::key(&u.env);
+            c == ctx && src.is_none_or(|s| s == u.peer) && tag.is_none_or(|x| x == t)
+        });
+        let Some(pos) = pos else {
+            if let Some(s) = src {
+                self.check_peer(s, &op)?;
+            }
+            let id = self.core.alloc(State::Posted, op);
+            self.core.posted.push_back(PostedRecv {
+                ctx,
+                src,
+                tag,
+                buf,
+                req: id,
+            });
+            return Ok(id);
+        };
+        let u = self
+            .core
+            .unexpected
+            .remove(pos)
+            .expect("position is in range");
+        let (_, t) = Env::key(&u.env);
+        let len = match &u.msg {
+            Stored::Bytes(v) => v.len(),
+            Stored::Remote { len, .. } => *len,
+        };
+        if buf.len < len {
+            if let Stored::Remote { handle, .. } = u.msg {
+                self.discard(u.peer, handle);
+            }
+            return Err(truncated(&op, buf.len, len, u.peer, t));
+        }
+        let id = self.core.alloc(State::Active, op);
+        let done = Done {
+            peer: u.peer,
+            len,
+            env: u.env,
+        };
+        if let Some(s) = self.core.slot(id) {
+            s.matched = done;
+        }
+        match u.msg {
+            Stored::Bytes(v) => {
+                // SAFETY: `buf` is valid and ours (caller's contract) and holds `len` bytes.
+                let dst = unsafe { buf.as_mut_slice() };
+                dst[..len].copy_from_slice(&v);
+                self.core.finish(id, Ok(done));
+            }
+            Stored::Remote { handle, .. } => {
+                let route = self.route[u.peer];
+                let dst = RecvBuf { ptr: buf.ptr, len };
+                // SAFETY: forwarded from this function's contract.
+                let fetched =
+                    unsafe { self.transports[route as usize].fetch(u.peer, handle, dst, id) };
+                if let Err(e) = fetched {
+                    self.release(id);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    fn discard(&mut self, peer: usize, handle: u64) {
+        if let Some(&route) = self.route.get(peer) {
+            if route != ROUTE_SELF {
+                if let Err(e) = self.transports[route as usize].discard(peer, handle) {
+                    tracing::debug!(peer, "dropping a kept message failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Drives every transport without blocking. Returns whether anything happened.
+    pub fn progress(&mut self) -> Result<bool> {
+        let mut did = false;
+        for t in self.transports.iter_mut() {
+            did |= t.progress(&mut self.core)?;
+        }
+        Ok(did)
+    }
+
+    /// Blocks until a transport may have something to do, at most `timeout`.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Result<()> {
+        match self.transports.len() {
+            0 => Ok(()),
+            1 => self.transports[0].wait(timeout),
+            // Several transports cannot share one kernel wait; take turns briefly.
+            n => {
+                let slice = (timeout / n as u32).min(std::time::Duration::from_millis(1));
+                for t in self.transports.iter_mut() {
+                    t.wait(slice)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The result of `id` if it is complete (the request is then released).
+    pub fn take(&mut self, id: ReqId) -> Option<Result<Done>> {
+        let s = self.core.slot(id)?;
+        if !matches!(s.state, State::Done(_)) {
+            return None;
+        }
+        let State::Done(r) = std::mem::replace(&mut s.state, State::Free) else {
+            unreachable!("checked Done above")
+        };
+        self.core.free.push((id & 0xffff_ffff) as u32);
+        Some(r)
+    }
+
+    /// Whether `id` is complete (without releasing it).
+    pub fn is_done(&mut self, id: ReqId) -> bool {
+        self.core
+            .slot(id)
+            .is_none_or(|s| matches!(s.state, State::Done(_)))
+    }
+
+    /// Withdraws `id` if it is a receive not matched yet. Returns whether it was withdrawn
+    /// (then its buffer is no longer referenced).
+    pub fn cancel(&mut self, id: ReqId) -> bool {
+        let Some(s) = self.core.slot(id) else {
+            return true;
+        };
+        match s.state {
+            State::Posted => {
+                self.core.posted.retain(|p| p.req != id);
+                self.release(id);
+                true
+            }
+            State::Done(_) => {
+                self.release(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn release(&mut self, id: ReqId) {
+        if let Some(s) = self.core.slot(id) {
+            s.state = State::Free;
+            self.core.free.push((id & 0xffff_ffff) as u32);
+        }
+    }
+
+    /// Describes request `id` for error messages.
+    pub fn describe(&mut self, id: ReqId) -> String {
+        self.core
+            .slot(id)
+            .map(|s| s.op.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The error of a failed world rank, if it failed.
+    pub fn peer_failure(&self, peer: usize) -> Option<Error> {
+        self.core.peer_error(peer).cloned()
+    }
+
+    /// The sticky error, if the engine has failed for good.
+    pub fn fatal(&self) -> Option<Error> {
+        self.core.fatal.clone()
+    }
+
+    /// Fails the engine for good with `err`: every transport forgets its buffers, every
+    /// pending request completes with `err`, and every later call returns it.
+    pub fn abort(&mut self, err: Error) {
+        if self.core.fatal.is_some() {
+            return;
+        }
+        tracing::debug!(rank = self.core.me, "communicator failed for good: {err}");
+        for t in self.transports.iter_mut() {
+            t.abort();
+        }
+        self.core.fatal = Some(err.clone());
+        self.core.posted.clear();
+        self.core.unexpected.clear();
+        for s in self.core.slots.iter_mut() {
+            if matches!(s.state, State::Posted | State::Active) {
+                s.state = State::Done(Err(err.clone()));
+            }
+        }
+    }
+}

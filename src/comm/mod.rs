@@ -1,0 +1,882 @@
+//! Communicators and point-to-point messaging.
+//!
+//! A [`Communicator`] is a group of ranks that exchange messages: the world made by
+//! [`init`](crate::init), or groups derived from it. It offers blocking
+//! [`send`](Communicator::send)/[`recv`](Communicator::recv), non-blocking
+//! [`isend`](Scope::isend)/[`irecv`](Scope::irecv) inside a [`scope`](Communicator::scope),
+//! message tags, receives from any source, and the collectives of [`crate::collective`].
+//!
+//! # Semantics
+//!
+//! - Messages from one rank to another with the same tag arrive in the order they were sent
+//!   (per (peer, tag) FIFO). Messages with different tags may be received in any order.
+//! - A message may arrive before its receive is posted; it is kept until a receive matches.
+//! - A receive buffer must be at least as large as the message; otherwise the receive
+//!   fails with [`Error::InvalidArgument`] and the message is dropped.
+//! - Zero-length messages are messages like any other.
+//! - Every blocking call gives up after the operation timeout
+//!   ([`CommConfig::op_timeout`], `FERROCOMM_OP_TIMEOUT`, default 30 minutes) with
+//!   [`Error::Timeout`]; a receive that matched nothing is simply withdrawn, anything else in
+//!   flight makes the communicator unusable.
+//!
+//! # Threads
+//!
+//! A `Communicator` is [`Send`] but not [`Sync`]: one thread uses it at a time, which is
+//! what keeps the order of collectives well defined. To communicate from several threads at
+//! once, give each thread its own communicator with [`Communicator::dup`] (a collective
+//! call); all of them share one progress engine, and whichever thread waits drives the
+//! transports for all of them.
+//!
+//! # Waiting
+//!
+//! A waiting thread first spins on the transports for a short while
+//! ([`CommConfig::spin`], `FERROCOMM_SPIN_US`), which is what gives the lowest latency, and
+//! then sleeps in the kernel (epoll, futex, condition variable) so that idle ranks cost no
+//! CPU and oversubscribed ranks leave the cores to the ranks that have work.
+
+mod engine;
+pub(crate) mod envelope;
+
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard};
+
+pub(crate) use engine::Done;
+use engine::{Engine, ReqId};
+use envelope::Env;
+
+use crate::config;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::transport::{RecvBuf, SendBuf, Transport, Waker};
+
+/// Where a receive accepts messages from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Only from this rank (of the communicator).
+    Rank(usize),
+    /// From any rank.
+    Any,
+}
+
+impl From<usize> for Source {
+    fn from(r: usize) -> Source {
+        Source::Rank(r)
+    }
+}
+
+/// Which tags a receive accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tag {
+    /// Only this tag.
+    Value(u32),
+    /// Any tag.
+    Any,
+}
+
+impl From<u32> for Tag {
+    fn from(t: u32) -> Tag {
+        Tag::Value(t)
+    }
+}
+
+/// What a completed receive (or send) reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// Rank of the sender in the communicator (the destination, for sends).
+    pub source: usize,
+    /// The message's tag.
+    pub tag: u32,
+    /// Bytes received (or sent).
+    pub bytes: usize,
+}
+
+impl Status {
+    /// Number of `T` elements received.
+    pub fn count<T: Element>(&self) -> usize {
+        self.bytes / std::mem::size_of::<T>()
+    }
+}
+
+/// Tunables of a communicator's waiting behaviour.
+#[derive(Clone, Debug)]
+pub struct CommConfig {
+    /// How long a waiting thread polls before it sleeps in the kernel. Default 50 µs when
+    /// each rank has a core, 0 when ranks outnumber cores; `FERROCOMM_SPIN_US` overrides.
+    pub spin: Duration,
+    /// How long a blocking operation may wait; `None` waits forever.
+    /// `FERROCOMM_OP_TIMEOUT` (seconds, 0 for none), default 1800 s.
+    pub op_timeout: Option<Duration>,
+}
+
+impl CommConfig {
+    /// The defaults for `local_ranks` ranks on this host, adjusted by the environment.
+    pub fn from_env(local_ranks: usize) -> Result<CommConfig> {
+        Self::from_lookup(local_ranks, &config::process_env)
+    }
+
+    pub(crate) fn from_lookup(
+        local_ranks: usize,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<CommConfig> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let spin = match config::parse_var(lookup, "FERROCOMM_SPIN_US", "microseconds", |v| {
+            v.parse::<u64>().ok()
+        })? {
+            Some(us) => Duration::from_micros(us),
+            None if local_ranks > cores => Duration::ZERO,
+            None => Duration::from_micros(50),
+        };
+        let op_timeout = match config::seconds(lookup, "FERROCOMM_OP_TIMEOUT")? {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => Some(Duration::from_secs(1800)),
+        };
+        Ok(CommConfig { spin, op_timeout })
+    }
+}
+
+/// Facts about the process's place in the job, shared by all its communicators.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Placement {
+    pub local_rank: usize,
+    pub local_size: usize,
+    pub node_index: usize,
+    pub hostname: String,
+}
+
+/// What every communicator of one process shares: the engine and how to wait on it.
+pub(crate) struct Shared {
+    engine: Mutex<Engine>,
+    /// Threads waiting for the engine lock; the holder yields it when this is non-zero.
+    contenders: AtomicUsize,
+    wakers: Vec<Waker>,
+    aborted: AtomicBool,
+    abort_reason: Mutex<String>,
+    pub cfg: CommConfig,
+    pub world_rank: usize,
+    pub world_size: usize,
+    pub placement: Placement,
+    /// Kept alive as long as the communicators (e.g. the rendezvous store server).
+    _keep: Vec<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        world_rank: usize,
+        world_size: usize,
+        transports: Vec<Box<dyn Transport>>,
+        route: Vec<u8>,
+        cfg: CommConfig,
+        placement: Placement,
+        keep: Vec<Box<dyn std::any::Any + Send + Sync>>,
+    ) -> Arc<Shared> {
+        let engine = Engine::new(world_rank, transports, route);
+        let wakers = engine.wakers();
+        Arc::new(Shared {
+            engine: Mutex::new(engine),
+            contenders: AtomicUsize::new(0),
+            wakers,
+            aborted: AtomicBool::new(false),
+            abort_reason: Mutex::new(String::new()),
+            cfg,
+            world_rank,
+            world_size,
+            placement,
+            _keep: keep,
+        })
+    }
+
+    /// Takes the engine lock; a thread blocked in a transport wait is woken to hand it over.
+    fn lock(&self) -> MutexGuard<'_, Engine> {
+        if let Some(g) = self.engine.try_lock() {
+            return g;
+        }
+        self.contenders.fetch_add(1, Ordering::SeqCst);
+        for w in &self.wakers {
+            w();
+        }
+        let g = self.engine.lock();
+        self.contenders.fetch_sub(1, Ordering::SeqCst);
+        g
+    }
+
+    fn wake_all(&self) {
+        for w in &self.wakers {
+            w();
+        }
+    }
+
+    /// Waits for request `id`, driving the transports. See the module documentation.
+    pub(crate) fn wait(&self, id: ReqId, timeout: Option<Duration>) -> Result<Done> {
+        let start = Instant::now();
+        let mut eng = self.lock();
+        let mut busy_at = start;
+        loop {
+            if let Some(r) = eng.take(id) {
+                return r;
+            }
+            if self.aborted.load(Ordering::Relaxed) && eng.fatal().is_none() {
+                eng.abort(Error::Aborted(self.abort_reason.lock().clone()));
+                continue;
+            }
+            match eng.progress() {
+                Ok(true) => busy_at = Instant::now(),
+                Ok(false) => {}
+                Err(e) => eng.abort(e),
+            }
+            if let Some(r) = eng.take(id) {
+                return r;
+            }
+            let now = Instant::now();
+            let waited = now - start;
+            if let Some(limit) = timeout {
+                if waited >= limit {
+                    return Err(self.timed_out(&mut eng, id, waited));
+                }
+            }
+            if self.contenders.load(Ordering::SeqCst) > 0 {
+                MutexGuard::bump(&mut eng);
+                continue;
+            }
+            if now - busy_at < self.cfg.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            let slice = timeout.map_or(Duration::from_millis(100), |l| l.saturating_sub(waited));
+            if let Err(e) = eng.wait(slice.min(Duration::from_millis(100))) {
+                eng.abort(e);
+            }
+        }
+    }
+
+    /// The timeout error of request `id`; withdraws it if it can, else fails the engine.
+    fn timed_out(&self, eng: &mut Engine, id: ReqId, waited: Duration) -> Error {
+        let what = eng.describe(id);
+        let err = Error::Timeout {
+            op: format!("{what} on rank {}", self.world_rank),
+            waited,
+            detail: "the peer may be stopped, stuck in other work, or much slower; raise \
+                     FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it is only slow"
+                .into(),
+        };
+        if !eng.cancel(id) {
+            eng.abort(err.clone());
+            let _ = eng.take(id);
+        }
+        err
+    }
+
+    /// Whether `id` completed, driving the transports once.
+    fn test(&self, id: ReqId) -> Result<Option<Done>> {
+        let mut eng = self.lock();
+        if !eng.is_done(id) {
+            if let Err(e) = eng.progress() {
+                eng.abort(e);
+            }
+        }
+        eng.take(id).transpose()
+    }
+
+    /// Gets rid of request `id` whose owner does not want it any more: withdraws a receive
+    /// not yet matched, waits for anything in flight.
+    fn release(&self, id: ReqId) {
+        let cancelled = self.lock().cancel(id);
+        if !cancelled {
+            let _ = self.wait(id, self.cfg.op_timeout);
+        }
+    }
+}
+
+/// A request not tied to a scope: the form the C ABI uses. Dropping it withdraws a receive
+/// not yet matched and waits for a transfer in flight, so its buffer is never touched after
+/// the drop returns.
+#[must_use = "a request must be waited for; dropping it waits or cancels"]
+pub struct RawRequest {
+    shared: Arc<Shared>,
+    id: ReqId,
+    group: Arc<Group>,
+    live: bool,
+}
+
+impl RawRequest {
+    /// Waits for completion.
+    pub fn wait(mut self) -> Result<Status> {
+        self.live = false;
+        let d = self.shared.wait(self.id, self.shared.cfg.op_timeout)?;
+        Ok(self.group.status(&d))
+    }
+
+    /// Completion status if complete, without blocking (drives the transports once). After
+    /// it returned `Some` or an error, the request is finished.
+    pub fn test(&mut self) -> Result<Option<Status>> {
+        if !self.live {
+            return Err(Error::invalid("test", "request", "it already completed"));
+        }
+        let r = self.shared.test(self.id);
+        if !matches!(r, Ok(None)) {
+            self.live = false;
+        }
+        Ok(r?.map(|d| self.group.status(&d)))
+    }
+
+    /// Waits and returns the decoded envelope too (collectives check fingerprints).
+    pub(crate) fn wait_env(mut self) -> Result<(Status, Env)> {
+        self.live = false;
+        let d = self.shared.wait(self.id, self.shared.cfg.op_timeout)?;
+        Ok((self.group.status(&d), Env::decode(&d.env)))
+    }
+
+    /// Whether the request has not completed yet (as far as `test`/`wait` have seen).
+    pub fn is_pending(&self) -> bool {
+        self.live
+    }
+}
+
+impl Drop for RawRequest {
+    fn drop(&mut self) {
+        if self.live {
+            self.shared.release(self.id);
+        }
+    }
+}
+
+/// The ranks of a communicator and their world ranks.
+#[derive(Debug)]
+pub(crate) struct Group {
+    /// World rank of each communicator rank.
+    pub world: Vec<usize>,
+    /// Communicator rank of each world rank (`u32::MAX` when not a member).
+    pub rank_of: Vec<u32>,
+}
+
+impl Group {
+    pub(crate) fn new(world: Vec<usize>, world_size: usize) -> Group {
+        let mut rank_of = vec![u32::MAX; world_size];
+        for (r, &w) in world.iter().enumerate() {
+            rank_of[w] = r as u32;
+        }
+        Group { world, rank_of }
+    }
+
+    fn status(&self, d: &Done) -> Status {
+        let e = Env::decode(&d.env);
+        Status {
+            source: self.rank_of.get(d.peer).map_or(usize::MAX, |&r| r as usize),
+            tag: e.tag,
+            bytes: d.len,
+        }
+    }
+}
+
+/// A group of ranks that communicate. See the module documentation.
+pub struct Communicator {
+    pub(crate) shared: Arc<Shared>,
+    /// Context of point-to-point messages; collectives use `ctx + 1`.
+    pub(crate) ctx: u64,
+    pub(crate) group: Arc<Group>,
+    pub(crate) rank: usize,
+    /// Collectives called so far (the sequence number of the next one).
+    pub(crate) coll_seq: Cell<u32>,
+    /// Communicators derived from this one so far (for their context ids).
+    pub(crate) children: Cell<u64>,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("rank", &self.rank)
+            .field("size", &self.size())
+            .field("world_rank", &self.shared.world_rank)
+            .field("ctx", &format_args!("{:#x}", self.ctx))
+            .finish()
+    }
+}
+
+impl Communicator {
+    pub(crate) fn from_shared(shared: Arc<Shared>, ctx: u64, group: Arc<Group>) -> Communicator {
+        let rank = group.rank_of[shared.world_rank] as usize;
+        Communicator {
+            shared,
+            ctx,
+            group,
+            rank,
+            coll_seq: Cell::new(0),
+            children: Cell::new(0),
+            _not_sync: PhantomData,
+        }
+    }
+
+    /// `n` communicators of one world whose ranks are threads of this process, connected by
+    /// the in-process transport. Give each to its own thread (they are `Send`).
+    ///
+    /// ```
+    /// let comms = ferrocomm::Communicator::local_world(3);
+    /// std::thread::scope(|s| {
+    ///     for comm in comms {
+    ///         s.spawn(move || {
+    ///             let (me, n) = (comm.rank(), comm.size());
+    ///             let mut got = [0u32];
+    ///             comm.sendrecv(&[me as u32], (me + 1) % n, 0, &mut got, (me + n - 1) % n, 0u32)
+    ///                 .unwrap();
+    ///             assert_eq!(got[0] as usize, (me + n - 1) % n);
+    ///         });
+    ///     }
+    /// });
+    /// ```
+    pub fn local_world(n: usize) -> Vec<Communicator> {
+        Self::local_world_with(
+            n,
+            CommConfig::from_lookup(n, &|_| None).unwrap_or(CommConfig {
+                spin: Duration::ZERO,
+                op_timeout: None,
+            }),
+        )
+    }
+
+    /// [`Communicator::local_world`] with explicit waiting settings.
+    pub fn local_world_with(n: usize, cfg: CommConfig) -> Vec<Communicator> {
+        let hub = crate::transport::local::LocalHub::new(n);
+        let group = Arc::new(Group::new((0..n).collect(), n));
+        (0..n)
+            .map(|r| {
+                let t: Box<dyn Transport> = Box::new(hub.endpoint(r));
+                let placement = Placement {
+                    local_rank: r,
+                    local_size: n,
+                    node_index: 0,
+                    hostname: String::from("local"),
+                };
+                let shared = Shared::new(
+                    r,
+                    n,
+                    vec![t],
+                    vec![0; n],
+                    cfg.clone(),
+                    placement,
+                    Vec::new(),
+                );
+                Communicator::from_shared(shared, 0, Arc::clone(&group))
+            })
+            .collect()
+    }
+
+    /// `n` communicators of one world whose ranks are threads of this process, connected by
+    /// the TCP transport over loopback (127.0.0.1), one listening socket per rank. For tests
+    /// and benchmarks of the TCP path without starting processes.
+    pub fn tcp_loopback_world(n: usize) -> Result<Vec<Communicator>> {
+        use crate::transport::tcp;
+        let cfg = CommConfig::from_env(n)?;
+        let tcp_cfg = tcp::TcpConfig::from_env()?;
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let listeners = (0..n).map(|_| tcp::bind(ip)).collect::<Result<Vec<_>>>()?;
+        let addrs = listeners
+            .iter()
+            .map(|l| {
+                l.local_addr()
+                    .map(Some)
+                    .map_err(|e| Error::io("reading a listener address", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let group = Arc::new(Group::new((0..n).collect(), n));
+        let job = crate::wire::job_hash(&format!("loopback-{}", std::process::id()));
+        listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let t = tcp::TcpTransport::new(r, n, job, l, addrs.clone(), tcp_cfg.clone())?;
+                let placement = Placement {
+                    local_rank: r,
+                    local_size: n,
+                    node_index: 0,
+                    hostname: String::from("localhost"),
+                };
+                let shared = Shared::new(
+                    r,
+                    n,
+                    vec![Box::new(t)],
+                    vec![0; n],
+                    cfg.clone(),
+                    placement,
+                    Vec::new(),
+                );
+                Ok(Communicator::from_shared(shared, 0, Arc::clone(&group)))
+            })
+            .collect()
+    }
+
+    /// This process's rank in the communicator, `0..size()`.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks in the communicator.
+    pub fn size(&self) -> usize {
+        self.group.world.len()
+    }
+
+    /// Rank in the world communicator.
+    pub fn world_rank(&self) -> usize {
+        self.shared.world_rank
+    }
+
+    /// Number of ranks in the world.
+    pub fn world_size(&self) -> usize {
+        self.shared.world_size
+    }
+
+    /// Rank among the world's ranks on this host (by host identity), `0..local_size()`.
+    pub fn local_rank(&self) -> usize {
+        self.shared.placement.local_rank
+    }
+
+    /// Number of the world's ranks on this host.
+    pub fn local_size(&self) -> usize {
+        self.shared.placement.local_size
+    }
+
+    /// Index of this host among the job's hosts, in rank order (0 for the host of rank 0).
+    pub fn node_index(&self) -> usize {
+        self.shared.placement.node_index
+    }
+
+    /// Name of this host.
+    pub fn hostname(&self) -> &str {
+        &self.shared.placement.hostname
+    }
+
+    /// The transport that carries messages to `rank` (`"tcp"`, `"local"`, `"self"`...).
+    pub fn transport_to(&self, rank: usize) -> Result<&'static str> {
+        let w = self.world_of(rank, "transport_to")?;
+        Ok(self.shared.lock().transport_of(w))
+    }
+
+    /// The waiting settings in force.
+    pub fn config(&self) -> &CommConfig {
+        &self.shared.cfg
+    }
+
+    /// Fails every operation of this process's communicators at once, now and later, with
+    /// [`Error::Aborted`]: threads blocked in a call return. Callable from any thread
+    /// through [`Communicator::abort_handle`].
+    pub fn abort(&self, reason: &str) {
+        self.abort_handle().abort(reason)
+    }
+
+    /// A handle that can abort the communicators from another thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    pub(crate) fn world_of(&self, rank: usize, op: &str) -> Result<usize> {
+        self.group.world.get(rank).copied().ok_or_else(|| {
+            Error::invalid(
+                op,
+                "rank",
+                format!(
+                    "{rank} is out of range for a communicator of {} ranks",
+                    self.size()
+                ),
+            )
+        })
+    }
+
+    fn source_world(&self, src: Source, op: &str) -> Result<Option<usize>> {
+        match src {
+            Source::Any => Ok(None),
+            Source::Rank(r) => self.world_of(r, op).map(Some),
+        }
+    }
+
+    /// Starts a send of raw bytes; the caller keeps `data` valid until the request ends.
+    ///
+    /// # Safety
+    /// `data` must stay valid and unchanged until the returned request has completed or been
+    /// dropped (a `RawRequest` must not be leaked with `mem::forget` while `data` can go
+    /// away).
+    pub unsafe fn isend_raw(&self, data: SendBuf, dst: usize, tag: u32) -> Result<RawRequest> {
+        // SAFETY: forwarded.
+        unsafe { self.isend_ctx(data, dst, &Env::p2p(self.ctx, tag), "send") }
+    }
+
+    pub(crate) unsafe fn isend_ctx(
+        &self,
+        data: SendBuf,
+        dst: usize,
+        env: &Env,
+        op: &str,
+    ) -> Result<RawRequest> {
+        let w = self.world_of(dst, op)?;
+        // SAFETY: the returned RawRequest keeps the request; its drop waits (contract above).
+        let id = unsafe { self.shared.lock().send(w, env, data)? };
+        Ok(self.raw(id))
+    }
+
+    /// Starts a receive of raw bytes into `buf`.
+    ///
+    /// # Safety
+    /// `buf` must stay valid and unused until the returned request has completed or been
+    /// dropped (see [`Communicator::isend_raw`]).
+    pub unsafe fn irecv_raw(&self, buf: RecvBuf, src: Source, tag: Tag) -> Result<RawRequest> {
+        let tag = match tag {
+            Tag::Value(t) => Some(t),
+            Tag::Any => None,
+        };
+        // SAFETY: forwarded.
+        unsafe { self.irecv_ctx(buf, src, self.ctx, tag, "recv") }
+    }
+
+    pub(crate) unsafe fn irecv_ctx(
+        &self,
+        buf: RecvBuf,
+        src: Source,
+        ctx: u64,
+        tag: Option<u32>,
+        op: &str,
+    ) -> Result<RawRequest> {
+        let w = self.source_world(src, op)?;
+        // SAFETY: as in isend_ctx.
+        let id = unsafe { self.shared.lock().recv(ctx, w, tag, buf)? };
+        Ok(self.raw(id))
+    }
+
+    fn raw(&self, id: ReqId) -> RawRequest {
+        RawRequest {
+            shared: Arc::clone(&self.shared),
+            id,
+            group: Arc::clone(&self.group),
+            live: true,
+        }
+    }
+
+    /// Sends `buf` to rank `dst` with tag `tag`; returns when `buf` may be reused.
+    pub fn send<T: Element>(&self, buf: &[T], dst: usize, tag: u32) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(buf);
+        // SAFETY: the request is waited for (or its drop waits) before `buf`'s borrow ends.
+        let req = unsafe { self.isend_raw(SendBuf::new(bytes), dst, tag)? };
+        req.wait().map(|_| ())
+    }
+
+    /// Receives a message from `src` with tag `tag` into `buf` (which must be at least as
+    /// large as the message). Returns who sent it, its tag and its size.
+    pub fn recv<T: Element>(
+        &self,
+        buf: &mut [T],
+        src: impl Into<Source>,
+        tag: impl Into<Tag>,
+    ) -> Result<Status> {
+        self.recv_timeout(buf, src, tag, self.shared.cfg.op_timeout)
+    }
+
+    /// [`Communicator::recv`] with its own timeout (`None`: wait forever). A receive that
+    /// times out before any message matched is withdrawn and the communicator stays usable.
+    pub fn recv_timeout<T: Element>(
+        &self,
+        buf: &mut [T],
+        src: impl Into<Source>,
+        tag: impl Into<Tag>,
+        timeout: Option<Duration>,
+    ) -> Result<Status> {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf);
+        // SAFETY: as in send.
+        let mut req = unsafe { self.irecv_raw(RecvBuf::new(bytes), src.into(), tag.into())? };
+        req.live = false;
+        let d = self.shared.wait(req.id, timeout)?;
+        let st = self.group.status(&d);
+        check_whole::<T>(&st)?;
+        Ok(st)
+    }
+
+    /// Sends `send` to `dst` and receives into `recv` from `src` at the same time (so a ring
+    /// shift cannot deadlock).
+    pub fn sendrecv<T: Element>(
+        &self,
+        send: &[T],
+        dst: usize,
+        send_tag: u32,
+        recv: &mut [T],
+        src: impl Into<Source>,
+        recv_tag: impl Into<Tag>,
+    ) -> Result<Status> {
+        let (src, recv_tag) = (src.into(), recv_tag.into());
+        self.scope(|s| {
+            let r = s.irecv(recv, src, recv_tag)?;
+            let w = s.isend(send, dst, send_tag)?;
+            let sent = w.wait();
+            let got = r.wait()?;
+            sent?;
+            Ok(got)
+        })
+    }
+
+    /// Runs `f` with a [`Scope`] in which non-blocking sends and receives borrow buffers from
+    /// outside the scope. Every request started in the scope is finished when it ends (waited
+    /// for, or withdrawn if it is a receive nothing matched), even on panic, so no buffer is
+    /// touched after `scope` returns.
+    pub fn scope<'env, F, R>(&'env self, f: F) -> R
+    where
+        F: for<'scope> FnOnce(&'scope Scope<'scope, 'env>) -> R,
+    {
+        let scope = Scope {
+            comm: self,
+            started: std::cell::RefCell::new(Vec::new()),
+            _scope: PhantomData,
+            _env: PhantomData,
+        };
+        let guard = ScopeGuard(&scope);
+        let r = f(&scope);
+        drop(guard);
+        r
+    }
+}
+
+fn check_whole<T: Element>(st: &Status) -> Result<()> {
+    let size = std::mem::size_of::<T>();
+    if st.bytes % size != 0 {
+        return Err(Error::invalid(
+            "recv",
+            "buffer",
+            format!(
+                "the {}-byte message from rank {} (tag {}) is not a whole number of {} ({size}-byte) elements",
+                st.bytes,
+                st.source,
+                st.tag,
+                T::DTYPE
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Aborts a process's communicators from any thread. See [`Communicator::abort`].
+#[derive(Clone)]
+pub struct AbortHandle {
+    shared: Arc<Shared>,
+}
+
+impl AbortHandle {
+    /// Fails every current and later operation with [`Error::Aborted`] carrying `reason`.
+    pub fn abort(&self, reason: &str) {
+        *self.shared.abort_reason.lock() = reason.to_string();
+        self.shared.aborted.store(true, Ordering::SeqCst);
+        self.shared.wake_all();
+        // Fail requests nobody is waiting on right now, too.
+        let mut eng = self.shared.lock();
+        eng.abort(Error::Aborted(reason.to_string()));
+    }
+}
+
+/// Non-blocking operations on borrowed buffers; see [`Communicator::scope`].
+pub struct Scope<'scope, 'env: 'scope> {
+    comm: &'env Communicator,
+    started: std::cell::RefCell<Vec<ReqId>>,
+    _scope: PhantomData<&'scope mut &'scope ()>,
+    _env: PhantomData<&'env mut &'env ()>,
+}
+
+struct ScopeGuard<'a, 'scope, 'env>(&'a Scope<'scope, 'env>);
+
+impl Drop for ScopeGuard<'_, '_, '_> {
+    fn drop(&mut self) {
+        // Requests already waited for are gone from the engine (their ids no longer match a
+        // live slot), so this only finishes the ones dropped early or leaked.
+        for id in self.0.started.borrow_mut().drain(..) {
+            self.0.comm.shared.release(id);
+        }
+    }
+}
+
+impl<'scope, 'env> Scope<'scope, 'env> {
+    /// The communicator of this scope.
+    pub fn comm(&self) -> &'env Communicator {
+        self.comm
+    }
+
+    fn track(&'scope self, raw: RawRequest) -> Request<'scope> {
+        self.started.borrow_mut().push(raw.id);
+        Request {
+            raw,
+            _scope: PhantomData,
+        }
+    }
+
+    /// Starts sending `buf` to `dst` with tag `tag`.
+    pub fn isend<T: Element>(
+        &'scope self,
+        buf: &'env [T],
+        dst: usize,
+        tag: u32,
+    ) -> Result<Request<'scope>> {
+        let bytes: &[u8] = bytemuck::cast_slice(buf);
+        // SAFETY: `buf` outlives the scope, and the scope finishes every request it started.
+        let raw = unsafe { self.comm.isend_raw(SendBuf::new(bytes), dst, tag)? };
+        Ok(self.track(raw))
+    }
+
+    /// Starts receiving into `buf` from `src` with tag `tag`.
+    pub fn irecv<T: Element>(
+        &'scope self,
+        buf: &'env mut [T],
+        src: impl Into<Source>,
+        tag: impl Into<Tag>,
+    ) -> Result<Request<'scope>> {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf);
+        // SAFETY: as in isend.
+        let raw = unsafe {
+            self.comm
+                .irecv_raw(RecvBuf::new(bytes), src.into(), tag.into())?
+        };
+        Ok(self.track(raw))
+    }
+
+    /// Waits for every request; returns their statuses in order, or the first error (after
+    /// all have finished, so no buffer is left in use).
+    pub fn wait_all(&self, reqs: Vec<Request<'scope>>) -> Result<Vec<Status>> {
+        wait_all(reqs)
+    }
+}
+
+/// A non-blocking send or receive started in a [`Scope`].
+#[must_use = "a request must be waited for; dropping it waits or cancels"]
+pub struct Request<'scope> {
+    raw: RawRequest,
+    _scope: PhantomData<&'scope ()>,
+}
+
+impl Request<'_> {
+    /// Waits for completion.
+    pub fn wait(self) -> Result<Status> {
+        self.raw.wait()
+    }
+
+    /// The status if complete, without blocking.
+    pub fn test(&mut self) -> Result<Option<Status>> {
+        self.raw.test()
+    }
+}
+
+/// Waits for every request; returns their statuses in order, or the first error (after all
+/// have finished).
+pub fn wait_all(reqs: Vec<Request<'_>>) -> Result<Vec<Status>> {
+    let mut out = Vec::with_capacity(reqs.len());
+    let mut first_err = None;
+    for r in reqs {
+        match r.wait() {
+            Ok(s) => out.push(s),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
