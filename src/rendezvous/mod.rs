@@ -2,6 +2,9 @@
 //!
 //! (Being written: see the interface notes in the task description.)
 
+pub mod host;
+pub mod protocol;
 pub mod store;
 
 pub use store::{PrefixStore, Store};
+
