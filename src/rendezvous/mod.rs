@@ -5,6 +5,6 @@
 pub mod host;
 pub mod protocol;
 pub mod store;
-
+pub mod tcp_store;
 pub use store::{PrefixStore, Store};
-
+pub use tcp_store::{ServerConfig, TcpStore, TcpStoreServer};
