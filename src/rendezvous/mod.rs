@@ -793,10 +793,14 @@ impl Plan {
             }
             return Ok(None);
         };
-        // A loopback master stays private to this machine; a routable one is served on every
-        // interface, since other machines may reach this one under another of its addresses.
+        // A master written as a loopback address (or `localhost`) stays private to this
+        // machine. Anything else is served on every interface, like PyTorch's TCPStore: other
+        // machines may reach this one under another of its addresses, and a host name may
+        // resolve to loopback here only (Debian maps the machine's own name to 127.0.1.1).
+        let literal_loopback = host.eq_ignore_ascii_case("localhost")
+            || host.parse::<IpAddr>().is_ok_and(|a| a.is_loopback());
         let bind_ip = match ip {
-            ip if ip.is_loopback() || ip.is_unspecified() => ip,
+            ip if literal_loopback || ip.is_unspecified() => ip,
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
