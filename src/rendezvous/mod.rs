@@ -1,7 +1,1492 @@
 //! Bootstrap: how the processes of one job find each other.
 //!
-//! (Being written: see the interface notes in the task description.)
+//! Every process of a job runs the same program and calls, in effect,
+//!
+//! ```no_run
+//! # use ferrocomm::rendezvous::InitOptions;
+//! # use std::collections::BTreeMap;
+//! # fn main() -> ferrocomm::Result<()> {
+//! let plan = InitOptions::new().resolve()?;          // init method, rank, world size, ...
+//! let mut addrs = BTreeMap::new();                     // what peers need to reach this rank
+//! addrs.insert("tcp".to_string(), "10.0.0.7:40123".to_string());
+//! let boot = plan.join(addrs)?;                        // rank, local rank, every peer's info
+//! # Ok(()) }
+//! ```
+//!
+//! # Resolution ([`InitOptions::resolve`])
+//!
+//! Each setting comes from the first of: the explicit option, the environment, a default.
+//!
+//! | setting | option | environment | default |
+//! |---|---|---|---|
+//! | init method | [`InitOptions::init_method`] | `FERROCOMM_INIT_METHOD` | `env://` |
+//! | rank | [`InitOptions::rank`] | `RANK`, else `SLURM_PROCID`, else `OMPI_COMM_WORLD_RANK` | assigned by the store |
+//! | world size | [`InitOptions::world_size`] | `WORLD_SIZE`, else `SLURM_NTASKS`, else `OMPI_COMM_WORLD_SIZE` | error |
+//! | local rank (a hint) | [`InitOptions::local_rank`] | `LOCAL_RANK`, `SLURM_LOCALID`, `OMPI_COMM_WORLD_LOCAL_RANK` | — |
+//! | local size (a hint) | — | `LOCAL_WORLD_SIZE`, `OMPI_COMM_WORLD_LOCAL_SIZE` | — |
+//! | node rank | [`InitOptions::node_rank`] | `NODE_RANK`, `SLURM_NODEID` | — |
+//! | timeout | [`InitOptions::timeout`] | `FERROCOMM_TIMEOUT` (seconds, may be fractional) | 300 s |
+//! | log interval | [`InitOptions::log_interval`] | `FERROCOMM_LOG_INTERVAL` (seconds) | 10 s |
+//! | job id | [`InitOptions::job_id`] | `FERROCOMM_JOB_ID`, else `TORCHELASTIC_RUN_ID` | `default` |
+//! | host identity | [`InitOptions::host_id`] | `FERROCOMM_HOST_ID` | [`host::host_id`] |
+//! | store hosted elsewhere | [`InitOptions::store_external`] | `FERROCOMM_STORE_EXTERNAL=1` | no |
+//!
+//! The rank variables are read as families: torchrun's (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+//! `LOCAL_WORLD_SIZE`, `NODE_RANK`) when `RANK` or `WORLD_SIZE` is set, else Slurm's
+//! (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NODEID`) when `SLURM_PROCID` or
+//! `SLURM_NTASKS` is set, else Open MPI's (`OMPI_COMM_WORLD_RANK`, `_SIZE`, `_LOCAL_RANK`,
+//! `_LOCAL_SIZE`). They apply to every init method (a launcher sets them, the URL names the
+//! store). Under `srun` or `mpirun` the scheduler gives the ranks but not a store:
+//! `env://` still needs `MASTER_ADDR` and `MASTER_PORT` (e.g. the first host of the
+//! allocation and a free port), or use `tcp://` or `file://`. A set but empty variable counts
+//! as unset; a malformed one is an [`Error::Config`] naming it.
+//!
+//! # Joining ([`Plan::join`])
+//!
+//! 1. **Store.** `file://PATH` opens a [`FileStore`]. For `tcp://` and `env://` the store lives
+//!    at the master address: rank 0 hosts a [`TcpStoreServer`] there (unless
+//!    `FERROCOMM_STORE_EXTERNAL=1`: the launcher `ferrorun` hosts it); when ranks are still
+//!    to be assigned, a process whose master address belongs to its machine tries to bind the
+//!    port and hosts if it can (port in use: someone else hosts; it is a client). Every
+//!    process connects as a client, retrying until the server is up. The hosting process
+//!    keeps the server alive in its [`Bootstrap`]: it must outlive the job's use of the store.
+//! 2. **Job check.** A `compare_set` of [`JOB_KEY`] to `job_id=ID world_size=N`: a process
+//!    that reaches the store of another job (other id or world size) fails at once with
+//!    [`Error::JobMismatch`]. The store address is the job's identity: two jobs on one host
+//!    use two ports and never mix. Everything else lives under the prefix `job/<job_id>/`.
+//! 3. **Rank.** A given rank is claimed with a `compare_set` on `claim/<rank>`: a second
+//!    process with the same rank fails with [`Error::Config`]. Without a rank, each process
+//!    takes an arrival ticket (`add`), registers (node rank, host id, local rank, pid), and
+//!    the first arrival, once all `world_size` registered, sorts them by (node rank, host id,
+//!    local rank, pid) and publishes the order: node 0's processes get the lowest ranks, and
+//!    nodes may run different numbers of processes.
+//! 4. **Peers.** Each rank publishes its [`PeerInfo`] (host identity, hostname, pid and the
+//!    transport addresses given to `join`); rank 0 gathers them into one table that every
+//!    rank reads. Local rank and local size are derived from host identity (rank order among
+//!    the ranks of one host), never taken from `LOCAL_RANK` (a disagreeing `LOCAL_RANK` is
+//!    logged).
+//!
+//! Waiting never hangs silently: waits run in slices of the log interval; after each slice
+//! a `tracing::warn!` says which ranks are missing (or how many processes have joined while
+//! ranks are unassigned), and at the timeout [`Error::Timeout`] names them, the store and the
+//! setting that raises the limit.
 
+pub mod file_store;
+pub mod host;
+pub mod protocol;
 pub mod store;
+pub mod tcp_store;
 
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use file_store::FileStore;
+pub use host::{host_id, hostname};
 pub use store::{PrefixStore, Store};
+pub use tcp_store::{ServerConfig, TcpStore, TcpStoreServer};
+
+use crate::error::{Error, Result};
+
+/// Default time to wait for the other processes of a job.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default interval between "still waiting" log lines.
+pub const DEFAULT_LOG_INTERVAL: Duration = tcp_store::DEFAULT_LOG_INTERVAL;
+/// The un-prefixed store key that records which job a store serves.
+pub const JOB_KEY: &str = "ferrocomm/job";
+
+const ACCEPTED_URLS: &str = "accepted: tcp://HOST:PORT (IPv6: tcp://[ADDR]:PORT), env:// (MASTER_ADDR, \
+     MASTER_PORT, RANK, WORLD_SIZE from the environment), file:///ABSOLUTE/PATH (a file on a file \
+     system shared by all processes)";
+
+/// How the processes of a job find their store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InitMethod {
+    /// `tcp://HOST:PORT`: the store is at this address (hosted by rank 0 unless external).
+    Tcp {
+        /// Host name or IP address (IPv6 without brackets).
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// `env://`: the store is at `MASTER_ADDR:MASTER_PORT`.
+    Env,
+    /// `file:///path`: a [`FileStore`] at this absolute path.
+    File(PathBuf),
+}
+
+fn fmt_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl std::fmt::Display for InitMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InitMethod::Tcp { host, port } => write!(f, "tcp://{}", fmt_host_port(host, *port)),
+            InitMethod::Env => write!(f, "env://"),
+            InitMethod::File(p) => write!(f, "file://{}", p.display()),
+        }
+    }
+}
+
+/// Splits `HOST:PORT` or `[IPV6]:PORT`.
+fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, rest) = rest
+            .split_once(']')
+            .ok_or("an IPv6 address needs a closing ']'")?;
+        if host.parse::<Ipv6Addr>().is_err() {
+            return Err(format!("{host:?} in brackets is not an IPv6 address"));
+        }
+        let port = rest
+            .strip_prefix(':')
+            .ok_or("the port is missing after ']'")?;
+        (host, port)
+    } else {
+        let (host, port) = s.rsplit_once(':').ok_or("the port is missing")?;
+        if host.contains(':') {
+            return Err(
+                "an IPv6 address must be written in brackets, e.g. tcp://[::1]:29500".into(),
+            );
+        }
+        (host, port)
+    };
+    if host.is_empty() {
+        return Err("the host is missing".into());
+    }
+    if host
+        .chars()
+        .any(|c| c.is_whitespace() || "/?#@".contains(c))
+    {
+        return Err(format!("{host:?} is not a host name or address"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port number (1 to 65535)"))?;
+    if port == 0 {
+        return Err("port 0 cannot be reached by other processes; give a fixed port".into());
+    }
+    Ok((host.to_owned(), port))
+}
+
+impl InitMethod {
+    /// Parses `tcp://HOST:PORT` (`tcp://[::1]:PORT` for IPv6), `env://` or
+    /// `file:///absolute/path`. Anything else is an [`Error::Config`] saying what is accepted.
+    pub fn parse(url: &str) -> Result<InitMethod> {
+        let bad = |why: &str| Error::config("init_method", url, format!("{why}; {ACCEPTED_URLS}"));
+        if let Some(rest) = url.strip_prefix("tcp://") {
+            let (host, port) = split_host_port(rest).map_err(|why| bad(&why))?;
+            Ok(InitMethod::Tcp { host, port })
+        } else if url == "env://" {
+            Ok(InitMethod::Env)
+        } else if url.starts_with("env:") {
+            Err(bad("env:// takes nothing after the scheme"))
+        } else if let Some(rest) = url.strip_prefix("file://") {
+            if !rest.starts_with('/') {
+                return Err(bad(
+                    "file:// needs an absolute path, e.g. file:///shared/job1 (three slashes)",
+                ));
+            }
+            if rest.ends_with('/') {
+                return Err(bad("the path names a directory; name a file in it"));
+            }
+            Ok(InitMethod::File(PathBuf::from(rest)))
+        } else {
+            Err(bad("unknown scheme"))
+        }
+    }
+}
+
+/// What the caller says about this process; every setting is optional and falls back to the
+/// environment and then to a default (see the [module docs](self)).
+#[derive(Clone, Debug, Default)]
+pub struct InitOptions {
+    init_method: Option<String>,
+    rank: Option<usize>,
+    world_size: Option<usize>,
+    timeout: Option<Duration>,
+    job_id: Option<String>,
+    local_rank: Option<usize>,
+    node_rank: Option<usize>,
+    host_id: Option<String>,
+    store_external: Option<bool>,
+    log_interval: Option<Duration>,
+}
+
+/// Reads one environment variable: `None` when unset or blank.
+type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+fn env_str(env: EnvLookup<'_>, name: &str) -> Option<String> {
+    env(name)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn env_usize(env: EnvLookup<'_>, name: &str) -> Result<Option<usize>> {
+    env_str(env, name)
+        .map(|v| {
+            v.parse::<usize>()
+                .map_err(|_| Error::config(name, &v, "expected a non-negative integer"))
+        })
+        .transpose()
+}
+
+fn parse_secs(name: &str, v: &str) -> Result<Duration> {
+    let secs: f64 = v
+        .parse()
+        .map_err(|_| Error::config(name, v, "expected a number of seconds, e.g. 300 or 0.5"))?;
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(Error::config(
+            name,
+            v,
+            "expected a positive number of seconds",
+        ));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| Error::config(name, v, "too large"))
+}
+
+fn env_secs(env: EnvLookup<'_>, name: &str) -> Result<Option<Duration>> {
+    env_str(env, name).map(|v| parse_secs(name, &v)).transpose()
+}
+
+fn env_bool(env: EnvLookup<'_>, name: &str) -> Result<Option<bool>> {
+    env_str(env, name)
+        .map(|v| match v.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(Error::config(
+                name,
+                &v,
+                "expected 1 or 0 (true/false, yes/no)",
+            )),
+        })
+        .transpose()
+}
+
+/// One launcher's names for the rank variables.
+struct Family {
+    rank: &'static str,
+    world: &'static str,
+    local_rank: &'static str,
+    local_size: Option<&'static str>,
+    node_rank: Option<&'static str>,
+}
+
+const FAMILIES: [Family; 3] = [
+    Family {
+        rank: "RANK",
+        world: "WORLD_SIZE",
+        local_rank: "LOCAL_RANK",
+        local_size: Some("LOCAL_WORLD_SIZE"),
+        node_rank: Some("NODE_RANK"),
+    },
+    Family {
+        rank: "SLURM_PROCID",
+        world: "SLURM_NTASKS",
+        local_rank: "SLURM_LOCALID",
+        local_size: None,
+        node_rank: Some("SLURM_NODEID"),
+    },
+    Family {
+        rank: "OMPI_COMM_WORLD_RANK",
+        world: "OMPI_COMM_WORLD_SIZE",
+        local_rank: "OMPI_COMM_WORLD_LOCAL_RANK",
+        local_size: Some("OMPI_COMM_WORLD_LOCAL_SIZE"),
+        node_rank: None,
+    },
+];
+
+/// The rank variables found in the environment, with the names they came from.
+#[derive(Default)]
+struct EnvRanks {
+    rank: Option<(usize, &'static str)>,
+    world: Option<(usize, &'static str)>,
+    local_rank: Option<usize>,
+    local_size: Option<usize>,
+    node_rank: Option<usize>,
+}
+
+fn env_ranks(env: EnvLookup<'_>) -> Result<EnvRanks> {
+    let family = FAMILIES
+        .iter()
+        .find(|f| env_str(env, f.rank).is_some() || env_str(env, f.world).is_some())
+        .unwrap_or(&FAMILIES[0]);
+    let opt = |name: Option<&'static str>| {
+        name.map(|n| env_usize(env, n))
+            .transpose()
+            .map(Option::flatten)
+    };
+    Ok(EnvRanks {
+        rank: env_usize(env, family.rank)?.map(|r| (r, family.rank)),
+        world: env_usize(env, family.world)?.map(|w| (w, family.world)),
+        local_rank: env_usize(env, family.local_rank)?,
+        local_size: opt(family.local_size)?,
+        node_rank: opt(family.node_rank)?,
+    })
+}
+
+impl InitOptions {
+    /// Options with nothing set: everything comes from the environment or defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The init method URL (`tcp://HOST:PORT`, `env://`, `file:///path`).
+    pub fn init_method(mut self, url: &str) -> Self {
+        self.init_method = Some(url.to_owned());
+        self
+    }
+
+    /// This process's rank (otherwise from the environment, else assigned by the store).
+    pub fn rank(mut self, rank: usize) -> Self {
+        self.rank = Some(rank);
+        self
+    }
+
+    /// The number of processes in the job.
+    pub fn world_size(mut self, world_size: usize) -> Self {
+        self.world_size = Some(world_size);
+        self
+    }
+
+    /// How long to wait for the other processes (and the store) before failing.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The job's name; every process of a job must use the same.
+    pub fn job_id(mut self, job_id: &str) -> Self {
+        self.job_id = Some(job_id.to_owned());
+        self
+    }
+
+    /// A hint: this process's index among the processes of its node (used to order rank
+    /// assignment; the real local rank is derived from host identity).
+    pub fn local_rank(mut self, local_rank: usize) -> Self {
+        self.local_rank = Some(local_rank);
+        self
+    }
+
+    /// The index of this process's node (orders rank assignment: node 0 first).
+    pub fn node_rank(mut self, node_rank: usize) -> Self {
+        self.node_rank = Some(node_rank);
+        self
+    }
+
+    /// Overrides this machine's identity (tests, or machines that share a hostname).
+    pub fn host_id(mut self, host_id: &str) -> Self {
+        self.host_id = Some(host_id.to_owned());
+        self
+    }
+
+    /// Whether the store is hosted by someone else (the launcher): then no rank hosts it.
+    pub fn store_external(mut self, external: bool) -> Self {
+        self.store_external = Some(external);
+        self
+    }
+
+    /// How often a waiting process logs who is missing.
+    pub fn log_interval(mut self, interval: Duration) -> Self {
+        self.log_interval = Some(interval);
+        self
+    }
+
+    /// Resolves the options against the process environment (see the module docs).
+    pub fn resolve(&self) -> Result<Plan> {
+        self.resolve_with(&|name| std::env::var(name).ok())
+    }
+
+    /// Resolves the options against `env` instead of the process environment: `env(name)`
+    /// returns the variable's value, `None` when unset.
+    pub fn resolve_with(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan> {
+        let method = match &self.init_method {
+            Some(url) => InitMethod::parse(url)?,
+            None => match env_str(env, "FERROCOMM_INIT_METHOD") {
+                Some(url) => InitMethod::parse(&url).map_err(|e| match e {
+                    Error::Config { value, why, .. } => {
+                        Error::config("FERROCOMM_INIT_METHOD", value, why)
+                    }
+                    other => other,
+                })?,
+                None => InitMethod::Env,
+            },
+        };
+        let found = env_ranks(env)?;
+        let (world_size, world_from) = match (self.world_size, found.world) {
+            (Some(w), _) => (w, "the world_size option"),
+            (None, Some((w, name))) => (w, name),
+            (None, None) => {
+                return Err(Error::config(
+                    "world_size",
+                    "",
+                    "not given: pass InitOptions::world_size or set WORLD_SIZE (torchrun, ferrorun), \
+                     or run under srun (SLURM_NTASKS) or mpirun (OMPI_COMM_WORLD_SIZE)",
+                ));
+            }
+        };
+        if world_size == 0 {
+            return Err(Error::config(
+                world_from,
+                "0",
+                "the world size must be at least 1",
+            ));
+        }
+        let (rank, rank_from) = match (self.rank, found.rank) {
+            (Some(r), _) => (Some(r), "the rank option"),
+            (None, Some((r, name))) => (Some(r), name),
+            (None, None) => (None, ""),
+        };
+        if let Some(r) = rank
+            && r >= world_size
+        {
+            return Err(Error::invalid(
+                "init",
+                "rank",
+                format!(
+                    "rank {r} (from {rank_from}) is not below the world size {world_size} (from {world_from})"
+                ),
+            ));
+        }
+        let timeout = match self.timeout {
+            Some(t) => t,
+            None => env_secs(env, "FERROCOMM_TIMEOUT")?.unwrap_or(DEFAULT_TIMEOUT),
+        };
+        let log_interval = match self.log_interval {
+            Some(t) => t,
+            None => env_secs(env, "FERROCOMM_LOG_INTERVAL")?.unwrap_or(DEFAULT_LOG_INTERVAL),
+        };
+        let job_id = self
+            .job_id
+            .clone()
+            .map(|j| j.trim().to_owned())
+            .filter(|j| !j.is_empty())
+            .or_else(|| env_str(env, "FERROCOMM_JOB_ID"))
+            .or_else(|| env_str(env, "TORCHELASTIC_RUN_ID"))
+            .unwrap_or_else(|| "default".to_owned());
+        let store_external = match self.store_external {
+            Some(b) => b,
+            None => env_bool(env, "FERROCOMM_STORE_EXTERNAL")?.unwrap_or(false),
+        };
+        let host_id = host::host_id_with(
+            self.host_id
+                .clone()
+                .or_else(|| env_str(env, host::HOST_ID_ENV)),
+        );
+        let (master_host, master_port) = match &method {
+            InitMethod::Tcp { host, port } => (Some(host.clone()), Some(*port)),
+            InitMethod::File(_) => (None, None),
+            InitMethod::Env => {
+                let need = "env:// needs MASTER_ADDR and MASTER_PORT (torchrun and ferrorun set them; under \
+                            srun or mpirun set them yourself, e.g. to the first host of the allocation \
+                            and a free port)";
+                let host = env_str(env, "MASTER_ADDR")
+                    .ok_or_else(|| Error::config("MASTER_ADDR", "", format!("not set: {need}")))?;
+                let port = env_str(env, "MASTER_PORT")
+                    .ok_or_else(|| Error::config("MASTER_PORT", "", format!("not set: {need}")))?;
+                let host = host
+                    .strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .unwrap_or(&host)
+                    .to_owned();
+                if host
+                    .chars()
+                    .any(|c| c.is_whitespace() || "/?#@[]".contains(c))
+                {
+                    return Err(Error::config(
+                        "MASTER_ADDR",
+                        host,
+                        "expected a host name or an IP address",
+                    ));
+                }
+                let port = match port.parse::<u16>() {
+                    Ok(p) if p != 0 => p,
+                    _ => {
+                        return Err(Error::config(
+                            "MASTER_PORT",
+                            port,
+                            "expected a port number from 1 to 65535",
+                        ));
+                    }
+                };
+                (Some(host), Some(port))
+            }
+        };
+        let store_addr = master_host
+            .as_deref()
+            .zip(master_port)
+            .map(|(h, p)| fmt_host_port(h, p));
+        Ok(Plan {
+            method,
+            rank,
+            world_size,
+            timeout,
+            job_id,
+            store_addr,
+            master_host,
+            master_port,
+            local_rank: self.local_rank.or(found.local_rank),
+            local_world_size: found.local_size,
+            node_rank: self.node_rank.or(found.node_rank),
+            host_id,
+            store_external,
+            log_interval,
+        })
+    }
+}
+
+/// Everything [`InitOptions::resolve`] decided: what [`Plan::join`] will do.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The init method.
+    pub method: InitMethod,
+    /// This process's rank, `None` when the store assigns it.
+    pub rank: Option<usize>,
+    /// The number of processes in the job.
+    pub world_size: usize,
+    /// How long to wait for the store and the other processes.
+    pub timeout: Duration,
+    /// The job's name.
+    pub job_id: String,
+    /// `HOST:PORT` of the TCP store (`tcp://`, `env://`), `None` for `file://`.
+    pub store_addr: Option<String>,
+    /// The master host (IPv6 without brackets), `None` for `file://`.
+    pub master_host: Option<String>,
+    /// The master port, `None` for `file://`.
+    pub master_port: Option<u16>,
+    /// The local rank the environment claims (a hint, checked against host identity).
+    pub local_rank: Option<usize>,
+    /// The local size the environment claims (a hint, checked against host identity).
+    pub local_world_size: Option<usize>,
+    /// This node's index, when known (orders rank assignment).
+    pub node_rank: Option<usize>,
+    /// This machine's identity (see [`host::host_id`]).
+    pub host_id: String,
+    /// Whether someone other than rank 0 hosts the TCP store.
+    pub store_external: bool,
+    /// How often waits log who is missing.
+    pub log_interval: Duration,
+}
+
+/// What a rank tells its peers about itself.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The rank.
+    pub rank: usize,
+    /// Its machine's identity (equal for ranks that can share memory).
+    pub host_id: String,
+    /// Its machine's hostname (for messages).
+    pub hostname: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Transport addresses, opaque here: e.g. `"tcp" -> "10.0.0.7:40123"`.
+    pub addrs: BTreeMap<String, String>,
+}
+
+/// The result of a successful [`Plan::join`]: this process's place in the job.
+pub struct Bootstrap {
+    /// This process's rank.
+    pub rank: usize,
+    /// The number of processes in the job.
+    pub world_size: usize,
+    /// This process's index among the ranks of its host (in rank order).
+    pub local_rank: usize,
+    /// The number of ranks on this host.
+    pub local_size: usize,
+    /// The index of this host among the job's distinct hosts, in order of their lowest rank.
+    pub node_index: usize,
+    /// Every rank's information, indexed by rank (this one included).
+    pub peers: Vec<PeerInfo>,
+    /// The job's store, already prefixed with the job (`job/<job_id>/`).
+    pub store: Arc<dyn Store>,
+    /// The job's name.
+    pub job_id: String,
+    /// The timeout the job was started with.
+    pub timeout: Duration,
+    /// The store server, when this process hosts it: dropped with the bootstrap.
+    server: Option<TcpStoreServer>,
+}
+
+impl std::fmt::Debug for Bootstrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bootstrap")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("local_rank", &self.local_rank)
+            .field("local_size", &self.local_size)
+            .field("node_index", &self.node_index)
+            .field("store", &self.store.describe())
+            .field("job_id", &self.job_id)
+            .field("hosts_store", &self.server.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bootstrap {
+    /// Whether this process hosts the job's TCP store. It then has to stay alive (keep this
+    /// value) while any rank still uses the store.
+    pub fn hosts_store(&self) -> bool {
+        self.server.is_some()
+    }
+
+    /// This rank's own entry of [`peers`](Self::peers).
+    pub fn me(&self) -> &PeerInfo {
+        &self.peers[self.rank]
+    }
+}
+
+/// Formats ranks compactly: `0-3, 7, 9-10`, at most 20 runs.
+fn fmt_ranks(ranks: &[usize]) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &r in ranks {
+        match runs.last_mut() {
+            Some((_, hi)) if *hi + 1 == r => *hi = r,
+            _ => runs.push((r, r)),
+        }
+    }
+    let mut out: Vec<String> = runs
+        .iter()
+        .take(20)
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect();
+    if runs.len() > 20 {
+        out.push("...".into());
+    }
+    out.join(", ")
+}
+
+/// The job's single deadline, and waits that log while they last.
+struct Waiting {
+    start: Instant,
+    timeout: Duration,
+    interval: Duration,
+    store: String,
+}
+
+impl Waiting {
+    fn remaining(&self) -> Duration {
+        self.timeout.saturating_sub(self.start.elapsed())
+    }
+
+    fn expired(&self, what: &str, status: &str) -> Error {
+        Error::Timeout {
+            op: format!("rendezvous ({what})"),
+            waited: self.start.elapsed(),
+            detail: format!(
+                "{status}; store {}; FERROCOMM_TIMEOUT=<seconds> (or InitOptions::timeout) raises the limit of {:?}",
+                self.store, self.timeout
+            ),
+        }
+    }
+
+    /// Waits for `keys` in slices of the log interval; after each slice without them, logs
+    /// `status()`; at the deadline fails with it.
+    fn wait(
+        &self,
+        store: &dyn Store,
+        what: &str,
+        keys: &[String],
+        mut status: impl FnMut() -> Result<String>,
+    ) -> Result<()> {
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        loop {
+            let slice = self.remaining().min(self.interval);
+            match store.wait(&refs, slice) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_timeout() => {}
+                Err(e) => return Err(e),
+            }
+            let s = status()?;
+            if self.remaining().is_zero() {
+                return Err(self.expired(what, &s));
+            }
+            tracing::warn!(
+                "rendezvous ({what}): still waiting after {:.0?} of {:?}: {s} (store {})",
+                self.start.elapsed(),
+                self.timeout,
+                self.store
+            );
+        }
+    }
+}
+
+/// A process's registration for rank assignment.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Registration {
+    ticket: i64,
+    node_rank: Option<usize>,
+    host_id: String,
+    local_rank: Option<usize>,
+    pid: u32,
+}
+
+fn is_local(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || TcpListener::bind((ip, 0)).is_ok()
+}
+
+impl Plan {
+    /// The master host resolved to an address (to pick the local interface facing it), `None`
+    /// for `file://` or when the name does not resolve.
+    pub fn master_ip(&self) -> Option<IpAddr> {
+        let host = self.master_host.as_deref()?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Some(ip);
+        }
+        (host, self.master_port.unwrap_or(0))
+            .to_socket_addrs()
+            .ok()?
+            .next()
+            .map(|sa| sa.ip())
+    }
+
+    fn names(&self) -> (&'static str, &'static str) {
+        match self.method {
+            InitMethod::Env => ("MASTER_ADDR", "MASTER_PORT"),
+            _ => ("init_method host", "init_method port"),
+        }
+    }
+
+    /// Hosts the store on this machine if the master address is one of its own. `required`
+    /// (rank 0): failing to is an error; otherwise `None` means "be a client".
+    fn host_store(&self, host: &str, port: u16, required: bool) -> Result<Option<TcpStoreServer>> {
+        let (addr_name, port_name) = self.names();
+        let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => match (host, port).to_socket_addrs() {
+                Ok(it) => it.map(|sa| sa.ip()).collect(),
+                Err(e) if required => {
+                    return Err(Error::config(
+                        addr_name,
+                        host,
+                        format!("cannot resolve the master host: {e}"),
+                    ));
+                }
+                Err(e) => {
+                    tracing::debug!("cannot resolve {host} ({e}); joining the store as a client");
+                    return Ok(None);
+                }
+            },
+        };
+        let Some(ip) = ips.iter().copied().find(|ip| is_local(*ip)) else {
+            if required {
+                return Err(Error::config(
+                    addr_name,
+                    host,
+                    format!(
+                        "rank 0 hosts the store at the master address, but {host} ({ips:?}) is not an \
+                         address of this machine; point it at rank 0's machine, or let the launcher \
+                         host the store and set FERROCOMM_STORE_EXTERNAL=1"
+                    ),
+                ));
+            }
+            return Ok(None);
+        };
+        // A master written as a loopback address (or `localhost`) stays private to this
+        // machine. Anything else is served on every interface, like PyTorch's TCPStore: other
+        // machines may reach this one under another of its addresses, and a host name may
+        // resolve to loopback here only (Debian maps the machine's own name to 127.0.1.1).
+        let literal_loopback = host.eq_ignore_ascii_case("localhost")
+            || host.parse::<IpAddr>().is_ok_and(|a| a.is_loopback());
+        let bind_ip = match ip {
+            ip if literal_loopback || ip.is_unspecified() => ip,
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        match TcpListener::bind((bind_ip, port)) {
+            Ok(l) => {
+                tracing::info!(
+                    "hosting the store of job {} at {host}:{port} (listening on {bind_ip})",
+                    self.job_id
+                );
+                // Every rank holds at least one connection, more while several of its threads
+                // use the store at once: scale the default limit for very large jobs.
+                let config = ServerConfig {
+                    max_clients: ServerConfig::default()
+                        .max_clients
+                        .max(self.world_size.saturating_mul(2).saturating_add(64)),
+                    ..ServerConfig::default()
+                };
+                Ok(Some(TcpStoreServer::from_listener(l, config)?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !required => {
+                tracing::debug!(
+                    "port {port} is in use: another process hosts the store; joining as a client"
+                );
+                Ok(None)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::config(
+                port_name,
+                port.to_string(),
+                format!(
+                    "rank 0 hosts the store, but port {port} on this machine is in use: by another job's \
+                     store (every job needs its own port), by a stale process, or by a launcher hosting \
+                     the store (then set FERROCOMM_STORE_EXTERNAL=1)"
+                ),
+            )),
+            Err(e) => Err(Error::io(
+                format!("binding the store server to {bind_ip}:{port}"),
+                e,
+            )),
+        }
+    }
+
+    fn open_store(&self, waiting: &Waiting) -> Result<(Arc<dyn Store>, Option<TcpStoreServer>)> {
+        match &self.method {
+            InitMethod::File(path) => Ok((Arc::new(FileStore::open(path)?), None)),
+            InitMethod::Tcp { .. } | InitMethod::Env => {
+                let (Some(host), Some(port), Some(addr)) =
+                    (&self.master_host, self.master_port, &self.store_addr)
+                else {
+                    return Err(Error::config(
+                        self.names().0,
+                        "",
+                        "no master address: tcp:// and env:// need one",
+                    ));
+                };
+                let server = match (self.store_external, self.rank) {
+                    (true, _) | (false, Some(1..)) => None,
+                    (false, Some(0)) => self.host_store(host, port, true)?,
+                    (false, None) => self.host_store(host, port, false)?,
+                };
+                let mut client =
+                    TcpStore::connect_with(addr, waiting.remaining(), self.log_interval)?;
+                client.set_request_timeout(self.timeout);
+                Ok((Arc::new(client), server))
+            }
+        }
+    }
+
+    fn check_job(&self, raw: &dyn Store) -> Result<()> {
+        let ours = format!("job_id={} world_size={}", self.job_id, self.world_size);
+        let got = raw.compare_set(JOB_KEY, None, ours.as_bytes())?;
+        if got != ours.as_bytes() {
+            return Err(Error::JobMismatch {
+                store: raw.describe(),
+                detail: format!(
+                    "this process belongs to {ours}, but the store serves {}. Every job needs its own \
+                     store address: check that MASTER_PORT (or the tcp:// port, or the file:// path) is \
+                     not used by another job, and that all processes of this job agree on WORLD_SIZE \
+                     and FERROCOMM_JOB_ID (or TORCHELASTIC_RUN_ID)",
+                    String::from_utf8_lossy(&got)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn claim_rank(&self, store: &dyn Store, rank: usize, me: &str) -> Result<()> {
+        let got = store.compare_set(&format!("claim/{rank}"), None, me.as_bytes())?;
+        if got != me.as_bytes() {
+            return Err(Error::config(
+                "rank",
+                rank.to_string(),
+                format!(
+                    "rank {rank} is claimed twice: {} joined with it first, and {me} asks for it too; \
+                     check that RANK (or SLURM_PROCID, OMPI_COMM_WORLD_RANK, the rank option) is unique \
+                     per process; a file:// store left from an earlier run must be deleted",
+                    String::from_utf8_lossy(&got)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn assign_rank(&self, store: &dyn Store, waiting: &Waiting) -> Result<usize> {
+        let w = self.world_size;
+        let ticket = store.add("arrivals", 1)?;
+        if ticket < 1 || ticket as u64 > w as u64 {
+            return Err(Error::config(
+                "world_size",
+                w.to_string(),
+                format!(
+                    "more than {w} processes joined job {} at store {} without a rank (this is arrival \
+                     {ticket}); check that WORLD_SIZE matches the number of processes started, that no \
+                     other run uses this store address, and that a file:// store is not left from an \
+                     earlier run",
+                    self.job_id,
+                    store.describe()
+                ),
+            ));
+        }
+        let reg = Registration {
+            ticket,
+            node_rank: self.node_rank,
+            host_id: self.host_id.clone(),
+            local_rank: self.local_rank,
+            pid: std::process::id(),
+        };
+        store.set(&format!("reg/{ticket}"), &to_json(&reg)?)?;
+        let status = || -> Result<String> {
+            let joined = store
+                .try_get("arrivals")?
+                .and_then(|v| String::from_utf8_lossy(&v).trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            Ok(if joined >= w as u64 {
+                format!(
+                    "all {w} processes have joined; waiting for the first of them to publish the rank \
+                     assignment (did it exit?)"
+                )
+            } else {
+                format!("{joined} of {w} processes have joined; ranks are assigned once all have")
+            })
+        };
+        let order: Vec<i64> = if ticket == 1 {
+            let keys: Vec<String> = (1..=w).map(|t| format!("reg/{t}")).collect();
+            waiting.wait(store, "rank assignment", &keys, status)?;
+            let mut regs = Vec::with_capacity(w);
+            for k in &keys {
+                regs.push(from_json::<Registration>(
+                    store,
+                    k,
+                    &store.get(k, waiting.remaining())?,
+                )?);
+            }
+            regs.sort_by(|a, b| {
+                (a.node_rank, &a.host_id, a.local_rank, a.pid, a.ticket).cmp(&(
+                    b.node_rank,
+                    &b.host_id,
+                    b.local_rank,
+                    b.pid,
+                    b.ticket,
+                ))
+            });
+            let order: Vec<i64> = regs.iter().map(|r| r.ticket).collect();
+            store.set("assignment", &to_json(&order)?)?;
+            order
+        } else {
+            waiting.wait(store, "rank assignment", &["assignment".to_owned()], status)?;
+            from_json(
+                store,
+                "assignment",
+                &store.get("assignment", waiting.remaining())?,
+            )?
+        };
+        match order.iter().position(|&t| t == ticket) {
+            Some(rank) if order.len() == w => Ok(rank),
+            _ => Err(Error::misbehaved(
+                store.describe(),
+                format!("the rank assignment does not list arrival {ticket} among {w} processes"),
+            )),
+        }
+    }
+
+    fn exchange_peers(
+        &self,
+        store: &dyn Store,
+        me: &PeerInfo,
+        waiting: &Waiting,
+    ) -> Result<Vec<PeerInfo>> {
+        let w = self.world_size;
+        store.set(&format!("peer/{}", me.rank), &to_json(me)?)?;
+        let peer_keys: Vec<String> = (0..w).map(|r| format!("peer/{r}")).collect();
+        let status = || -> Result<String> {
+            let refs: Vec<&str> = peer_keys.iter().map(String::as_str).collect();
+            let present = store.check(&refs)?;
+            let missing: Vec<usize> = (0..w)
+                .filter(|&r| !present.get(r).copied().unwrap_or(false))
+                .collect();
+            Ok(if missing.is_empty() {
+                "all ranks have joined; waiting for rank 0 to publish the peer table (did rank 0 exit?)".to_owned()
+            } else {
+                format!(
+                    "missing ranks: {} ({} of {w} have joined)",
+                    fmt_ranks(&missing),
+                    w - missing.len()
+                )
+            })
+        };
+        let peers: Vec<PeerInfo> = if me.rank == 0 {
+            waiting.wait(store, "peer exchange", &peer_keys, status)?;
+            let mut peers = Vec::with_capacity(w);
+            for k in &peer_keys {
+                peers.push(from_json::<PeerInfo>(
+                    store,
+                    k,
+                    &store.get(k, waiting.remaining())?,
+                )?);
+            }
+            store.set("peers", &to_json(&peers)?)?;
+            peers
+        } else {
+            waiting.wait(store, "peer exchange", &["peers".to_owned()], status)?;
+            from_json(store, "peers", &store.get("peers", waiting.remaining())?)?
+        };
+        let consistent = peers.len() == w && peers.iter().enumerate().all(|(r, p)| p.rank == r);
+        if !consistent || peers[me.rank] != *me {
+            return Err(Error::misbehaved(
+                store.describe(),
+                "the peer table does not match this job (wrong length, ranks out of order, or this \
+                 rank's entry differs from what it published): it is probably left from an earlier \
+                 run; use a fresh file:// path or a fresh store for every run",
+            ));
+        }
+        Ok(peers)
+    }
+
+    /// Joins the job: opens (or hosts) the store, checks it serves this job, settles this
+    /// process's rank, publishes `addrs` and this host's identity, and waits for every rank's
+    /// (see the [module docs](self)). Fails after [`timeout`](Self::timeout) in all, naming
+    /// who is missing.
+    pub fn join(&self, addrs: BTreeMap<String, String>) -> Result<Bootstrap> {
+        let w = self.world_size;
+        if w == 0 {
+            return Err(Error::invalid(
+                "join",
+                "world_size",
+                "the world size must be at least 1",
+            ));
+        }
+        if let Some(r) = self.rank
+            && r >= w
+        {
+            return Err(Error::invalid(
+                "join",
+                "rank",
+                format!("rank {r} is not below the world size {w}"),
+            ));
+        }
+        let start = Instant::now();
+        let mut waiting = Waiting {
+            start,
+            timeout: self.timeout,
+            interval: self.log_interval.max(Duration::from_millis(10)),
+            store: self
+                .store_addr
+                .clone()
+                .unwrap_or_else(|| self.method.to_string()),
+        };
+        let (raw, server) = self.open_store(&waiting)?;
+        waiting.store = raw.describe();
+        self.check_job(&*raw)?;
+        let store: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("job/{}", self.job_id), raw));
+        let rank = match self.rank {
+            Some(r) => {
+                let nonce = getrandom::u64().unwrap_or(0);
+                let me = format!(
+                    "pid {} on {} ({}, #{nonce:016x})",
+                    std::process::id(),
+                    hostname(),
+                    self.host_id
+                );
+                self.claim_rank(&*store, r, &me)?;
+                r
+            }
+            None => self.assign_rank(&*store, &waiting)?,
+        };
+        let me = PeerInfo {
+            rank,
+            host_id: self.host_id.clone(),
+            hostname: hostname(),
+            pid: std::process::id(),
+            addrs,
+        };
+        let peers = self.exchange_peers(&*store, &me, &waiting)?;
+        let local: Vec<usize> = (0..w).filter(|&r| peers[r].host_id == me.host_id).collect();
+        let local_rank = local.iter().position(|&r| r == rank).unwrap_or(0);
+        let local_size = local.len();
+        let mut hosts: HashMap<&str, usize> = HashMap::new();
+        for p in &peers {
+            let n = hosts.len();
+            hosts.entry(p.host_id.as_str()).or_insert(n);
+        }
+        let node_index = hosts.get(me.host_id.as_str()).copied().unwrap_or(0);
+        if let Some(claimed) = self.local_rank
+            && claimed != local_rank
+        {
+            tracing::warn!(
+                "rank {rank}: LOCAL_RANK says {claimed}, but by host identity ({}) this is local rank \
+                 {local_rank} of {local_size}; using {local_rank}",
+                me.host_id
+            );
+        }
+        if let Some(claimed) = self.local_world_size
+            && claimed != local_size
+        {
+            tracing::warn!(
+                "rank {rank}: LOCAL_WORLD_SIZE says {claimed}, but {local_size} ranks share this host \
+                 ({}); using {local_size}",
+                me.host_id
+            );
+        }
+        tracing::debug!(
+            "rank {rank} of {w} joined job {} (local {local_rank} of {local_size}, node {node_index})",
+            self.job_id
+        );
+        Ok(Bootstrap {
+            rank,
+            world_size: w,
+            local_rank,
+            local_size,
+            node_index,
+            peers,
+            store,
+            job_id: self.job_id.clone(),
+            timeout: self.timeout,
+            server,
+        })
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v)
+        .map_err(|e| Error::invalid("join", "addrs", format!("cannot encode: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(store: &dyn Store, key: &str, v: &[u8]) -> Result<T> {
+    serde_json::from_slice(v).map_err(|e| {
+        Error::misbehaved(
+            store.describe(),
+            format!("bad value under key {key:?}: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn resolve(opts: &InitOptions, vars: &[(&str, &str)]) -> Result<Plan> {
+        opts.resolve_with(&env_of(vars))
+    }
+
+    fn config_name(e: &Error) -> &str {
+        match e {
+            Error::Config { name, .. } => name,
+            other => panic!("expected a Config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_good_urls() {
+        let cases = [
+            (
+                "tcp://10.0.0.1:29500",
+                InitMethod::Tcp {
+                    host: "10.0.0.1".into(),
+                    port: 29500,
+                },
+            ),
+            (
+                "tcp://node1:5003",
+                InitMethod::Tcp {
+                    host: "node1".into(),
+                    port: 5003,
+                },
+            ),
+            (
+                "tcp://[::1]:29500",
+                InitMethod::Tcp {
+                    host: "::1".into(),
+                    port: 29500,
+                },
+            ),
+            (
+                "tcp://[fe80::1]:1",
+                InitMethod::Tcp {
+                    host: "fe80::1".into(),
+                    port: 1,
+                },
+            ),
+            ("env://", InitMethod::Env),
+            (
+                "file:///shared/job1",
+                InitMethod::File("/shared/job1".into()),
+            ),
+        ];
+        for (url, want) in cases {
+            let got = InitMethod::parse(url).unwrap();
+            assert_eq!(got, want, "{url}");
+            assert_eq!(got.to_string(), url);
+        }
+    }
+
+    #[test]
+    fn refuses_bad_urls_saying_what_is_accepted() {
+        for url in [
+            "",
+            "tcp://",
+            "tcp://host",
+            "tcp://host:",
+            "tcp://:29500",
+            "tcp://host:0",
+            "tcp://host:65536",
+            "tcp://host:port",
+            "tcp://::1:29500",
+            "tcp://[::1]29500",
+            "tcp://[nothex]:1",
+            "tcp://user@host:1",
+            "tcp://host:1/path",
+            "env:",
+            "env://x",
+            "file://relative/path",
+            "file:///dir/",
+            "http://host:80",
+            "host:29500",
+        ] {
+            let e = InitMethod::parse(url).expect_err(url);
+            assert_eq!(config_name(&e), "init_method", "{url}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("tcp://HOST:PORT")
+                    && msg.contains("env://")
+                    && msg.contains("file:///"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_torchrun_variables() {
+        let p = resolve(
+            &InitOptions::new(),
+            &[
+                ("RANK", "3"),
+                ("WORLD_SIZE", "8"),
+                ("LOCAL_RANK", "1"),
+                ("LOCAL_WORLD_SIZE", "2"),
+                ("NODE_RANK", "1"),
+                ("MASTER_ADDR", "10.1.2.3"),
+                ("MASTER_PORT", "29500"),
+                // Slurm's are ignored when torchrun's are there.
+                ("SLURM_PROCID", "0"),
+                ("SLURM_NTASKS", "99"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.method, InitMethod::Env);
+        assert_eq!((p.rank, p.world_size), (Some(3), 8));
+        assert_eq!(
+            (p.local_rank, p.local_world_size, p.node_rank),
+            (Some(1), Some(2), Some(1))
+        );
+        assert_eq!(p.store_addr.as_deref(), Some("10.1.2.3:29500"));
+        assert_eq!(p.master_ip(), Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(p.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(p.log_interval, DEFAULT_LOG_INTERVAL);
+        assert_eq!(p.job_id, "default");
+        assert!(!p.store_external);
+    }
+
+    #[test]
+    fn reads_slurm_then_open_mpi_variables() {
+        let master = [("MASTER_ADDR", "::1"), ("MASTER_PORT", "1234")];
+        let slurm = [
+            ("SLURM_PROCID", "4"),
+            ("SLURM_NTASKS", "5"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NODEID", "2"),
+            ("OMPI_COMM_WORLD_RANK", "0"),
+        ];
+        let p = resolve(&InitOptions::new(), &[&master[..], &slurm[..]].concat()).unwrap();
+        assert_eq!(
+            (p.rank, p.world_size, p.local_rank, p.node_rank),
+            (Some(4), 5, Some(1), Some(2))
+        );
+        assert_eq!(p.store_addr.as_deref(), Some("[::1]:1234"));
+        assert_eq!(p.master_ip(), Some("::1".parse().unwrap()));
+
+        let ompi = [
+            ("OMPI_COMM_WORLD_RANK", "2"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+        ];
+        let p = resolve(&InitOptions::new(), &[&master[..], &ompi[..]].concat()).unwrap();
+        assert_eq!(
+            (p.rank, p.world_size, p.local_rank, p.local_world_size),
+            (Some(2), 4, Some(0), Some(2))
+        );
+        assert_eq!(p.node_rank, None);
+    }
+
+    #[test]
+    fn options_override_the_environment() {
+        let vars = [
+            ("FERROCOMM_INIT_METHOD", "tcp://10.0.0.9:7000"),
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("FERROCOMM_TIMEOUT", "2.5"),
+            ("FERROCOMM_JOB_ID", "env-job"),
+            ("TORCHELASTIC_RUN_ID", "elastic"),
+            ("FERROCOMM_STORE_EXTERNAL", "1"),
+            ("FERROCOMM_HOST_ID", "env-host"),
+            ("FERROCOMM_LOG_INTERVAL", "0.25"),
+        ];
+        let p = resolve(&InitOptions::new(), &vars).unwrap();
+        assert_eq!(
+            p.method,
+            InitMethod::Tcp {
+                host: "10.0.0.9".into(),
+                port: 7000
+            }
+        );
+        assert_eq!((p.rank, p.world_size), (Some(1), 2));
+        assert_eq!(p.timeout, Duration::from_millis(2500));
+        assert_eq!(p.log_interval, Duration::from_millis(250));
+        assert_eq!(p.job_id, "env-job");
+        assert!(p.store_external);
+        assert_eq!(p.host_id, "env-host");
+
+        let opts = InitOptions::new()
+            .init_method("file:///tmp/x")
+            .rank(0)
+            .world_size(3)
+            .timeout(Duration::from_secs(7))
+            .job_id("opt-job")
+            .store_external(false)
+            .host_id("opt-host")
+            .node_rank(4)
+            .local_rank(2);
+        let p = resolve(&opts, &vars).unwrap();
+        assert_eq!(p.method, InitMethod::File("/tmp/x".into()));
+        assert_eq!((p.rank, p.world_size), (Some(0), 3));
+        assert_eq!(p.timeout, Duration::from_secs(7));
+        assert_eq!(p.job_id, "opt-job");
+        assert!(!p.store_external);
+        assert_eq!(p.host_id, "opt-host");
+        assert_eq!((p.node_rank, p.local_rank), (Some(4), Some(2)));
+        assert_eq!(p.store_addr, None);
+        assert_eq!(p.master_ip(), None);
+
+        let p = resolve(
+            &InitOptions::new(),
+            &[&vars[1..3], &[("TORCHELASTIC_RUN_ID", "elastic")][..]].concat(),
+        );
+        let p = p.map_err(|e| e.to_string()).unwrap_err();
+        assert!(p.contains("MASTER_ADDR"), "env:// is the default: {p}");
+        let p = resolve(
+            &InitOptions::new().init_method("tcp://h:1"),
+            &[("WORLD_SIZE", "1"), ("TORCHELASTIC_RUN_ID", "elastic")],
+        )
+        .unwrap();
+        assert_eq!(p.job_id, "elastic");
+        assert_eq!(p.rank, None);
+    }
+
+    #[test]
+    fn malformed_values_name_their_variable() {
+        let base = [
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1"),
+            ("WORLD_SIZE", "2"),
+        ];
+        let bad = |extra: &[(&str, &str)]| {
+            let mut vars: Vec<(&str, &str)> = base.to_vec();
+            for (k, v) in extra {
+                vars.retain(|(b, _)| b != k);
+                vars.push((k, v));
+            }
+            resolve(&InitOptions::new(), &vars).expect_err("should be refused")
+        };
+        assert_eq!(config_name(&bad(&[("RANK", "one")])), "RANK");
+        assert_eq!(config_name(&bad(&[("WORLD_SIZE", "-2")])), "WORLD_SIZE");
+        assert_eq!(config_name(&bad(&[("WORLD_SIZE", "0")])), "WORLD_SIZE");
+        assert_eq!(config_name(&bad(&[("LOCAL_RANK", "x")])), "LOCAL_RANK");
+        assert_eq!(
+            config_name(&bad(&[("MASTER_PORT", "70000")])),
+            "MASTER_PORT"
+        );
+        assert_eq!(config_name(&bad(&[("MASTER_PORT", "0")])), "MASTER_PORT");
+        assert_eq!(config_name(&bad(&[("MASTER_ADDR", "a b")])), "MASTER_ADDR");
+        assert_eq!(
+            config_name(&bad(&[("FERROCOMM_TIMEOUT", "-1")])),
+            "FERROCOMM_TIMEOUT"
+        );
+        assert_eq!(
+            config_name(&bad(&[("FERROCOMM_TIMEOUT", "soon")])),
+            "FERROCOMM_TIMEOUT"
+        );
+        assert_eq!(
+            config_name(&bad(&[("FERROCOMM_LOG_INTERVAL", "inf")])),
+            "FERROCOMM_LOG_INTERVAL"
+        );
+        assert_eq!(
+            config_name(&bad(&[("FERROCOMM_STORE_EXTERNAL", "maybe")])),
+            "FERROCOMM_STORE_EXTERNAL"
+        );
+        assert_eq!(
+            config_name(&bad(&[("FERROCOMM_INIT_METHOD", "bogus://")])),
+            "FERROCOMM_INIT_METHOD"
+        );
+        assert_eq!(
+            config_name(&bad(&[("SLURM_PROCID", "z"), ("WORLD_SIZE", "")])),
+            "SLURM_PROCID"
+        );
+
+        let e = resolve(&InitOptions::new(), &base[..2]).unwrap_err();
+        assert_eq!(config_name(&e), "world_size");
+        assert!(e.to_string().contains("WORLD_SIZE"), "{e}");
+
+        let e = bad(&[("RANK", "2")]);
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("RANK") && e.to_string().contains("WORLD_SIZE"),
+            "{e}"
+        );
+        let e = resolve(&InitOptions::new().rank(5).world_size(5), &base).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
+
+        let e = resolve(
+            &InitOptions::new(),
+            &[("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")],
+        )
+        .unwrap_err();
+        assert_eq!(config_name(&e), "MASTER_PORT");
+        // Blank counts as unset.
+        let p = resolve(
+            &InitOptions::new(),
+            &[&base[..], &[("RANK", " ")][..]].concat(),
+        )
+        .unwrap();
+        assert_eq!(p.rank, None);
+    }
+
+    #[test]
+    fn join_checks_its_plan() {
+        let mut plan = InitOptions::new()
+            .init_method("file:///nonexistent-dir-ferrocomm/x")
+            .world_size(2)
+            .resolve_with(&|_| None)
+            .unwrap();
+        plan.rank = Some(2);
+        assert!(matches!(
+            plan.join(BTreeMap::new()),
+            Err(Error::InvalidArgument { .. })
+        ));
+        plan.rank = Some(0);
+        plan.world_size = 0;
+        assert!(matches!(
+            plan.join(BTreeMap::new()),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+
+    #[test]
+    fn formats_rank_lists() {
+        assert_eq!(fmt_ranks(&[]), "");
+        assert_eq!(fmt_ranks(&[2]), "2");
+        assert_eq!(fmt_ranks(&[0, 1, 2, 5, 7, 8]), "0-2, 5, 7-8");
+        let many: Vec<usize> = (0..100).step_by(2).collect();
+        assert!(fmt_ranks(&many).ends_with("..."));
+    }
+}
