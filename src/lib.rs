@@ -7,10 +7,13 @@ pub mod comm;
 mod config;
 pub mod element;
 pub mod error;
+mod logging;
 pub mod rendezvous;
 pub mod transport;
 pub mod wire;
 
-pub use comm::{CommConfig, Communicator, RawRequest, Request, Scope, Source, Status, Tag};
+pub use comm::{CommConfig, Communicator, RawRequest, Request, Scope, Source, Status, Tag, init};
 pub use element::{DType, Element};
 pub use error::{Error, Result};
+pub use logging::init_logging;
+pub use rendezvous::InitOptions;

@@ -36,6 +36,9 @@
 
 mod engine;
 pub(crate) mod envelope;
+mod world;
+
+pub use world::init;
 
 use std::cell::Cell;
 use std::marker::PhantomData;

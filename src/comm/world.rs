@@ -1,0 +1,180 @@
+//! Making the world communicator of a process: rendezvous, then transports.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use super::{CommConfig, Communicator, Group, Placement, Shared};
+use crate::config;
+use crate::error::{Error, Result};
+use crate::rendezvous::{Bootstrap, InitOptions, Plan};
+use crate::transport::Transport;
+use crate::transport::tcp::{self, TcpConfig, TcpTransport};
+
+/// Which transports a process may use, from `FERROCOMM_TRANSPORT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TransportChoice {
+    /// The best per pair (today: TCP for every pair).
+    Auto,
+    /// TCP for every pair.
+    Tcp,
+}
+
+fn transport_choice(lookup: &dyn Fn(&str) -> Option<String>) -> Result<TransportChoice> {
+    config::parse_var(
+        lookup,
+        "FERROCOMM_TRANSPORT",
+        "one of: auto, tcp",
+        |v| match v.to_ascii_lowercase().as_str() {
+            "auto" => Some(TransportChoice::Auto),
+            "tcp" => Some(TransportChoice::Tcp),
+            _ => None,
+        },
+    )
+    .map(|c| c.unwrap_or(TransportChoice::Auto))
+}
+
+/// The address this rank's TCP listener binds to: `FERROCOMM_SOCKET_IFADDR` if set, else
+/// the interface that routes to the master, else (file://) the address of the hostname.
+fn listen_ip(plan: &Plan, lookup: &dyn Fn(&str) -> Option<String>) -> Result<IpAddr> {
+    if let Some(ip) = config::parse_var(
+        lookup,
+        "FERROCOMM_SOCKET_IFADDR",
+        "an IP address of this host",
+        |v| v.parse::<IpAddr>().ok(),
+    )? {
+        return Ok(ip);
+    }
+    if let Some(master) = plan.master_ip() {
+        return tcp::local_ip_towards(master);
+    }
+    let host = crate::rendezvous::hostname();
+    let resolved: Vec<SocketAddr> = (host.as_str(), 0)
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .unwrap_or_default();
+    Ok(resolved
+        .iter()
+        .map(SocketAddr::ip)
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1])))
+}
+
+impl InitOptions {
+    /// Joins the job these options describe and returns the world communicator.
+    ///
+    /// Resolves the init method and ranks (see [`InitOptions::resolve`]), meets the other
+    /// ranks at the store, connects the transports and passes a barrier, so that when it
+    /// returns every rank of the world is reachable.
+    pub fn init(&self) -> Result<Communicator> {
+        let lookup = &config::process_env;
+        let plan = self.resolve()?;
+        let choice = transport_choice(lookup)?;
+        let ip = listen_ip(&plan, lookup)?;
+        let listener = tcp::bind(ip)?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the TCP listener's address", e))?;
+        let mut addrs = BTreeMap::new();
+        addrs.insert("tcp".to_string(), addr.to_string());
+        let boot = plan.join(addrs)?;
+        tracing::debug!(rank = boot.rank, world = boot.world_size, ?choice, %addr, "joined the job");
+
+        let peers = boot
+            .peers
+            .iter()
+            .map(|p| {
+                p.addrs
+                    .get("tcp")
+                    .map(|a| {
+                        a.parse::<SocketAddr>().map_err(|_| {
+                            Error::misbehaved(
+                                format!("rank {}", p.rank),
+                                format!("published an unreadable TCP address {a:?}"),
+                            )
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tcp = TcpTransport::new(
+            boot.rank,
+            boot.world_size,
+            crate::wire::job_hash(&boot.job_id),
+            listener,
+            peers,
+            TcpConfig::from_env()?,
+        )?;
+        let transports: Vec<Box<dyn Transport>> = vec![Box::new(tcp)];
+        let route = vec![0u8; boot.world_size];
+        world_from(boot, transports, route)
+    }
+}
+
+fn world_from(
+    boot: Bootstrap,
+    transports: Vec<Box<dyn Transport>>,
+    route: Vec<u8>,
+) -> Result<Communicator> {
+    let cfg = CommConfig::from_env(boot.local_size)?;
+    let placement = Placement {
+        local_rank: boot.local_rank,
+        local_size: boot.local_size,
+        node_index: boot.node_index,
+        hostname: boot.me().hostname.clone(),
+    };
+    let (rank, world) = (boot.rank, boot.world_size);
+    let shared = Shared::new(
+        rank,
+        world,
+        transports,
+        route,
+        cfg,
+        placement,
+        vec![Box::new(boot)],
+    );
+    let comm =
+        Communicator::from_shared(shared, 0, Arc::new(Group::new((0..world).collect(), world)));
+    // Every rank reachable before anyone goes on; also keeps the store's host alive until
+    // every rank has finished reading from it.
+    comm.barrier().map_err(|e| match e {
+        Error::Timeout { op, waited, detail } => Error::Timeout {
+            op: format!("connecting the transports ({op})"),
+            waited,
+            detail,
+        },
+        other => other,
+    })?;
+    Ok(comm)
+}
+
+/// Joins the job described by the environment (`FERROCOMM_INIT_METHOD`, else `env://`
+/// with torchrun's, Slurm's or Open MPI's variables) and returns the world communicator.
+/// The same as `InitOptions::new().init()`.
+pub fn init() -> Result<Communicator> {
+    InitOptions::new().init()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_choice_parses() {
+        let env =
+            |v: &'static str| move |k: &str| (k == "FERROCOMM_TRANSPORT").then(|| v.to_string());
+        assert_eq!(transport_choice(&env("tcp")).unwrap(), TransportChoice::Tcp);
+        assert_eq!(
+            transport_choice(&env("AUTO")).unwrap(),
+            TransportChoice::Auto
+        );
+        assert_eq!(transport_choice(&|_| None).unwrap(), TransportChoice::Auto);
+        let err = transport_choice(&env("carrier-pigeon"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("FERROCOMM_TRANSPORT") && err.contains("tcp"),
+            "{err}"
+        );
+    }
+}
