@@ -4,6 +4,7 @@
 
 pub mod element;
 pub mod error;
+pub mod launch;
 pub mod rendezvous;
 pub mod transport;
 pub mod wire;
