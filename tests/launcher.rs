@@ -276,8 +276,11 @@ fn torchrun_spellings_are_accepted() {
 
 #[test]
 fn tag_output_prefixes_whole_lines() {
-    let prog = "for i in 1 2 3; do echo \"out $RANK line $i\"; done; \
-                echo \"err $RANK\" >&2; printf \"partial $RANK\"; printf \"no newline $RANK\" >&2";
+    // Enough lines, written concurrently by every rank, that unsynchronised copying would
+    // mix lines.
+    let prog = "i=1; while [ $i -le 300 ]; do echo \"out $RANK line $i $i $i $i $i $i $i $i\"; \
+                i=$((i+1)); done; echo \"err $RANK\" >&2; printf \"partial $RANK\"; \
+                printf \"no newline $RANK\" >&2";
     let f = run(&[
         "--nproc-per-node",
         "3",
@@ -303,8 +306,8 @@ fn tag_output_prefixes_whole_lines() {
     }
     assert_eq!(per_rank.len(), 3, "{f:?}");
     for (r, lines) in per_rank {
-        let want: Vec<String> = (1..=3)
-            .map(|i| format!("out {r} line {i}"))
+        let want: Vec<String> = (1..=300)
+            .map(|i| format!("out {r} line {i} {i} {i} {i} {i} {i} {i} {i}"))
             .chain([format!("partial {r}")])
             .collect();
         assert_eq!(lines, want, "rank {r}'s stdout, in order, whole lines");
@@ -599,4 +602,134 @@ fn exit_status_is_zero_only_when_every_rank_succeeds() {
     let prog = "if [ \"$RANK\" = 2 ]; then sleep 0.3; exit 4; fi";
     let f = run(&["--nproc-per-node", "3", "--", "sh", "-c", prog]);
     assert_eq!(f.code(), Some(4), "{f:?}");
+}
+
+/// Set in the environment of ranks that are this test executable itself (see
+/// [`rank_entry_point`]).
+const AS_RANK: &str = "FERRORUN_TEST_AS_RANK";
+
+/// Not a test on its own: when ferrorun starts this test executable as a rank (with
+/// [`AS_RANK`] set), it joins the job through ferrocomm's real rendezvous, from the
+/// environment ferrorun gave it, and prints what it got. Otherwise it does nothing.
+#[test]
+fn rank_entry_point() {
+    if std::env::var_os(AS_RANK).is_none() {
+        return;
+    }
+    let boot = ferrocomm::rendezvous::InitOptions::new()
+        .resolve()
+        .and_then(|plan| plan.join(Default::default()))
+        .unwrap_or_else(|e| panic!("rank failed to join: {e}"));
+    println!(
+        "BOOT {} {} {} {}",
+        boot.rank,
+        boot.world_size,
+        boot.job_id,
+        std::env::var("FERROCOMM_JOB_ID").unwrap_or_default()
+    );
+}
+
+/// ferrorun arguments that start this test executable as ranks running [`rank_entry_point`].
+fn self_as_rank() -> Vec<String> {
+    let exe = std::env::current_exe().expect("test executable path");
+    vec![
+        "--".into(),
+        exe.to_string_lossy().into_owned(),
+        "--exact".into(),
+        "rank_entry_point".into(),
+        "--nocapture".into(),
+        "--test-threads".into(),
+        "1".into(),
+    ]
+}
+
+fn boots(stdout: &str) -> Vec<(usize, usize, String, String)> {
+    stdout
+        .lines()
+        // libtest may print "test rank_entry_point ... " on the same line.
+        .filter_map(|l| l.split_once("BOOT ").map(|(_, rest)| rest))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 4, "{l:?}");
+            (
+                f[0].parse().expect("rank"),
+                f[1].parse().expect("world size"),
+                f[2].to_string(),
+                f[3].to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ranks_join_through_the_launchers_store() {
+    let mut args: Vec<String> = vec!["--nproc-per-node".into(), "3".into()];
+    args.extend(self_as_rank());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let f = start_env(&refs, &[(AS_RANK, "1")]).finish();
+    assert_eq!(f.code(), Some(0), "{f:?}");
+    let b = boots(&f.stdout);
+    assert_eq!(
+        b.iter().map(|b| b.0).collect::<BTreeSet<_>>(),
+        (0..3).collect(),
+        "{f:?}"
+    );
+    for (_, world, job, env_job) in &b {
+        assert_eq!(*world, 3);
+        assert_eq!(job, env_job, "the rendezvous uses ferrorun's job id");
+    }
+}
+
+#[test]
+fn ranks_of_two_uneven_nodes_join_one_job() {
+    let port = free_port().to_string();
+    let node = |rank: &str, nproc: &str| {
+        let mut args: Vec<String> = [
+            "--nnodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--nproc-per-node",
+            nproc,
+            "--master-port",
+            &port,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(self_as_rank());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        start_env(&refs, &[(AS_RANK, "1")])
+    };
+    let n1 = node("1", "3");
+    let n0 = node("0", "2");
+    let (f0, f1) = (n0.finish(), n1.finish());
+    assert_eq!((f0.code(), f1.code()), (Some(0), Some(0)), "{f0:?}\n{f1:?}");
+    let (b0, b1) = (boots(&f0.stdout), boots(&f1.stdout));
+    let ranks =
+        |b: &[(usize, usize, String, String)]| b.iter().map(|b| b.0).collect::<BTreeSet<_>>();
+    assert_eq!(ranks(&b0), BTreeSet::from([0, 1]));
+    assert_eq!(ranks(&b1), BTreeSet::from([2, 3, 4]));
+    assert!(b0.iter().chain(&b1).all(|b| b.1 == 5 && b.2 == b0[0].2));
+}
+
+#[test]
+fn sigint_while_waiting_for_nodes() {
+    let port = free_port().to_string();
+    let mut args = node_args(&port, "0", "1");
+    args.push("true".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let launch = start_env(&refs, &[("FERROCOMM_LOG_INTERVAL", "0.2")]);
+    // Interrupt it once it is waiting for node 1, which never comes.
+    wait_until("the launcher to wait for node 1", || {
+        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().expect("port"))).is_ok()
+    });
+    let killed = Command::new("kill")
+        .args(["-INT".to_string(), launch.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let f = launch.finish();
+    assert_eq!(f.code(), Some(130), "{f:?}");
+    assert!(f.elapsed < QUICK, "took {:?}", f.elapsed);
 }
