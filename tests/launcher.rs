@@ -733,3 +733,32 @@ fn sigint_while_waiting_for_nodes() {
     assert_eq!(f.code(), Some(130), "{f:?}");
     assert!(f.elapsed < QUICK, "took {:?}", f.elapsed);
 }
+
+#[test]
+fn every_node_reports_the_jobs_first_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 temp path");
+    let port = free_port().to_string();
+    // Rank 0 fails first; node 1's ranks fail a little later, as victims of a lost peer
+    // would, possibly before their launcher has polled the store.
+    let n0 = start_node(&port, "0", "1", &format!("touch {d}/failed; exit 3"));
+    let n1 = start_node(
+        &port,
+        "1",
+        "2",
+        &format!("while [ ! -e {d}/failed ]; do sleep 0.05; done; sleep 0.3; exit 9"),
+    );
+    let (f0, f1) = (n0.finish(), n1.finish());
+    assert_eq!((f0.code(), f1.code()), (Some(3), Some(3)), "{f0:?}\n{f1:?}");
+    assert!(
+        f0.stderr.contains("ferrorun: rank 0 (local rank 0, pid "),
+        "{}",
+        f0.stderr
+    );
+    assert!(
+        f1.stderr
+            .contains("ferrorun: node 0 failed: rank 0 (local rank 0, pid "),
+        "{}",
+        f1.stderr
+    );
+}

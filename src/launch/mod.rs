@@ -61,7 +61,10 @@
 //!   ignored.
 //! - Several nodes: the node that fails first publishes its failure in the store; the other
 //!   launchers notice it within about a second, stop their ranks the same way and exit with
-//!   the failing node's status.
+//!   the failing node's status. Every launcher reports that first failure (`ferrorun: node 1
+//!   failed: rank 3 ...`), even one whose own ranks failed a moment later (most likely
+//!   because their peer was gone). When node 0's ranks succeeded but another node's launcher
+//!   stopped sending heartbeats before saying it was done, node 0 exits 1.
 //!
 //! Signals go to each rank's process group, so they also reach what a rank started. See the
 //! `ranks` module for how no process is left behind, including when the launcher is killed
@@ -381,7 +384,13 @@ pub fn run(cfg: &LaunchConfig) -> Result<Outcome> {
     let port = match (&server, cfg.master_port) {
         (Some(s), _) => s.local_addr().port(),
         (None, Some(p)) => p,
-        (None, None) => unreachable!("validate() requires a port with several nodes"),
+        (None, None) => {
+            return Err(Error::invalid(
+                "ferrorun",
+                "--master-port",
+                "is required on nodes other than 0",
+            ));
+        }
     };
     let store_addr = join_host_port(&cfg.master_addr, port);
     let store: Arc<dyn Store> = match connect_store(&store_addr, cfg, &mut interrupted)? {
@@ -459,10 +468,17 @@ pub fn run(cfg: &LaunchConfig) -> Result<Outcome> {
         {
             outcome = Outcome::Interrupted { signal };
         }
-        if outcome.is_success()
-            && let Some(f) = link.remote_failure()
-        {
-            outcome = Outcome::RemoteFailure(f);
+        // Every launcher reports the job's first failure, as published in the store: a
+        // rank here that failed after a rank elsewhere was most likely its victim.
+        if !matches!(outcome, Outcome::Interrupted { .. }) {
+            if let Some(first) = link.remote_failure() {
+                if let Outcome::RankFailed { .. } = outcome {
+                    tracing::warn!("{outcome}, but node {} failed first", first.node);
+                }
+                outcome = Outcome::RemoteFailure(first);
+            } else if let (true, Some(lost)) = (outcome.is_success(), link.lost_node()) {
+                outcome = Outcome::RemoteFailure(lost);
+            }
         }
     }
     drop(store);

@@ -239,7 +239,10 @@ pub struct RemoteFailure {
 
 #[derive(Default)]
 struct LinkState {
+    /// The job's first failure, published by another node.
     remote_failure: Option<RemoteFailure>,
+    /// A node that node 0 gave up on (no heartbeat) after its own ranks had ended.
+    lost_node: Option<RemoteFailure>,
     finished: bool,
 }
 
@@ -299,9 +302,15 @@ impl Link {
         let _ = self.tx.send(LinkCmd::Done { code });
     }
 
-    /// The failure another node published, if any has been seen.
+    /// The job's first failure, when it happened on another node: it was published in the
+    /// store before this node's (if this node published one at all).
     pub(crate) fn remote_failure(&self) -> Option<RemoteFailure> {
         lock(&self.state).remote_failure.clone()
+    }
+
+    /// Node 0: a node whose launcher stopped sending heartbeats before it said it was done.
+    pub(crate) fn lost_node(&self) -> Option<RemoteFailure> {
+        lock(&self.state).lost_node.clone()
     }
 
     /// True once the end of the job has been published and, on node 0, every other node is
@@ -335,7 +344,12 @@ impl LinkWorker {
                 Ok(LinkCmd::Fail { code, message }) => {
                     let value = format!("{} {code} {message}", self.node_rank);
                     let r = self.store.compare_set(FAILED_KEY, None, value.as_bytes());
-                    self.note(r);
+                    // Another node's failure already there: it is the job's first.
+                    if let Some(first) = self.note(r)
+                        && first != value.as_bytes()
+                    {
+                        self.record_failure(&first);
+                    }
                 }
                 Ok(LinkCmd::Done { code }) => {
                     let r = self
@@ -390,10 +404,14 @@ impl LinkWorker {
             return;
         }
         let r = self.store.try_get(FAILED_KEY);
-        let Some(Some(raw)) = self.note(r) else {
-            return;
-        };
-        let text = String::from_utf8_lossy(&raw);
+        if let Some(Some(raw)) = self.note(r) {
+            self.record_failure(&raw);
+        }
+    }
+
+    /// Records the failure published under [`FAILED_KEY`] unless it is this node's own.
+    fn record_failure(&mut self, raw: &[u8]) {
+        let text = String::from_utf8_lossy(raw);
         let mut parts = text.splitn(3, ' ');
         let node = parts.next().and_then(|s| s.parse().ok());
         let code = parts.next().and_then(|s| s.parse().ok());
@@ -449,8 +467,8 @@ impl LinkWorker {
                 );
                 self.heartbeats.insert(node, (None, now));
                 let mut state = lock(&self.state);
-                if state.remote_failure.is_none() {
-                    state.remote_failure = Some(RemoteFailure {
+                if state.lost_node.is_none() {
+                    state.lost_node = Some(RemoteFailure {
                         node,
                         code: 1,
                         message: "its launcher stopped responding".into(),
