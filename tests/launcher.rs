@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
@@ -761,4 +762,24 @@ fn every_node_reports_the_jobs_first_failure() {
         "{}",
         f1.stderr
     );
+}
+
+#[test]
+fn ranks_die_when_ferrorun_is_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 temp path");
+    let prog = format!("echo $$ > {d}/pid-$RANK; exec sleep 600");
+    let launch = start(&["--nproc-per-node", "2", "--", "sh", "-c", &prog]);
+    wait_until("every rank to start", || {
+        count_files(dir.path(), "pid-") == 2
+    });
+    let killed = Command::new("kill")
+        .args(["-KILL".to_string(), launch.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let f = launch.finish();
+    assert_eq!(f.status.signal(), Some(9), "{f:?}");
+    // PR_SET_PDEATHSIG: the ranks get SIGKILL when their launcher dies.
+    assert_all_gone(dir.path());
 }

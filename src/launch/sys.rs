@@ -13,6 +13,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
@@ -45,20 +46,27 @@ extern "C" fn on_signal(sig: libc::c_int) {
 }
 
 /// Wakes the thread waiting in [`SignalPipe::wait`] from another thread.
-pub(crate) struct Waker(std::io::PipeWriter);
+///
+/// It keeps the read end open too, so that waking after the [`SignalPipe`] is gone (a
+/// background thread that outlives the launch) fills a pipe nobody reads instead of raising
+/// SIGPIPE.
+pub(crate) struct Waker {
+    writer: std::io::PipeWriter,
+    _reader: Arc<std::io::PipeReader>,
+}
 
 impl Waker {
     /// Makes the waiting thread return from [`SignalPipe::wait`] with a [`WAKE`] event.
     pub(crate) fn wake(&self) {
         // A full pipe means a wake-up is already pending: ignoring the error is correct.
-        let _ = (&self.0).write(&[WAKE]);
+        let _ = (&self.writer).write(&[WAKE]);
     }
 }
 
 /// The installed signal handlers and the pipe they write into; restores the previous
 /// handlers when dropped.
 pub(crate) struct SignalPipe {
-    reader: std::io::PipeReader,
+    reader: Arc<std::io::PipeReader>,
     writer: std::io::PipeWriter,
     /// (signal, previous disposition) for every handler this pipe installed.
     previous: Vec<(i32, libc::sigaction)>,
@@ -101,7 +109,7 @@ impl SignalPipe {
         set_nonblocking(writer.as_raw_fd())?;
         PIPE_FD.store(writer.as_raw_fd(), Ordering::Release);
         let mut pipe = SignalPipe {
-            reader,
+            reader: Arc::new(reader),
             writer,
             previous: Vec::new(),
         };
@@ -133,7 +141,10 @@ impl SignalPipe {
 
     /// A handle other threads use to wake [`SignalPipe::wait`].
     pub(crate) fn waker(&self) -> io::Result<Waker> {
-        Ok(Waker(self.writer.try_clone()?))
+        Ok(Waker {
+            writer: self.writer.try_clone()?,
+            _reader: self.reader.clone(),
+        })
     }
 
     /// Waits until a byte is in the pipe or `timeout` passes (`None`: no limit), then returns
@@ -165,7 +176,7 @@ impl SignalPipe {
         let mut out = Vec::new();
         let mut buf = [0u8; 256];
         loop {
-            match (&self.reader).read(&mut buf) {
+            match (&*self.reader).read(&mut buf) {
                 Ok(0) => return Ok(out),
                 Ok(n) => out.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
