@@ -28,10 +28,10 @@
 //!
 //! The launchers then agree on the job (see the `node` module's key table): node 0 makes a
 //! random job id, every node publishes its number of ranks and waits for all `--nnodes`
-//! nodes, logging every 10 s (`FERROCOMM_LOG_INTERVAL`) which nodes are missing and failing after the rendezvous
-//! timeout (default 300 s, `FERROCOMM_TIMEOUT` in seconds overrides) with an error that
-//! names them. Ranks are numbered in node order, so nodes may run different numbers of
-//! ranks: 2 on node 0 and 3 on node 1 give ranks 0,1 and 2,3,4. Node 0 also writes
+//! nodes, logging every 10 s (`FERROCOMM_LOG_INTERVAL`) which nodes are missing, and failing
+//! after the rendezvous timeout (default 300 s, `FERROCOMM_TIMEOUT` in seconds overrides)
+//! with an error that names them. Ranks are numbered in node order, so nodes may run different
+//! numbers of ranks: 2 on node 0 and 3 on node 1 give ranks 0,1 and 2,3,4. Node 0 also writes
 //! `job_id=ID world_size=N` under [`JOB_KEY`](crate::rendezvous::JOB_KEY), exactly what each
 //! rank's rendezvous writes there, so a process of another job that reaches the store fails
 //! with [`Error::JobMismatch`].
@@ -64,7 +64,9 @@
 //!   the failing node's status. Every launcher reports that first failure (`ferrorun: node 1
 //!   failed: rank 3 ...`), even one whose own ranks failed a moment later (most likely
 //!   because their peer was gone). When node 0's ranks succeeded but another node's launcher
-//!   stopped sending heartbeats before saying it was done, node 0 exits 1.
+//!   stopped sending heartbeats for 30 s before saying it was done, node 0 exits 1. A
+//!   signal to node 0 while it keeps the store up for the other nodes (its own ranks have
+//!   ended) makes it exit at once with 128 + signal; the other nodes lose the store.
 //!
 //! Signals go to each rank's process group, so they also reach what a rank started. See the
 //! `ranks` module for how no process is left behind, including when the launcher is killed

@@ -11,9 +11,9 @@
 //! | `ferrorun/node/R/heartbeat` | node R > 0, every second while it runs (`add`) | counter |
 //! | `ferrorun/node/R/done` | node R, when its ranks have ended | its exit code |
 //!
-//! plus [`JOB_KEY`] = `job_id=ID world_size=N`, which the ranks' own rendezvous checks. Rank offsets follow node order:
-//! node R's ranks start at the sum of the rank counts of nodes 0..R, so nodes may run
-//! different numbers of ranks.
+//! plus [`JOB_KEY`] = `job_id=ID world_size=N`, which the ranks' own rendezvous checks.
+//! Rank offsets follow node order: node R's ranks start at the sum of the rank counts of
+//! nodes 0..R, so nodes may run different numbers of ranks.
 //!
 //! After the ranks, node 0 keeps the store up until every other node has written its
 //! `done` key (the ranks of slower nodes may still be using the store), or has stopped
