@@ -35,7 +35,10 @@ fn responder(c: Communicator) {
                 let mut window: Vec<Vec<u8>> = vec![vec![0u8; size as usize]; WINDOW];
                 for _ in 0..iters {
                     c.scope(|s| {
-                        let reqs = window.iter_mut().map(|b| s.irecv(b, 0, DATA).expect("irecv")).collect();
+                        let reqs = window
+                            .iter_mut()
+                            .map(|b| s.irecv(b, 0, DATA).expect("irecv"))
+                            .collect();
                         s.wait_all(reqs).expect("window");
                     });
                     c.send(&[1u8], 0, ACK).expect("ack");
@@ -59,13 +62,15 @@ fn bench_transport(cr: &mut Criterion, transport: &str) {
     let handle = std::thread::spawn(move || responder(peer));
 
     let mut g = cr.benchmark_group(format!("{transport}/latency"));
-    g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
     for size in [8usize, 1024, 64 << 10, 1 << 20, 4 << 20] {
         let mut buf = vec![0u8; size];
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, &size| {
             b.iter_custom(|iters| {
-                c.send(&[1u64, iters, size as u64], 1, CTRL).expect("command");
+                c.send(&[1u64, iters, size as u64], 1, CTRL)
+                    .expect("command");
                 let t = Instant::now();
                 for _ in 0..iters {
                     c.send(&buf, 1, DATA).expect("ping");
@@ -79,18 +84,23 @@ fn bench_transport(cr: &mut Criterion, transport: &str) {
     g.finish();
 
     let mut g = cr.benchmark_group(format!("{transport}/bandwidth"));
-    g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
     for size in [64usize << 10, 1 << 20, 4 << 20] {
         let window: Vec<Vec<u8>> = vec![vec![7u8; size]; WINDOW];
         g.throughput(Throughput::Bytes((size * WINDOW) as u64));
         g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, &size| {
             b.iter_custom(|iters| {
-                c.send(&[2u64, iters, size as u64], 1, CTRL).expect("command");
+                c.send(&[2u64, iters, size as u64], 1, CTRL)
+                    .expect("command");
                 let t = Instant::now();
                 let mut ack = [0u8];
                 for _ in 0..iters {
                     c.scope(|s| {
-                        let reqs = window.iter().map(|b| s.isend(b, 1, DATA).expect("isend")).collect();
+                        let reqs = window
+                            .iter()
+                            .map(|b| s.isend(b, 1, DATA).expect("isend"))
+                            .collect();
                         s.wait_all(reqs).expect("window");
                     });
                     c.recv(&mut ack, 1, ACK).expect("ack");

@@ -22,18 +22,25 @@ fn main() -> ExitCode {
 
 fn run() -> ferrocomm::Result<()> {
     let iters: usize = match std::env::args().nth(1) {
-        Some(a) => a
-            .parse()
-            .map_err(|_| ferrocomm::Error::invalid("pingpong", "ITERS", format!("{a:?} is not a count")))?,
+        Some(a) => a.parse().map_err(|_| {
+            ferrocomm::Error::invalid("pingpong", "ITERS", format!("{a:?} is not a count"))
+        })?,
         None => 2000,
     };
     let comm = ferrocomm::init()?;
     if comm.size() < 2 {
-        return Err(ferrocomm::Error::invalid("pingpong", "world size", "needs at least 2 ranks"));
+        return Err(ferrocomm::Error::invalid(
+            "pingpong",
+            "world size",
+            "needs at least 2 ranks",
+        ));
     }
     let me = comm.rank();
     if me == 0 {
-        println!("{:>10} {:>12} {:>12} {:>12}", "bytes", "p50_us", "min_us", "MB/s");
+        println!(
+            "{:>10} {:>12} {:>12} {:>12}",
+            "bytes", "p50_us", "min_us", "MB/s"
+        );
     }
     let mut size = 1usize;
     while size <= 4 << 20 {
@@ -61,7 +68,11 @@ fn run() -> ferrocomm::Result<()> {
         if me == 0 {
             samples.sort_by(f64::total_cmp);
             let p50 = samples[samples.len() / 2];
-            println!("{size:>10} {p50:>12.2} {:>12.2} {:>12.1}", samples[0], size as f64 / p50);
+            println!(
+                "{size:>10} {p50:>12.2} {:>12.2} {:>12.1}",
+                samples[0],
+                size as f64 / p50
+            );
         }
         size *= if size < 64 { 8 } else { 4 };
     }

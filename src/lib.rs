@@ -7,6 +7,7 @@ pub mod comm;
 mod config;
 pub mod element;
 pub mod error;
+pub mod launch;
 mod logging;
 pub mod rendezvous;
 pub mod transport;
