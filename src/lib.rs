@@ -1,4 +1,27 @@
 //! ferrocomm: message passing and collective communication for distributed training and HPC.
+//!
+//! A program starts N processes (ranks) on one or many machines; they find each other
+//! through a rendezvous store, connect over the best transport each pair has, and exchange
+//! messages point-to-point or in collectives.
+//!
+//! ```
+//! // Ranks as threads of one process (tests, examples); under `ferrorun` a process calls
+//! // `ferrocomm::init()` instead and gets the same `Communicator`.
+//! let comms = ferrocomm::Communicator::local_world(4);
+//! std::thread::scope(|s| {
+//!     for comm in comms {
+//!         s.spawn(move || -> ferrocomm::Result<()> {
+//!             let (me, n) = (comm.rank(), comm.size());
+//!             let mut left = [0u32];
+//!             comm.sendrecv(&[me as u32], (me + 1) % n, 0, &mut left, (me + n - 1) % n, 0u32)?;
+//!             assert_eq!(left[0] as usize, (me + n - 1) % n);
+//!             comm.barrier()
+//!         });
+//!     }
+//! });
+//! ```
+//!
+//! See the README for the launcher, init methods and settings.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
@@ -18,3 +41,8 @@ pub use element::{DType, Element};
 pub use error::{Error, Result};
 pub use logging::init_logging;
 pub use rendezvous::InitOptions;
+
+/// The README's examples, compiled as doc tests so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

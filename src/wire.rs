@@ -20,6 +20,9 @@
 //! `Data` frame that the receiver reads straight into that buffer. A receiver therefore never
 //! allocates more than the eager limit for a message it did not ask for.
 //!
+//! A sender that closes its communicator normally sends `Bye` last, so that its peers can
+//! tell a finished rank from a crashed one.
+//!
 //! A new connection starts with a [`Hello`] that names the job and the sender's rank.
 
 /// Bytes of the opaque routing envelope carried by every message.
@@ -62,6 +65,8 @@ pub enum FrameKind {
     Cts = 3,
     /// The `len` payload bytes of message `id`.
     Data = 4,
+    /// The sender closed its communicator normally; nothing more will come.
+    Bye = 5,
 }
 
 impl FrameKind {
@@ -71,6 +76,7 @@ impl FrameKind {
             2 => FrameKind::Rts,
             3 => FrameKind::Cts,
             4 => FrameKind::Data,
+            5 => FrameKind::Bye,
             _ => return None,
         })
     }
@@ -165,7 +171,7 @@ impl FrameHeader {
         let max = match kind {
             FrameKind::Eager => max_eager,
             FrameKind::Rts | FrameKind::Data => max_message,
-            FrameKind::Cts => 0,
+            FrameKind::Cts | FrameKind::Bye => 0,
         };
         if len > max {
             return Err(DecodeError::TooLong { len, max });
@@ -342,9 +348,9 @@ mod tests {
         }
 
         #[test]
-        fn any_valid_header_round_trips(kind in 1u8..=4, len in 0u64..1_000_000, id: u64, env: [u8; 32]) {
+        fn any_valid_header_round_trips(kind in 1u8..=5, len in 0u64..1_000_000, id: u64, env: [u8; 32]) {
             let kind = FrameKind::from_u8(kind).unwrap();
-            let len = if kind == FrameKind::Cts { 0 } else { len };
+            let len = if matches!(kind, FrameKind::Cts | FrameKind::Bye) { 0 } else { len };
             let h = FrameHeader { kind, len, id, env: Envelope(env) };
             prop_assert_eq!(FrameHeader::decode(&h.encode(), 1_000_000, 1_000_000), Ok(h));
         }

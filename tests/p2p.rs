@@ -77,7 +77,7 @@ fn same_tag_messages_stay_in_order_and_tags_select() {
 fn any_source_and_any_tag() {
     run(5, |c| {
         if c.rank() == 0 {
-            let mut seen = vec![false; 5];
+            let mut seen = [false; 5];
             for _ in 1..5 {
                 let mut x = [0usize as u64];
                 let st = c.recv(&mut x, Source::Any, Tag::Any).unwrap();
@@ -380,3 +380,30 @@ per_transport!(
     recv_timeout_withdraws_and_keeps_the_communicator,
     barrier_for_many_world_sizes,
 );
+
+#[test]
+fn dup_separates_traffic_and_threads() {
+    run(3, |c| {
+        let d = c.dup();
+        let (me, n) = (c.rank(), c.size());
+        // The same tag on both communicators: each receive sees only its own message.
+        c.send(&[1u32], (me + 1) % n, 0).unwrap();
+        d.send(&[2u32], (me + 1) % n, 0).unwrap();
+        let mut x = [0u32];
+        d.recv(&mut x, (me + n - 1) % n, 0u32).unwrap();
+        assert_eq!(x[0], 2);
+        c.recv(&mut x, (me + n - 1) % n, 0u32).unwrap();
+        assert_eq!(x[0], 1);
+        // A second thread uses the dup while this one uses the original.
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                for _ in 0..50 {
+                    d.barrier().unwrap();
+                }
+            });
+            for _ in 0..50 {
+                c.barrier().unwrap();
+            }
+        });
+    });
+}

@@ -224,6 +224,41 @@ impl Events for Core {
         }
     }
 
+    fn peer_closed(&mut self, peer: usize) {
+        tracing::debug!(rank = self.me, peer, "peer closed its communicator");
+        let err = Error::PeerLost {
+            rank: self.me,
+            peer,
+            op: String::new(),
+            detail: "that rank closed its communicator (it finished) while this one still \
+                     expected it to take part"
+                .into(),
+        };
+        if let Some(f) = self.failed.get_mut(peer) {
+            f.get_or_insert(err.clone());
+        }
+        // Only what names this peer fails; receives from any source may still be matched
+        // by the others.
+        let mut doomed = Vec::new();
+        self.posted.retain(|p| {
+            let hit = p.src == Some(peer);
+            if hit {
+                doomed.push(p.req);
+            }
+            !hit
+        });
+        for s in self.slots.iter_mut() {
+            if matches!(s.state, State::Active) && s.op.peer == Some(peer) {
+                s.state = State::Done(Err(for_op(&err, &s.op)));
+            }
+        }
+        for id in doomed {
+            if let Some(s) = self.slot(id) {
+                s.state = State::Done(Err(for_op(&err, &s.op)));
+            }
+        }
+    }
+
     fn peer_failed(&mut self, peer: usize, err: Error) {
         tracing::debug!(rank = self.me, peer, "peer failed: {err}");
         if let Some(f) = self.failed.get_mut(peer) {
@@ -290,11 +325,6 @@ impl Engine {
                 fatal: None,
             },
         }
-    }
-
-    /// Names of the transports in use.
-    pub fn transport_names(&self) -> Vec<&'static str> {
-        self.transports.iter().map(|t| t.name()).collect()
     }
 
     /// The name of the transport that reaches `peer` (`"self"` for this rank).
@@ -411,10 +441,10 @@ impl Engine {
             tag,
             ctx,
         };
-        if let Some(s) = src {
-            if s >= self.route.len() {
-                self.check_peer(s, &op)?;
-            }
+        if let Some(s) = src
+            && s >= self.route.len()
+        {
+            self.check_peer(s, &op)?;
         }
         // Messages that arrived before their sender failed can still be received.
         let pos = self.core.unexpected.iter().position(|u| {
@@ -483,12 +513,11 @@ impl Engine {
     }
 
     fn discard(&mut self, peer: usize, handle: u64) {
-        if let Some(&route) = self.route.get(peer) {
-            if route != ROUTE_SELF {
-                if let Err(e) = self.transports[route as usize].discard(peer, handle) {
-                    tracing::debug!(peer, "dropping a kept message failed: {e}");
-                }
-            }
+        if let Some(&route) = self.route.get(peer)
+            && route != ROUTE_SELF
+            && let Err(e) = self.transports[route as usize].discard(peer, handle)
+        {
+            tracing::debug!(peer, "dropping a kept message failed: {e}");
         }
     }
 
@@ -570,11 +599,6 @@ impl Engine {
             .slot(id)
             .map(|s| s.op.to_string())
             .unwrap_or_default()
-    }
-
-    /// The error of a failed world rank, if it failed.
-    pub fn peer_failure(&self, peer: usize) -> Option<Error> {
-        self.core.peer_error(peer).cloned()
     }
 
     /// The sticky error, if the engine has failed for good.

@@ -1,7 +1,7 @@
 //! Communicators and point-to-point messaging.
 //!
 //! A [`Communicator`] is a group of ranks that exchange messages: the world made by
-//! [`init`](crate::init), or groups derived from it. It offers blocking
+//! [`init`](crate::init()), or groups derived from it. It offers blocking
 //! [`send`](Communicator::send)/[`recv`](Communicator::recv), non-blocking
 //! [`isend`](Scope::isend)/[`irecv`](Scope::irecv) inside a [`scope`](Communicator::scope),
 //! message tags, receives from any source, and the collectives of [`crate::collective`].
@@ -36,26 +36,26 @@
 
 mod engine;
 pub(crate) mod envelope;
+mod shared;
 mod world;
+
+pub(crate) use shared::Shared;
 
 pub use world::init;
 
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-
-use parking_lot::{Mutex, MutexGuard};
+use std::time::Duration;
 
 pub(crate) use engine::Done;
-use engine::{Engine, ReqId};
+use engine::ReqId;
 use envelope::Env;
 
 use crate::config;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::transport::{RecvBuf, SendBuf, Transport, Waker};
+use crate::transport::{RecvBuf, SendBuf, Transport};
 
 /// Where a receive accepts messages from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,149 +150,6 @@ pub(crate) struct Placement {
     pub local_size: usize,
     pub node_index: usize,
     pub hostname: String,
-}
-
-/// What every communicator of one process shares: the engine and how to wait on it.
-pub(crate) struct Shared {
-    engine: Mutex<Engine>,
-    /// Threads waiting for the engine lock; the holder yields it when this is non-zero.
-    contenders: AtomicUsize,
-    wakers: Vec<Waker>,
-    aborted: AtomicBool,
-    abort_reason: Mutex<String>,
-    pub cfg: CommConfig,
-    pub world_rank: usize,
-    pub world_size: usize,
-    pub placement: Placement,
-    /// Kept alive as long as the communicators (e.g. the rendezvous store server).
-    _keep: Vec<Box<dyn std::any::Any + Send + Sync>>,
-}
-
-impl Shared {
-    pub(crate) fn new(
-        world_rank: usize,
-        world_size: usize,
-        transports: Vec<Box<dyn Transport>>,
-        route: Vec<u8>,
-        cfg: CommConfig,
-        placement: Placement,
-        keep: Vec<Box<dyn std::any::Any + Send + Sync>>,
-    ) -> Arc<Shared> {
-        let engine = Engine::new(world_rank, transports, route);
-        let wakers = engine.wakers();
-        Arc::new(Shared {
-            engine: Mutex::new(engine),
-            contenders: AtomicUsize::new(0),
-            wakers,
-            aborted: AtomicBool::new(false),
-            abort_reason: Mutex::new(String::new()),
-            cfg,
-            world_rank,
-            world_size,
-            placement,
-            _keep: keep,
-        })
-    }
-
-    /// Takes the engine lock; a thread blocked in a transport wait is woken to hand it over.
-    fn lock(&self) -> MutexGuard<'_, Engine> {
-        if let Some(g) = self.engine.try_lock() {
-            return g;
-        }
-        self.contenders.fetch_add(1, Ordering::SeqCst);
-        for w in &self.wakers {
-            w();
-        }
-        let g = self.engine.lock();
-        self.contenders.fetch_sub(1, Ordering::SeqCst);
-        g
-    }
-
-    fn wake_all(&self) {
-        for w in &self.wakers {
-            w();
-        }
-    }
-
-    /// Waits for request `id`, driving the transports. See the module documentation.
-    pub(crate) fn wait(&self, id: ReqId, timeout: Option<Duration>) -> Result<Done> {
-        let start = Instant::now();
-        let mut eng = self.lock();
-        let mut busy_at = start;
-        loop {
-            if let Some(r) = eng.take(id) {
-                return r;
-            }
-            if self.aborted.load(Ordering::Relaxed) && eng.fatal().is_none() {
-                eng.abort(Error::Aborted(self.abort_reason.lock().clone()));
-                continue;
-            }
-            match eng.progress() {
-                Ok(true) => busy_at = Instant::now(),
-                Ok(false) => {}
-                Err(e) => eng.abort(e),
-            }
-            if let Some(r) = eng.take(id) {
-                return r;
-            }
-            let now = Instant::now();
-            let waited = now - start;
-            if let Some(limit) = timeout {
-                if waited >= limit {
-                    return Err(self.timed_out(&mut eng, id, waited));
-                }
-            }
-            if self.contenders.load(Ordering::SeqCst) > 0 {
-                MutexGuard::bump(&mut eng);
-                continue;
-            }
-            if now - busy_at < self.cfg.spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            let slice = timeout.map_or(Duration::from_millis(100), |l| l.saturating_sub(waited));
-            if let Err(e) = eng.wait(slice.min(Duration::from_millis(100))) {
-                eng.abort(e);
-            }
-        }
-    }
-
-    /// The timeout error of request `id`; withdraws it if it can, else fails the engine.
-    fn timed_out(&self, eng: &mut Engine, id: ReqId, waited: Duration) -> Error {
-        let what = eng.describe(id);
-        let err = Error::Timeout {
-            op: format!("{what} on rank {}", self.world_rank),
-            waited,
-            detail: "the peer may be stopped, stuck in other work, or much slower; raise \
-                     FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it is only slow"
-                .into(),
-        };
-        if !eng.cancel(id) {
-            eng.abort(err.clone());
-            let _ = eng.take(id);
-        }
-        err
-    }
-
-    /// Whether `id` completed, driving the transports once.
-    fn test(&self, id: ReqId) -> Result<Option<Done>> {
-        let mut eng = self.lock();
-        if !eng.is_done(id) {
-            if let Err(e) = eng.progress() {
-                eng.abort(e);
-            }
-        }
-        eng.take(id).transpose()
-    }
-
-    /// Gets rid of request `id` whose owner does not want it any more: withdraws a receive
-    /// not yet matched, waits for anything in flight.
-    fn release(&self, id: ReqId) {
-        let cancelled = self.lock().cancel(id);
-        if !cancelled {
-            let _ = self.wait(id, self.cfg.op_timeout);
-        }
-    }
 }
 
 /// A request not tied to a scope: the form the C ABI uses. Dropping it withdraws a receive
@@ -511,6 +368,32 @@ impl Communicator {
                 Ok(Communicator::from_shared(shared, 0, Arc::clone(&group)))
             })
             .collect()
+    }
+
+    /// A new communicator with the same ranks whose messages never mix with this one's
+    /// (MPI_Comm_dup). Every rank of this communicator must call it, in the same order
+    /// relative to its other communicator-creating calls; it sends no messages.
+    pub fn dup(&self) -> Communicator {
+        Communicator::from_shared(
+            Arc::clone(&self.shared),
+            self.child_ctx(),
+            Arc::clone(&self.group),
+        )
+    }
+
+    /// The context of the next communicator derived from this one. Every member derives the
+    /// same value because every member derives its children in the same order. Contexts are
+    /// even (a communicator's collectives use `ctx + 1`); 64-bit hashing makes a collision
+    /// between two live communicators practically impossible.
+    pub(crate) fn child_ctx(&self) -> u64 {
+        let n = self.children.get() + 1;
+        self.children.set(n);
+        let mut x = self.ctx ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // splitmix64 finaliser
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        (x & !1).max(2)
     }
 
     /// This process's rank in the communicator, `0..size()`.
@@ -742,7 +625,7 @@ impl Communicator {
 
 fn check_whole<T: Element>(st: &Status) -> Result<()> {
     let size = std::mem::size_of::<T>();
-    if st.bytes % size != 0 {
+    if !st.bytes.is_multiple_of(size) {
         return Err(Error::invalid(
             "recv",
             "buffer",
@@ -767,12 +650,7 @@ pub struct AbortHandle {
 impl AbortHandle {
     /// Fails every current and later operation with [`Error::Aborted`] carrying `reason`.
     pub fn abort(&self, reason: &str) {
-        *self.shared.abort_reason.lock() = reason.to_string();
-        self.shared.aborted.store(true, Ordering::SeqCst);
-        self.shared.wake_all();
-        // Fail requests nobody is waiting on right now, too.
-        let mut eng = self.shared.lock();
-        eng.abort(Error::Aborted(reason.to_string()));
+        self.shared.abort(reason);
     }
 }
 

@@ -152,6 +152,9 @@ pub trait Events {
     fn recv_done(&mut self, token: Token);
     /// The send `token` is complete: its buffer may be reused.
     fn send_done(&mut self, token: Token);
+    /// `peer` closed its communicator normally: nothing more will come from it, and it
+    /// takes nothing more. Not a failure: only operations that need this peer fail.
+    fn peer_closed(&mut self, peer: usize);
     /// `peer` is gone or broke the protocol. Every operation involving it has failed; its
     /// buffers are no longer used.
     fn peer_failed(&mut self, peer: usize, err: Error);

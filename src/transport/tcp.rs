@@ -227,6 +227,8 @@ struct Peer {
     failed: bool,
     /// Why the connection we send on was closed by the peer, if it was.
     out_dead: Option<String>,
+    /// The peer said goodbye: it finished normally.
+    closed: bool,
 }
 
 /// The TCP transport of one rank. See the module documentation.
@@ -247,6 +249,8 @@ pub struct TcpTransport {
     /// Completions found outside `progress`, reported at the next call.
     sends_done: Vec<Token>,
     failures: Vec<(usize, String)>,
+    /// Peers that said goodbye, not yet reported.
+    closed: Vec<usize>,
 }
 
 impl TcpTransport {
@@ -300,6 +304,7 @@ impl TcpTransport {
             pending: Vec::new(),
             sends_done: Vec::new(),
             failures: Vec::new(),
+            closed: Vec::new(),
         })
     }
 
@@ -333,12 +338,16 @@ impl TcpTransport {
                 ),
             ));
         }
-        if self.peers[peer].failed {
+        if self.peers[peer].failed || self.peers[peer].closed {
             return Err(Error::PeerLost {
                 rank: self.rank,
                 peer,
                 op: op.into(),
-                detail: "the connection already failed".into(),
+                detail: if self.peers[peer].closed {
+                    "it closed its communicator (finished)".into()
+                } else {
+                    "the connection already failed".into()
+                },
             });
         }
         Ok(())
@@ -348,7 +357,7 @@ impl TcpTransport {
     fn fail(&mut self, peer: usize, detail: String) {
         let registry = self.poll.registry();
         let p = &mut self.peers[peer];
-        if p.failed {
+        if p.failed || p.closed {
             return;
         }
         p.failed = true;
@@ -436,7 +445,7 @@ impl TcpTransport {
             if !out.writable {
                 return Ok(());
             }
-            if let Ok(Some(e)) | Err(e) = out.stream.take_error().map(|o| o) {
+            if let Ok(Some(e)) | Err(e) = out.stream.take_error() {
                 return Err(format!("connecting to {:?} failed: {e}", p.addr));
             }
             match out.stream.peer_addr() {
@@ -703,9 +712,9 @@ impl TcpTransport {
                     if take > 0 {
                         let src = &c.buf[c.pos..c.pos + take];
                         match dst {
-                            // SAFETY: the communicator gave this buffer (at least `len`
-                            // bytes) to the transport until its token is reported.
                             Dst::User(b, _) => {
+                                // SAFETY: the communicator gave this buffer (at least `len`
+                                // bytes) to the transport until its token is reported.
                                 let dst = unsafe { b.as_mut_slice() };
                                 dst[*got..*got + take].copy_from_slice(src);
                             }
@@ -824,6 +833,21 @@ impl TcpTransport {
                 });
                 self.flush(peer);
             }
+            FrameKind::Bye => {
+                if let Some(mut c) = self.peers[peer].inn.take() {
+                    let _ = self.poll.registry().deregister(&mut c.stream);
+                }
+                let p = &mut self.peers[peer];
+                p.closed = true;
+                p.queue.clear();
+                p.awaiting_cts.clear();
+                p.awaiting_data.clear();
+                p.kept.clear();
+                if let Some(mut out) = p.out.take() {
+                    let _ = self.poll.registry().deregister(&mut out.stream);
+                }
+                self.closed.push(peer);
+            }
             FrameKind::Data => {
                 let dst = match self.peers[peer].awaiting_data.remove(&h.id) {
                     Some(Awaiting::Into(buf, token)) => {
@@ -876,22 +900,23 @@ impl TcpTransport {
     fn check_deadlines(&mut self) {
         let now = Instant::now();
         for slot in 0..self.pending.len() {
-            if let Some(pd) = &self.pending[slot] {
-                if now.duration_since(pd.since) > self.cfg.handshake_timeout {
-                    let why = format!("no hello within {:?}", self.cfg.handshake_timeout);
-                    self.refuse(slot, why);
-                }
+            if let Some(pd) = &self.pending[slot]
+                && now.duration_since(pd.since) > self.cfg.handshake_timeout
+            {
+                let why = format!("no hello within {:?}", self.cfg.handshake_timeout);
+                self.refuse(slot, why);
             }
         }
         for peer in 0..self.peers.len() {
-            if let Some(out) = &self.peers[peer].out {
-                if !out.connected && now.duration_since(out.started) > self.cfg.connect_timeout {
-                    let detail = format!(
-                        "connecting to {:?} took longer than {:?} (host unreachable or firewalled?)",
-                        self.peers[peer].addr, self.cfg.connect_timeout
-                    );
-                    self.fail(peer, detail);
-                }
+            if let Some(out) = &self.peers[peer].out
+                && !out.connected
+                && now.duration_since(out.started) > self.cfg.connect_timeout
+            {
+                let detail = format!(
+                    "connecting to {:?} took longer than {:?} (host unreachable or firewalled?)",
+                    self.peers[peer].addr, self.cfg.connect_timeout
+                );
+                self.fail(peer, detail);
             }
         }
     }
@@ -949,7 +974,7 @@ impl TcpTransport {
                 continue;
             }
             let peer = idx / 2;
-            if idx % 2 == 0 {
+            if idx.is_multiple_of(2) {
                 let Some(out) = self.peers[peer].out.as_mut() else {
                     continue;
                 };
@@ -974,12 +999,41 @@ impl TcpTransport {
                     }
                 }
                 self.flush(peer);
-            } else if let Some(inn) = self.peers[peer].inn.as_mut() {
-                if readable || closed {
-                    inn.readable = true;
-                    self.read_peer(peer, ev);
-                }
+            } else if let Some(inn) = self.peers[peer].inn.as_mut()
+                && (readable || closed)
+            {
+                inn.readable = true;
+                self.read_peer(peer, ev);
             }
+        }
+    }
+}
+
+impl Drop for TcpTransport {
+    /// Says goodbye on every open connection, so peers see a normal end rather than a crash.
+    fn drop(&mut self) {
+        let bye = FrameHeader {
+            kind: FrameKind::Bye,
+            len: 0,
+            id: 0,
+            env: Envelope::default(),
+        }
+        .encode();
+        for p in self.peers.iter_mut() {
+            let Some(out) = p.out.as_mut() else { continue };
+            if p.failed
+                || p.closed
+                || !out.connected
+                || out.hello_sent < HELLO_LEN
+                || !p.queue.is_empty()
+            {
+                continue;
+            }
+            // Best effort, bounded: a peer that stopped reading must not hold us here.
+            let sock = socket2::SockRef::from(&out.stream);
+            let _ = sock.set_nonblocking(false);
+            let _ = sock.set_write_timeout(Some(Duration::from_millis(200)));
+            let _ = out.stream.write_all(&bye);
         }
     }
 }
@@ -1134,6 +1188,10 @@ impl Transport for TcpTransport {
         for token in self.sends_done.drain(..) {
             did = true;
             ev.send_done(token);
+        }
+        for peer in std::mem::take(&mut self.closed) {
+            did = true;
+            ev.peer_closed(peer);
         }
         for (peer, detail) in std::mem::take(&mut self.failures) {
             did = true;

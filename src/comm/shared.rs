@@ -1,0 +1,330 @@
+//! What every communicator of one process shares: the engine, and how threads wait on it.
+//!
+//! There is no I/O thread. A thread that waits for a request becomes the *leader* if
+//! nobody is driving the engine: it polls the transports (spinning briefly, then sleeping
+//! in the transport's kernel wait) and hands results to the other waiting threads, the
+//! *followers*, which sleep (parked) until their request is done or the leader leaves.
+//! Short operations (posting a send or a receive) take the engine lock directly; a leader
+//! asleep in the kernel is woken to let them in.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard};
+
+use super::engine::{Done, Engine, ReqId};
+use super::{CommConfig, Placement};
+use crate::error::{Error, Result};
+use crate::transport::{Transport, Waker};
+
+/// A thread waiting for a request that another thread's progress may complete.
+struct Follower {
+    id: ReqId,
+    thread: Thread,
+    result: Mutex<Option<Result<Done>>>,
+}
+
+/// Longest sleep in one transport wait or park, so deadlines and aborts are seen promptly
+/// even if a wake-up is lost.
+const MAX_SLEEP: Duration = Duration::from_millis(50);
+
+/// The engine of a process and its waiting machinery.
+pub(crate) struct Shared {
+    engine: Mutex<Engine>,
+    /// Threads blocked acquiring the engine for a short operation.
+    contenders: AtomicUsize,
+    followers: Mutex<Vec<Arc<Follower>>>,
+    n_followers: AtomicUsize,
+    wakers: Vec<Waker>,
+    aborted: AtomicBool,
+    abort_reason: Mutex<String>,
+    pub cfg: CommConfig,
+    pub world_rank: usize,
+    pub world_size: usize,
+    pub placement: Placement,
+    /// Kept alive as long as the communicators (e.g. the rendezvous store server).
+    _keep: Vec<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// The engine lock for a short operation; hands leadership on when dropped.
+pub(crate) struct EngineGuard<'a> {
+    guard: Option<MutexGuard<'a, Engine>>,
+    shared: &'a Shared,
+}
+
+impl std::ops::Deref for EngineGuard<'_> {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        self.guard.as_ref().expect("guard is held until drop")
+    }
+}
+
+impl std::ops::DerefMut for EngineGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Engine {
+        self.guard.as_mut().expect("guard is held until drop")
+    }
+}
+
+impl Drop for EngineGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Followers may be waiting for someone to lead.
+        self.shared.wake_one_follower();
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        world_rank: usize,
+        world_size: usize,
+        transports: Vec<Box<dyn Transport>>,
+        route: Vec<u8>,
+        cfg: CommConfig,
+        placement: Placement,
+        keep: Vec<Box<dyn std::any::Any + Send + Sync>>,
+    ) -> Arc<Shared> {
+        let engine = Engine::new(world_rank, transports, route);
+        let wakers = engine.wakers();
+        Arc::new(Shared {
+            engine: Mutex::new(engine),
+            contenders: AtomicUsize::new(0),
+            followers: Mutex::new(Vec::new()),
+            n_followers: AtomicUsize::new(0),
+            wakers,
+            aborted: AtomicBool::new(false),
+            abort_reason: Mutex::new(String::new()),
+            cfg,
+            world_rank,
+            world_size,
+            placement,
+            _keep: keep,
+        })
+    }
+
+    /// Takes the engine for a short operation; a leader asleep in a transport wait is woken
+    /// to hand it over.
+    pub(crate) fn lock(&self) -> EngineGuard<'_> {
+        let guard = match self.engine.try_lock() {
+            Some(g) => g,
+            None => {
+                self.contenders.fetch_add(1, Ordering::SeqCst);
+                self.wake_transports();
+                let g = self.engine.lock();
+                self.contenders.fetch_sub(1, Ordering::SeqCst);
+                g
+            }
+        };
+        let mut g = EngineGuard {
+            guard: Some(guard),
+            shared: self,
+        };
+        self.apply_abort(&mut g);
+        g
+    }
+
+    fn apply_abort(&self, eng: &mut Engine) {
+        if self.aborted.load(Ordering::SeqCst) && eng.fatal().is_none() {
+            eng.abort(Error::Aborted(self.abort_reason.lock().clone()));
+        }
+    }
+
+    fn wake_transports(&self) {
+        for w in &self.wakers {
+            w();
+        }
+    }
+
+    fn wake_one_follower(&self) {
+        if self.n_followers.load(Ordering::SeqCst) > 0
+            && let Some(f) = self.followers.lock().first()
+        {
+            f.thread.unpark();
+        }
+    }
+
+    /// Fails every current and later operation with [`Error::Aborted`].
+    pub(crate) fn abort(&self, reason: &str) {
+        *self.abort_reason.lock() = reason.to_string();
+        self.aborted.store(true, Ordering::SeqCst);
+        self.wake_transports();
+        // Apply it now, so requests nobody waits on fail too, and release the followers.
+        let mut g = self.lock();
+        self.apply_abort(&mut g);
+        self.hand_out(&mut g);
+    }
+
+    /// Gives finished followers their results and wakes them.
+    fn hand_out(&self, eng: &mut Engine) {
+        if self.n_followers.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut followers = self.followers.lock();
+        followers.retain(|f| match eng.take(f.id) {
+            Some(r) => {
+                *f.result.lock() = Some(r);
+                f.thread.unpark();
+                false
+            }
+            None => true,
+        });
+        self.n_followers.store(followers.len(), Ordering::SeqCst);
+    }
+
+    /// Waits for request `id` (up to `timeout`), driving the transports when no other thread
+    /// does.
+    pub(crate) fn wait(&self, id: ReqId, timeout: Option<Duration>) -> Result<Done> {
+        let start = Instant::now();
+        let mut me: Option<Arc<Follower>> = None;
+        loop {
+            if let Some(f) = &me
+                && let Some(r) = f.result.lock().take()
+            {
+                return r;
+            }
+            if let Some(guard) = self.engine.try_lock() {
+                if let Some(f) = me.take() {
+                    self.unfollow(&f);
+                    if let Some(r) = f.result.lock().take() {
+                        drop(guard);
+                        self.wake_one_follower();
+                        return r;
+                    }
+                }
+                if let Some(r) = self.lead(guard, id, start, timeout) {
+                    self.wake_one_follower();
+                    return r;
+                }
+                std::thread::yield_now();
+                continue;
+            }
+            let Some(f) = &me else {
+                // Register, then look at the lock once more before sleeping: the leader may
+                // have left in between.
+                let f = Arc::new(Follower {
+                    id,
+                    thread: std::thread::current(),
+                    result: Mutex::new(None),
+                });
+                let mut list = self.followers.lock();
+                list.push(Arc::clone(&f));
+                self.n_followers.store(list.len(), Ordering::SeqCst);
+                me = Some(f);
+                continue;
+            };
+            let waited = start.elapsed();
+            if let Some(limit) = timeout
+                && waited >= limit
+            {
+                let f = Arc::clone(f);
+                self.unfollow(&f);
+                if let Some(r) = f.result.lock().take() {
+                    return r;
+                }
+                let mut g = self.lock();
+                if let Some(r) = g.take(id) {
+                    return r;
+                }
+                return Err(self.timed_out(&mut g, id, waited));
+            }
+            std::thread::park_timeout(MAX_SLEEP);
+        }
+    }
+
+    fn unfollow(&self, f: &Arc<Follower>) {
+        let mut list = self.followers.lock();
+        list.retain(|x| !Arc::ptr_eq(x, f));
+        self.n_followers.store(list.len(), Ordering::SeqCst);
+    }
+
+    /// Drives the engine until `id` is done (`Some`), or until another thread needs the
+    /// lock (`None`: the caller tries again).
+    fn lead(
+        &self,
+        mut eng: MutexGuard<'_, Engine>,
+        id: ReqId,
+        start: Instant,
+        timeout: Option<Duration>,
+    ) -> Option<Result<Done>> {
+        let mut busy_at = Instant::now();
+        loop {
+            self.apply_abort(&mut eng);
+            if let Some(r) = eng.take(id) {
+                self.hand_out(&mut eng);
+                return Some(r);
+            }
+            match eng.progress() {
+                Ok(true) => busy_at = Instant::now(),
+                Ok(false) => {}
+                Err(e) => eng.abort(e),
+            }
+            // Followers' requests may also have completed when they were posted.
+            self.hand_out(&mut eng);
+            if let Some(r) = eng.take(id) {
+                return Some(r);
+            }
+            let now = Instant::now();
+            let waited = now - start;
+            if let Some(limit) = timeout
+                && waited >= limit
+            {
+                let err = self.timed_out(&mut eng, id, waited);
+                self.hand_out(&mut eng);
+                return Some(Err(err));
+            }
+            if self.contenders.load(Ordering::SeqCst) > 0 {
+                return None;
+            }
+            if now - busy_at < self.cfg.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            let slice = timeout
+                .map_or(MAX_SLEEP, |l| l.saturating_sub(waited))
+                .min(MAX_SLEEP);
+            if let Err(e) = eng.wait(slice) {
+                eng.abort(e);
+                self.hand_out(&mut eng);
+            }
+        }
+    }
+
+    /// The timeout error of request `id`; withdraws it if it can, else fails the engine.
+    fn timed_out(&self, eng: &mut Engine, id: ReqId, waited: Duration) -> Error {
+        let what = eng.describe(id);
+        let err = Error::Timeout {
+            op: format!("{what} on rank {}", self.world_rank),
+            waited,
+            detail: "the peer may be stopped, stuck in other work, or much slower; raise \
+                     FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it is only slow"
+                .into(),
+        };
+        if !eng.cancel(id) {
+            eng.abort(err.clone());
+            let _ = eng.take(id);
+        }
+        err
+    }
+
+    /// Whether `id` completed, driving the transports once.
+    pub(crate) fn test(&self, id: ReqId) -> Result<Option<Done>> {
+        let mut eng = self.lock();
+        if !eng.is_done(id) {
+            if let Err(e) = eng.progress() {
+                eng.abort(e);
+            }
+            self.hand_out(&mut eng);
+        }
+        eng.take(id).transpose()
+    }
+
+    /// Gets rid of request `id` whose owner does not want it any more: withdraws a receive
+    /// not yet matched, waits for anything in flight.
+    pub(crate) fn release(&self, id: ReqId) {
+        let cancelled = self.lock().cancel(id);
+        if !cancelled {
+            let _ = self.wait(id, self.cfg.op_timeout);
+        }
+    }
+}
