@@ -320,7 +320,8 @@ ferrocomm_result ferrocomm_init_url(const char *url,
  *
  * Thread safety: any thread; if another thread is inside a call on the same communicator,
  * that call finishes normally first and the communicator is released when it returns.
- * Does not block.
+ * Does not wait for other ranks (closing the connections of a world takes at most a few
+ * hundred milliseconds per peer that stopped reading).
  *
  * Errors: `INVALID_HANDLE`.
  */

@@ -169,7 +169,8 @@ pub unsafe extern "C" fn ferrocomm_init_url(
 ///
 /// Thread safety: any thread; if another thread is inside a call on the same communicator,
 /// that call finishes normally first and the communicator is released when it returns.
-/// Does not block.
+/// Does not wait for other ranks (closing the connections of a world takes at most a few
+/// hundred milliseconds per peer that stopped reading).
 ///
 /// Errors: `INVALID_HANDLE`.
 #[unsafe(no_mangle)]

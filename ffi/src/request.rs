@@ -234,6 +234,13 @@ pub unsafe extern "C" fn ferrocomm_waitall(
                 format!("NULL with a count of {count}"),
             ));
         }
+        if count > isize::MAX as usize / std::mem::size_of::<*mut ferrocomm_request_t>() {
+            return Err(Fail::invalid(
+                OP,
+                "count",
+                format!("{count} handles do not fit in memory"),
+            ));
+        }
         // SAFETY: `count` readable handles by the caller's contract.
         let hs: Vec<usize> = unsafe { std::slice::from_raw_parts(requests, count) }
             .iter()

@@ -334,6 +334,12 @@ fn bad_arguments_are_errors() {
                 "NULL with a count of 2",
             );
             ok(ferrocomm_waitall(0, null(), null_mut()));
+            let one = [null_mut()];
+            fails(
+                ferrocomm_waitall(usize::MAX, one.as_ptr(), null_mut()),
+                FERROCOMM_ERR_INVALID_ARGUMENT,
+                "do not fit",
+            );
             let mut done: c_int = 0;
             fails(
                 ferrocomm_test(null_mut(), null_mut(), null_mut()),
