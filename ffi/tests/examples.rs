@@ -4,14 +4,14 @@
 //! tests and example; and `scripts/install` into a temporary prefix, then building against
 //! the installed files with and without pkg-config.
 //!
-//! Needs the workspace's `ferrorun` built in the same profile (`cargo build --bins`, as
-//! `scripts/test` does) or named by `FERROCOMM_FERRORUN`. Tools that are missing (valgrind,
+//! The tests build the library and `ferrorun` in their own profile first (a no-op when they
+//! are up to date); `FERROCOMM_FERRORUN` names another launcher. Tools that are missing (valgrind,
 //! python3 with numpy, pkg-config) make a test print that it skipped, or fail under
 //! `FERROCOMM_REQUIRE_ALL=1` (CI).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
 
 /// Upper bound of any one command; far above what any needs (valgrind included).
@@ -35,42 +35,59 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Builds (or checks up to date) the C library and `ferrorun` in this test's profile, once
+/// per test binary: `cargo test` does not build a cdylib for integration tests, and a
+/// library left from an earlier build would test old code.
+fn build_once() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let profile = profile_dir();
+        let name = profile
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug")
+            .to_string();
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root())
+            .args(["build", "--quiet", "-p", "ferrocomm-ffi", "--lib"])
+            .args(["-p", "ferrocomm", "--bin", "ferrorun"]);
+        match name.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        run_ok(cmd);
+    });
+}
+
 /// The directory holding the built C library.
 fn lib_dir() -> PathBuf {
+    build_once();
     let dir = profile_dir();
     for f in ["libferrocomm.so", "libferrocomm.a"] {
         assert!(
             dir.join(f).exists(),
-            "{} is missing: cargo builds it with this package's tests; \
-             run `cargo build -p ferrocomm-ffi` (same profile)",
+            "{} is missing after the build",
             dir.join(f).display()
         );
     }
     dir
 }
 
-/// The `ferrorun` launcher: `FERROCOMM_FERRORUN`, else the one built in this profile, else
-/// in the other profile.
+/// The `ferrorun` launcher: `FERROCOMM_FERRORUN`, else the one built in this profile.
 fn ferrorun() -> PathBuf {
     if let Some(p) = std::env::var_os("FERROCOMM_FERRORUN") {
         return PathBuf::from(p);
     }
-    let here = profile_dir();
-    let mut candidates = vec![here.join("ferrorun")];
-    if let Some(target) = here.parent() {
-        candidates.push(target.join("release/ferrorun"));
-        candidates.push(target.join("debug/ferrorun"));
-    }
-    candidates
-        .iter()
-        .find(|p| p.exists())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "ferrorun not found at {candidates:?}: build it with `cargo build --bins` \
-                 (scripts/test does) or name it in FERROCOMM_FERRORUN"
-            )
-        })
+    build_once();
+    let p = profile_dir().join("ferrorun");
+    assert!(p.exists(), "{} is missing after the build", p.display());
+    p
 }
 
 /// Whether a missing tool may skip a test (not under `FERROCOMM_REQUIRE_ALL=1`).
