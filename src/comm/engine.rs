@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use super::envelope::Env;
+use super::envelope::{Env, KIND_NOTICE};
 use crate::error::{Error, Result};
 use crate::transport::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport};
 
@@ -33,6 +33,9 @@ pub(crate) struct Done {
     pub len: usize,
     /// The message's envelope (receives).
     pub env: Envelope,
+    /// A collective receive that got a message of another call (or a notice) instead: its
+    /// payload was dropped and `env` is the offending message's envelope.
+    pub rejected: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -88,6 +91,8 @@ struct PostedRecv {
     tag: Option<u32>,
     buf: RecvBuf,
     req: ReqId,
+    /// For collective receives: the receiver's own call, which the message must match.
+    expect: Option<Env>,
 }
 
 struct Unexpected {
@@ -105,7 +110,12 @@ struct Core {
     free: Vec<u32>,
     failed: Vec<Option<Error>>,
     fatal: Option<Error>,
+    /// Notices received lately (sender, envelope): collectives given up by a peer.
+    notices: VecDeque<(usize, Envelope)>,
 }
+
+/// Notices remembered for receives posted after they arrived.
+const MAX_NOTICES: usize = 64;
 
 fn id_of(index: u32, generation: u32) -> ReqId {
     ((generation as u64) << 32) | index as u64
@@ -159,6 +169,7 @@ impl Core {
                         peer: 0,
                         len: 0,
                         env: Envelope::default(),
+                        rejected: false,
                     },
                 });
                 (self.slots.len() - 1) as u32
@@ -180,11 +191,45 @@ impl Core {
     fn peer_error(&self, peer: usize) -> Option<&Error> {
         self.failed.get(peer).and_then(Option::as_ref)
     }
+
+    /// A peer gave up the collective with the notice's context and tag: every collective
+    /// receive of it, posted now or later, completes as rejected with the notice.
+    fn notice(&mut self, peer: usize, env: Envelope) {
+        let (ctx, tag) = Env::key(&env);
+        tracing::debug!(rank = self.me, peer, ctx, tag, "collective notice");
+        let mut hit = Vec::new();
+        self.posted.retain(|p| {
+            let h = p.expect.is_some() && p.ctx == ctx && p.tag == Some(tag);
+            if h {
+                hit.push(p.req);
+            }
+            !h
+        });
+        for id in hit {
+            self.finish(
+                id,
+                Ok(Done {
+                    peer,
+                    len: 0,
+                    env,
+                    rejected: true,
+                }),
+            );
+        }
+        if self.notices.len() == MAX_NOTICES {
+            self.notices.pop_front();
+        }
+        self.notices.push_back((peer, env));
+    }
 }
 
 impl Events for Core {
     fn incoming(&mut self, peer: usize, env: &Envelope, len: usize) -> Placement {
         if self.fatal.is_some() {
+            return Placement::Discard;
+        }
+        if Env::kind_of(env) == KIND_NOTICE {
+            self.notice(peer, *env);
             return Placement::Discard;
         }
         let (ctx, tag) = Env::key(env);
@@ -196,13 +241,29 @@ impl Events for Core {
         let Some(slot) = self.slot(p.req) else {
             return Placement::Discard;
         };
+        if let Some(mine) = &p.expect
+            && (p.buf.len < len || !Env::decode(&env).same_call(mine))
+        {
+            slot.state = State::Done(Ok(Done {
+                peer,
+                len,
+                env,
+                rejected: true,
+            }));
+            return Placement::Discard;
+        }
         if p.buf.len < len {
             let err = truncated(&slot.op, p.buf.len, len, peer, tag);
             slot.state = State::Done(Err(err));
             return Placement::Discard;
         }
         slot.state = State::Active;
-        slot.matched = Done { peer, len, env };
+        slot.matched = Done {
+            peer,
+            len,
+            env,
+            rejected: false,
+        };
         Placement::Into(p.buf, p.req)
     }
 
@@ -323,6 +384,7 @@ impl Engine {
                 free: Vec::new(),
                 failed: vec![None; world],
                 fatal: None,
+                notices: VecDeque::new(),
             },
         }
     }
@@ -386,6 +448,7 @@ impl Engine {
                 peer,
                 len: data.len,
                 env: envelope,
+                rejected: false,
             };
         }
         let route = self.route[peer];
@@ -424,6 +487,10 @@ impl Engine {
     /// Posts a receive of a message with context `ctx` from world rank `src` (any when
     /// `None`) with tag `tag` (any when `None`) into `buf`.
     ///
+    /// With `expect` (a collective's own call), a message of another call, a notice, or a
+    /// message larger than `buf` does not fail the receive: it completes as
+    /// [`Done::rejected`] with that message's envelope, and nothing is written to `buf`.
+    ///
     /// # Safety
     /// `buf` must stay valid and unused by anyone else until the request completes, is
     /// cancelled, abandoned by [`Engine::abort`], or this call returns an error.
@@ -433,6 +500,7 @@ impl Engine {
         src: Option<usize>,
         tag: Option<u32>,
         buf: RecvBuf,
+        expect: Option<Env>,
     ) -> Result<ReqId> {
         self.check_usable()?;
         let op = Op {
@@ -445,6 +513,26 @@ impl Engine {
             && s >= self.route.len()
         {
             self.check_peer(s, &op)?;
+        }
+        if expect.is_some()
+            && let Some(t) = tag
+            && let Some(&(peer, env)) = self
+                .core
+                .notices
+                .iter()
+                .find(|(_, e)| Env::key(e) == (ctx, t))
+        {
+            let id = self.core.alloc(State::Active, op);
+            self.core.finish(
+                id,
+                Ok(Done {
+                    peer,
+                    len: 0,
+                    env,
+                    rejected: true,
+                }),
+            );
+            return Ok(id);
         }
         // Messages that arrived before their sender failed can still be received.
         let pos = self.core.unexpected.iter().position(|u| {
@@ -462,6 +550,7 @@ impl Engine {
                 tag,
                 buf,
                 req: id,
+                expect,
             });
             return Ok(id);
         };
@@ -475,6 +564,24 @@ impl Engine {
             Stored::Bytes(v) => v.len(),
             Stored::Remote { len, .. } => *len,
         };
+        if let Some(mine) = &expect
+            && (buf.len < len || !Env::decode(&u.env).same_call(mine))
+        {
+            if let Stored::Remote { handle, .. } = u.msg {
+                self.discard(u.peer, handle);
+            }
+            let id = self.core.alloc(State::Active, op);
+            self.core.finish(
+                id,
+                Ok(Done {
+                    peer: u.peer,
+                    len,
+                    env: u.env,
+                    rejected: true,
+                }),
+            );
+            return Ok(id);
+        }
         if buf.len < len {
             if let Stored::Remote { handle, .. } = u.msg {
                 self.discard(u.peer, handle);
@@ -486,6 +593,7 @@ impl Engine {
             peer: u.peer,
             len,
             env: u.env,
+            rejected: false,
         };
         if let Some(s) = self.core.slot(id) {
             s.matched = done;
