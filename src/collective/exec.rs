@@ -259,10 +259,9 @@ pub(crate) fn run(
         .max()
         .unwrap_or(0)
         .div_ceil(8);
-    let result = ex.drive();
-    let result = match result {
+    let result = match ex.drive() {
         Ok(()) => Ok(()),
-        Err(e) => Err(ex.fail(e)),
+        Err(e) => Err(ex.fail(call.explain(e))),
     };
     // Every request is finished (done, or failed by the engine's abort) here.
     ex.reqs.clear();
@@ -362,6 +361,10 @@ fn expand(sched: &Schedule, elem: usize) -> Vec<Piece> {
 
 impl Exec<'_> {
     fn drive(&mut self) -> Result<()> {
+        if let Some((err, peer)) = self.call.stale(self.comm) {
+            self.forward = Some((NOTICE_MISMATCH, (peer as u32).min(BLAME_NONE)));
+            return Err(err);
+        }
         loop {
             self.issue()?;
             if self.first_open == self.pieces.len() {
@@ -582,7 +585,7 @@ impl Exec<'_> {
                     self.pool.push(v);
                     self.scratch_out -= 1;
                 }
-                return Err(self.call.explain(self.comm, e));
+                return Err(e);
             }
         };
         if is_send {

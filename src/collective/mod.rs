@@ -149,6 +149,9 @@ impl CollOp {
     }
 }
 
+/// Calls remembered per communicator for late mismatch reports.
+const HISTORY: usize = 32;
+
 /// Blamed-rank value of a notice that blames nobody in particular.
 pub(crate) const BLAME_NONE: u32 = 0xF_FFFF;
 
@@ -178,7 +181,7 @@ impl Call {
     ) -> Call {
         let seq = comm.coll_seq.get();
         comm.coll_seq.set(seq.wrapping_add(1));
-        Call {
+        let call = Call {
             op,
             dtype,
             redop,
@@ -187,7 +190,39 @@ impl Call {
             algo,
             seq,
             ctx: comm.ctx + 1,
+        };
+        let mut h = comm.history.borrow_mut();
+        if h.len() == HISTORY {
+            h.pop_front();
         }
+        h.push_back(call.env(0));
+        call
+    }
+
+    /// A mismatch in an earlier call that this rank completed without noticing: a message of
+    /// that call from a peer that this rank never received.
+    pub fn stale(&self, comm: &Communicator) -> Option<(Error, usize)> {
+        let (peer, env) = comm.shared.lock().stale_collective(self.ctx, self.seq)?;
+        let env = Env::decode(&env);
+        let mine = comm
+            .history
+            .borrow()
+            .iter()
+            .find(|e| e.tag == env.tag)
+            .map_or_else(|| String::from("a collective"), Call::describe);
+        let err = Error::CollectiveMismatch {
+            rank: comm.rank(),
+            detail: format!(
+                "call #{} on this rank was {mine}, but {} called {} (a message of it was \
+                 never received here; found when call #{} started); every rank must make the \
+                 same collective calls in the same order with matching arguments",
+                env.tag,
+                Call::who(comm, peer),
+                Call::describe(&env),
+                self.seq,
+            ),
+        };
+        Some((err, peer))
     }
 
     fn env(&self, step: u32) -> Env {
@@ -370,20 +405,21 @@ impl Call {
     }
 
     /// Adds the call to errors that name a point-to-point operation.
-    pub fn explain(&self, _comm: &Communicator, err: Error) -> Error {
+    pub fn explain(&self, err: Error) -> Error {
+        let me = self.describe_mine();
         match err {
             Error::PeerLost {
                 rank,
                 peer,
                 op,
                 detail,
-            } => Error::PeerLost {
+            } if !op.starts_with(&me) => Error::PeerLost {
                 rank,
                 peer,
                 op: format!("{}: {op}", self.describe_mine()),
                 detail,
             },
-            Error::Timeout { op, waited, detail } => Error::Timeout {
+            Error::Timeout { op, waited, detail } if !op.starts_with(&me) => Error::Timeout {
                 op: format!("{}: {op}", self.describe_mine()),
                 waited,
                 detail,

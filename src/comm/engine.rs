@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use super::envelope::{Env, KIND_NOTICE};
+use super::envelope::{Env, KIND_COLL, KIND_NOTICE};
 use crate::error::{Error, Result};
 use crate::transport::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport};
 
@@ -707,6 +707,18 @@ impl Engine {
             .slot(id)
             .map(|s| s.op.to_string())
             .unwrap_or_default()
+    }
+
+    /// A collective message of context `ctx` kept unreceived although its call (tag) is
+    /// older than `seq`: evidence that the sender's call at that point differed from this
+    /// rank's (this rank completed the call without receiving it). Returns the sender and
+    /// the message's envelope.
+    pub fn stale_collective(&self, ctx: u64, seq: u32) -> Option<(usize, Envelope)> {
+        self.core.unexpected.iter().find_map(|u| {
+            let (c, tag) = Env::key(&u.env);
+            let older = (1..=0x7FFF_FFFF).contains(&seq.wrapping_sub(tag));
+            (c == ctx && older && Env::kind_of(&u.env) == KIND_COLL).then_some((u.peer, u.env))
+        })
     }
 
     /// The sticky error, if the engine has failed for good.

@@ -45,7 +45,7 @@ pub(crate) use shared::Shared;
 pub use world::init;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -267,6 +267,8 @@ pub struct Communicator {
     pub(crate) scratch: RefCell<ScratchCache>,
     /// The worker thread of asynchronous collectives, once started.
     pub(crate) worker: RefCell<Option<Worker>>,
+    /// The last collective calls (their envelopes), to name them in late mismatch reports.
+    pub(crate) history: RefCell<VecDeque<Env>>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -294,6 +296,7 @@ impl Communicator {
             groups: RefCell::new(HashMap::new()),
             scratch: RefCell::new(ScratchCache::default()),
             worker: RefCell::new(None),
+            history: RefCell::new(VecDeque::new()),
             _not_sync: PhantomData,
         }
     }
