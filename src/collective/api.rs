@@ -108,7 +108,7 @@ impl Communicator {
 
     /// Reduces `buf` element-wise over every rank, in place: afterwards every rank holds the
     /// same result, bit for bit. The algorithm is chosen automatically (see
-    /// [`select`](super::select)); `FERROCOMM_ALLREDUCE_ALGO` overrides the choice.
+    /// [`crate::collective::select`]); `FERROCOMM_ALLREDUCE_ALGO` overrides the choice.
     ///
     /// ```
     /// use ferrocomm::{Communicator, ReduceOp};

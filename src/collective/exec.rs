@@ -44,11 +44,11 @@ use crate::transport::Token;
 /// Largest piece of a message, in bytes. Large enough that per-message costs (a rendezvous
 /// round trip on TCP) are small against the transfer, small enough that a ring step is cut
 /// into several pieces that overlap.
-pub(crate) const PIECE_BYTES: usize = 256 << 10;
+pub const PIECE_BYTES: usize = 256 << 10;
 /// Sends in flight at once, at most.
-pub(crate) const MAX_SENDS: usize = 16;
+pub const MAX_SENDS: usize = 16;
 /// Receives in flight at once, at most.
-pub(crate) const MAX_RECVS: usize = 16;
+pub const MAX_RECVS: usize = 16;
 /// Scratch pieces (received, not yet combined) at once, at most.
 const MAX_SCRATCH: usize = 16;
 /// How long a failing rank waits for its notices to leave before it fails the engine.

@@ -8,7 +8,7 @@
 //!   the order they were called, on one worker thread per communicator (started by the
 //!   first asynchronous call). Every rank must start the same asynchronous collectives in
 //!   the same order, as for blocking ones; a disagreement is reported as for blocking
-//!   collectives ([`Error::CollectiveMismatch`](crate::Error::CollectiveMismatch)).
+//!   collectives ([`crate::Error::CollectiveMismatch`]).
 //! - **Their own traffic.** The worker uses a communicator of its own, with a context
 //!   derived from this one's (the same on every rank, whenever the worker starts), so its
 //!   messages never mix with the blocking collectives or point-to-point messages the calling

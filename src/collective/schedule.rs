@@ -9,7 +9,7 @@
 //! The same schedule is
 //! - run for real by the executor ([`super::exec`]), which splits large transfers into pieces
 //!   and overlaps them (see there), over any transport;
-//! - run in memory by [`simulate`] (tests), which moves data round by round with no
+//! - run in memory by `simulate` (tests), which moves data round by round with no
 //!   communicator at all;
 //! - costed by [`super::cost`] for thousands of ranks without moving any data.
 //!
@@ -18,7 +18,7 @@
 //! the same range sends the old contents (the receive is then staged in scratch memory),
 //! and a copy listed before a send of its destination is done first. A receive must not be
 //! followed in the same round by an op that reads or writes what it wrote
-//! ([`simulate`] checks this).
+//! (`simulate` checks this).
 
 use std::ops::Range;
 
@@ -257,7 +257,7 @@ pub fn ceil_log2(p: usize) -> u32 {
     }
 }
 
-/// How [`simulate`] combines a received range into the accumulator.
+/// How `simulate` combines a received range into the accumulator.
 #[cfg(test)]
 pub type Combine<T> = dyn Fn(&mut [T], &[T], Order);
 

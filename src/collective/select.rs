@@ -6,13 +6,16 @@
 //!
 //! | condition | algorithm | why |
 //! |---|---|---|
-//! | `n <= 32 KiB`, or fewer elements than ranks | recursive doubling | fewest rounds (`log2 P`); the bytes do not matter yet |
+//! | `n <= 64 KiB`, or fewer elements than ranks | recursive doubling | fewest rounds (`log2 P`); the bytes do not matter yet |
 //! | `P` a power of two | halving-doubling | `2 log2 P` rounds for the optimal `2 (P-1)/P · n` bytes |
-//! | otherwise, `n <= 256 KiB` | halving-doubling | still fewer rounds than the ring; the fold's extra `2n` is cheap |
-//! | otherwise | ring | the fold's extra `2n` bytes cost more than the ring's `2(P-1)` rounds |
+//! | otherwise | halving-doubling or ring, whichever the alpha-beta model ([`MODEL`]) finds faster | the fold costs `2n` more bytes, the ring `2(P - 1) - 2 log2 P'` more rounds |
 //!
-//! The thresholds come from the alpha-beta model with this machine's TCP loopback figures
-//! (about 15 µs per message, 2-4 GB/s) and the benchmarks in `benches/collectives.rs`.
+//! The last rule picks the ring for 3 ranks from 64 KiB, for 6 ranks from about 64 KiB,
+//! for 100 ranks from about 2.5 MiB, and for 4095 ranks only above 100 MiB (8188 rounds
+//! cost more than the fold's bytes). The model's figures are TCP between processes of one
+//! host; the 64 KiB threshold was measured on a 2-core machine with 2-4 ranks over TCP
+//! (`benches/collectives.rs`): recursive doubling was as fast as the others up to 64 KiB
+//! (its messages stay under TCP's eager limit) and halving-doubling ahead from 256 KiB.
 //! `FERROCOMM_ALLREDUCE_ALGO=ring|rhd|rd|auto` overrides the choice for a process, and
 //! [`AllReduceOptions`] for a call. Every rank must choose the same algorithm: the choice is
 //! part of each message's fingerprint, so ranks that disagree get
@@ -30,6 +33,8 @@
 //! | all_to_all | pairwise exchange | pairwise exchange |
 //! | barrier | dissemination | |
 
+use super::allreduce_halving_doubling::Fold;
+use super::cost::Model;
 use super::schedule::Schedule;
 use super::{
     all_gather, all_to_all, allreduce_halving_doubling, allreduce_recursive_doubling,
@@ -297,10 +302,32 @@ impl AllReduceOptions {
 }
 
 /// Messages up to this many bytes use recursive doubling.
-pub const RD_MAX_BYTES: usize = 32 << 10;
-/// For a `P` that is not a power of two, messages up to this many bytes use
-/// halving-doubling, larger ones the ring.
-pub const RHD_MAX_BYTES_FOLDED: usize = 256 << 10;
+pub const RD_MAX_BYTES: usize = 64 << 10;
+
+/// The machine model the automatic all_reduce choice uses between halving-doubling and the
+/// ring when `P` is not a power of two: 15 µs per message, 2 GB/s, reductions at 10 GB/s.
+pub const MODEL: Model = Model {
+    alpha: 15e-6,
+    beta: 1.0 / 2e9,
+    gamma: 1.0 / 10e9,
+};
+
+/// The model time of halving-doubling and of the ring for `p` ranks and `n` bytes, from the
+/// closed forms (see [`super::allreduce_halving_doubling`], [`super::allreduce_ring`]).
+fn model_rhd_ring(p: usize, n: usize) -> (f64, f64) {
+    let fold = Fold::new(p);
+    let (q, f, n) = (fold.p2 as f64, f64::from(u8::from(fold.rem > 0)), n as f64);
+    let levels = f64::from(fold.levels());
+    let m = &MODEL;
+    let rhd = (2.0 * levels + 2.0 * f) * m.alpha
+        + (2.0 * (q - 1.0) / q + 2.0 * f) * n * m.beta
+        + ((q - 1.0) / q + f) * n * m.gamma;
+    let pf = p as f64;
+    let ring = 2.0 * (pf - 1.0) * m.alpha
+        + 2.0 * (pf - 1.0) / pf * n * m.beta
+        + (pf - 1.0) / pf * n * m.gamma;
+    (rhd, ring)
+}
 /// Broadcast and reduce switch from a binomial tree to their two-phase algorithms here.
 pub const TREE_MAX_BYTES: usize = 512 << 10;
 /// all_gather and reduce_scatter switch from the logarithmic algorithms to the ring here.
@@ -309,11 +336,16 @@ pub const LOG_MAX_BYTES: usize = 1 << 20;
 /// The automatic all_reduce choice; see the module documentation.
 pub fn choose_all_reduce(p: usize, count: usize, bytes: usize) -> Algorithm {
     if bytes <= RD_MAX_BYTES || count < p {
-        Algorithm::AllReduceRecursiveDoubling
-    } else if p.is_power_of_two() || bytes <= RHD_MAX_BYTES_FOLDED {
-        Algorithm::AllReduceHalvingDoubling
-    } else {
+        return Algorithm::AllReduceRecursiveDoubling;
+    }
+    if p.is_power_of_two() {
+        return Algorithm::AllReduceHalvingDoubling;
+    }
+    let (rhd, ring) = model_rhd_ring(p, bytes);
+    if ring < rhd {
         Algorithm::AllReduceRing
+    } else {
+        Algorithm::AllReduceHalvingDoubling
     }
 }
 
@@ -398,25 +430,26 @@ mod tests {
 
     #[test]
     fn automatic_choice() {
-        assert_eq!(
-            choose_all_reduce(8, 1, 4),
-            Algorithm::AllReduceRecursiveDoubling
-        );
-        assert_eq!(
-            choose_all_reduce(8, 3, 12 << 20),
-            Algorithm::AllReduceRecursiveDoubling
-        );
-        assert_eq!(
-            choose_all_reduce(8, 1 << 20, 4 << 20),
-            Algorithm::AllReduceHalvingDoubling
-        );
-        assert_eq!(
-            choose_all_reduce(6, 1 << 14, 64 << 10),
-            Algorithm::AllReduceHalvingDoubling
-        );
-        assert_eq!(
-            choose_all_reduce(6, 1 << 20, 4 << 20),
-            Algorithm::AllReduceRing
-        );
+        use Algorithm::*;
+        let c = choose_all_reduce;
+        assert_eq!(c(8, 1, 4), AllReduceRecursiveDoubling);
+        assert_eq!(c(8, 3, 12 << 20), AllReduceRecursiveDoubling);
+        assert_eq!(c(8, 1 << 20, 4 << 20), AllReduceHalvingDoubling);
+        assert_eq!(c(3, 1 << 20, 4 << 20), AllReduceRing);
+        assert_eq!(c(100, 1 << 18, 1 << 20), AllReduceHalvingDoubling);
+        assert_eq!(c(100, 1 << 20, 4 << 20), AllReduceRing);
+        assert_eq!(c(4095, 1 << 24, 64 << 20), AllReduceHalvingDoubling);
+    }
+
+    #[test]
+    fn the_closed_forms_match_the_cost_model() {
+        for p in [3usize, 6, 7, 100] {
+            let n = p * 4096;
+            let (rhd, ring) = model_rhd_ring(p, n);
+            let c = |a| super::super::cost::cost(a, p, n, 1).unwrap().time(&MODEL);
+            let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.max(y);
+            assert!(close(rhd, c(Algorithm::AllReduceHalvingDoubling)), "P={p}");
+            assert!(close(ring, c(Algorithm::AllReduceRing)), "P={p}");
+        }
     }
 }
