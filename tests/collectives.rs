@@ -291,6 +291,35 @@ fn float_results_are_bit_identical_across_ranks() {
     }
 }
 
+/// Nobody leaves a barrier before everybody has entered it (ranks enter in a different
+/// order each time).
+#[test]
+fn no_rank_leaves_a_barrier_before_all_have_entered() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for transport in ["local", "tcp"] {
+        for p in [2usize, 3, 4, 5, 8, 13] {
+            let entered: Vec<AtomicUsize> = (0..10).map(|_| AtomicUsize::new(0)).collect();
+            on_ranks(world(transport, p), |c| {
+                for (round, count) in entered.iter().enumerate() {
+                    // A different late rank each round.
+                    if c.rank() == (round * 7) % p {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    c.barrier().unwrap();
+                    let n = count.load(Ordering::SeqCst);
+                    assert_eq!(
+                        n,
+                        p,
+                        "{transport} P={p}: rank {} left barrier {round} early",
+                        c.rank()
+                    );
+                }
+            });
+        }
+    }
+}
+
 #[test]
 fn invalid_arguments_are_refused_before_anything_is_sent() {
     on_ranks(world("local", 3), |c| {

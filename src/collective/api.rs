@@ -556,7 +556,7 @@ impl Communicator {
     }
 
     /// Blocks until every rank of the communicator has called `barrier`
-    /// ([dissemination](super::barrier), `⌈log2 P⌉` rounds of empty messages).
+    /// ([dissemination](super::barrier), `⌈log2 P⌉` rounds of one-byte messages).
     pub fn barrier(&self) -> Result<()> {
         let call = Call::begin(
             self,

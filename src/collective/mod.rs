@@ -40,7 +40,7 @@
 //! | reduce_scatter | [ring, recursive halving](reduce_scatter) | `P - 1`; `log2 P` | `(P-1) b` |
 //! | gather, scatter | [binomial](gather_scatter) | `⌈log2 P⌉` | root: `(P-1) b` |
 //! | all_to_all | [pairwise](all_to_all) | `P - 1` or `P` | `(P-1) b` |
-//! | barrier | [dissemination](barrier) | `⌈log2 P⌉` | 0 |
+//! | barrier | [dissemination](barrier) | `⌈log2 P⌉` | `⌈log2 P⌉` one-byte tokens |
 //!
 //! The automatic choices, their thresholds and the overrides (`FERROCOMM_ALLREDUCE_ALGO`,
 //! [`AllReduceOptions`]) are in [`select`].
@@ -62,10 +62,14 @@
 //! with an error that names the first rank's reason, and passes the notice on. So when one
 //! rank dies during an all_reduce, its neighbours see [`Error::PeerLost`] within moments
 //! (a closed connection, or the local transport's close) and the others through notices.
-//! Some mismatches exchange no message at all (rank 0 in `reduce` to itself waits for rank
-//! 1, rank 1 in `broadcast` from rank 0 waits for rank 0): those ranks fail with
-//! [`Error::Timeout`] after the operation timeout (`FERROCOMM_OP_TIMEOUT`, "no message of
-//! the collective arrived for that long"). No rank ever waits longer than that.
+//! A rank that only sends in a call (two ranks that both believe they are the root of a
+//! broadcast) can finish it before any evidence reaches it: the other call's message is then
+//! found unreceived when a later collective starts on this communicator, and that
+//! collective fails with [`Error::CollectiveMismatch`] naming the earlier calls. Some
+//! mismatches exchange no message at all (rank 0 in `reduce` to itself waits for rank 1,
+//! rank 1 in `broadcast` from rank 0 waits for rank 0): those ranks fail with
+//! [`Error::Timeout`] after the operation timeout (`FERROCOMM_OP_TIMEOUT`: no message of the
+//! collective arrived for that long). No rank ever waits longer than that.
 //!
 //! A failed collective fails the process's engine with its error (like NCCL's
 //! communicator abort): the transports forget every buffer still in flight, so the call can

@@ -222,8 +222,8 @@ impl Schedule {
                     ));
                 }
             }
-            if let Op::Recv { buf: Buf::In, .. } = s.op {
-                return Err(format!("round {}: receive into the input", s.round));
+            if let Op::Recv { buf: Buf::In, .. } | Op::Copy { dst: Buf::In, .. } = s.op {
+                return Err(format!("round {}: writes into the input", s.round));
             }
         }
         Ok(())

@@ -192,6 +192,40 @@ impl Core {
         self.failed.get(peer).and_then(Option::as_ref)
     }
 
+    /// Completes posted receive `p` with a kept small message `data`.
+    fn deliver_kept(&mut self, p: PostedRecv, peer: usize, env: Envelope, data: &[u8]) {
+        let len = data.len();
+        let Some(slot) = self.slot(p.req) else {
+            return;
+        };
+        let (_, tag) = Env::key(&env);
+        slot.state = State::Done(
+            if let Some(mine) = &p.expect
+                && (p.buf.len < len || !Env::decode(&env).same_call(mine))
+            {
+                Ok(Done {
+                    peer,
+                    len,
+                    env,
+                    rejected: true,
+                })
+            } else if p.buf.len < len {
+                Err(truncated(&slot.op, p.buf.len, len, peer, tag))
+            } else {
+                // SAFETY: a posted receive's buffer is valid and ours until its request
+                // completes, which is now (`Engine::recv`'s contract); it holds `len` bytes.
+                let dst = unsafe { p.buf.as_mut_slice() };
+                dst[..len].copy_from_slice(data);
+                Ok(Done {
+                    peer,
+                    len,
+                    env,
+                    rejected: false,
+                })
+            },
+        );
+    }
+
     /// A peer gave up the collective with the notice's context and tag: every collective
     /// receive of it, posted now or later, completes as rejected with the notice.
     fn notice(&mut self, peer: usize, env: Envelope) {
@@ -268,9 +302,23 @@ impl Events for Core {
     }
 
     fn stored(&mut self, peer: usize, env: Envelope, msg: Stored) {
-        if self.fatal.is_none() {
-            self.unexpected.push_back(Unexpected { peer, env, msg });
+        if self.fatal.is_some() {
+            return;
         }
+        // The payload of a small message arrives after its header was announced (and kept):
+        // a receive posted in between is in the posted queue now, and takes it. (No older
+        // matching message can be unexpected: that receive would have taken it.) A large
+        // message is kept at the sender, announced and stored in one step: nothing can be
+        // posted in between.
+        if let Stored::Bytes(data) = &msg {
+            let (ctx, tag) = Env::key(&env);
+            if let Some(pos) = self.posted.iter().position(|p| matches(p, peer, ctx, tag)) {
+                let p = self.posted.remove(pos).expect("position is in range");
+                self.deliver_kept(p, peer, env, data);
+                return;
+            }
+        }
+        self.unexpected.push_back(Unexpected { peer, env, msg });
     }
 
     fn recv_done(&mut self, token: Token) {
