@@ -10,6 +10,12 @@
 //! never overtake each other. A message that arrives before its receive is kept in the
 //! unexpected queue (small ones whole, large ones still at the sender, see the transport
 //! contract).
+//!
+//! A kept message takes its place in the unexpected queue as soon as its header arrives,
+//! even while its payload is still being read: a receive posted in the meantime claims it
+//! (and gets the payload when it is complete) instead of waiting for a later message, so a
+//! receive can neither hang on a message that was already on its way nor see messages out
+//! of order.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -93,7 +99,22 @@ struct PostedRecv {
 struct Unexpected {
     peer: usize,
     env: Envelope,
-    msg: Stored,
+    /// Length announced by the header.
+    len: usize,
+    /// `None` while the payload is still arriving.
+    msg: Option<Stored>,
+    /// A receive that matched the message while its payload was arriving.
+    claim: Claim,
+}
+
+/// Who takes a kept message once its payload is complete.
+enum Claim {
+    /// Nobody yet: the next matching receive.
+    Open,
+    /// This receive (its request is active; the buffer holds at least `len` bytes).
+    Recv(RecvBuf, ReqId),
+    /// Nobody: a receive matched it but was too small; drop it.
+    Drop,
 }
 
 /// Matching state; receives the transports' events.
@@ -189,6 +210,14 @@ impl Events for Core {
         }
         let (ctx, tag) = Env::key(env);
         let Some(pos) = self.posted.iter().position(|p| matches(p, peer, ctx, tag)) else {
+            // Its place in the queue is taken now; `stored` fills it in.
+            self.unexpected.push_back(Unexpected {
+                peer,
+                env: *env,
+                len,
+                msg: None,
+                claim: Claim::Open,
+            });
             return Placement::Keep;
         };
         let p = self.posted.remove(pos).expect("position is in range");
@@ -207,8 +236,52 @@ impl Events for Core {
     }
 
     fn stored(&mut self, peer: usize, env: Envelope, msg: Stored) {
-        if self.fatal.is_none() {
-            self.unexpected.push_back(Unexpected { peer, env, msg });
+        if self.fatal.is_some() {
+            return;
+        }
+        let Some(pos) = self
+            .unexpected
+            .iter()
+            .position(|u| u.peer == peer && u.msg.is_none() && u.env == env)
+        else {
+            // No header seen (a transport that reports whole messages only).
+            let len = match &msg {
+                Stored::Bytes(v) => v.len(),
+                Stored::Remote { len, .. } => *len,
+            };
+            self.unexpected.push_back(Unexpected {
+                peer,
+                env,
+                len,
+                msg: Some(msg),
+                claim: Claim::Open,
+            });
+            return;
+        };
+        let u = &mut self.unexpected[pos];
+        match (&u.claim, msg) {
+            (Claim::Open, msg) => u.msg = Some(msg),
+            (Claim::Recv(buf, id), Stored::Bytes(v)) => {
+                let (buf, id) = (*buf, *id);
+                let done = Done {
+                    peer,
+                    len: v.len(),
+                    env,
+                };
+                self.unexpected.remove(pos);
+                // SAFETY: the claiming receive is active, so its buffer is still valid and
+                // reserved for this message; it holds at least `len` bytes (checked when it
+                // claimed the message).
+                let dst = unsafe { buf.as_mut_slice() };
+                dst[..v.len()].copy_from_slice(&v);
+                self.finish(id, Ok(done));
+            }
+            (Claim::Drop, Stored::Bytes(_)) => {
+                self.unexpected.remove(pos);
+            }
+            // Still at the sender: `Engine::progress` fetches or discards it (a transport
+            // cannot be called from inside its own events).
+            (_, msg @ Stored::Remote { .. }) => u.msg = Some(msg),
         }
     }
 
@@ -289,9 +362,10 @@ impl Events for Core {
                 s.state = State::Done(Err(for_op(&err, &s.op)));
             }
         }
-        // Large messages still at the dead sender can never be fetched.
+        // Large messages still at the dead sender can never be fetched, nor can payloads
+        // it had not finished sending.
         self.unexpected
-            .retain(|u| !(u.peer == peer && matches!(u.msg, Stored::Remote { .. })));
+            .retain(|u| !(u.peer == peer && matches!(u.msg, None | Some(Stored::Remote { .. }))));
     }
 }
 
@@ -449,7 +523,10 @@ impl Engine {
         // Messages that arrived before their sender failed can still be received.
         let pos = self.core.unexpected.iter().position(|u| {
             let (c, t) = Env::key(&u.env);
-            c == ctx && src.is_none_or(|s| s == u.peer) && tag.is_none_or(|x| x == t)
+            matches!(u.claim, Claim::Open)
+                && c == ctx
+                && src.is_none_or(|s| s == u.peer)
+                && tag.is_none_or(|x| x == t)
         });
         let Some(pos) = pos else {
             if let Some(s) = src {
@@ -465,18 +542,37 @@ impl Engine {
             });
             return Ok(id);
         };
+        if self.core.unexpected[pos].msg.is_none() {
+            // Its payload is still arriving: claim it.
+            let u = &mut self.core.unexpected[pos];
+            let (peer, len, env) = (u.peer, u.len, u.env);
+            if buf.len < len {
+                u.claim = Claim::Drop;
+                let (_, t) = Env::key(&env);
+                return Err(truncated(&op, buf.len, len, peer, t));
+            }
+            let id = self.core.alloc(State::Active, op);
+            if let Some(s) = self.core.slot(id) {
+                s.matched = Done { peer, len, env };
+            }
+            self.core.unexpected[pos].claim = Claim::Recv(buf, id);
+            return Ok(id);
+        }
         let u = self
             .core
             .unexpected
             .remove(pos)
             .expect("position is in range");
+        let Some(msg) = u.msg else {
+            unreachable!("checked above that the payload is complete")
+        };
         let (_, t) = Env::key(&u.env);
-        let len = match &u.msg {
+        let len = match &msg {
             Stored::Bytes(v) => v.len(),
             Stored::Remote { len, .. } => *len,
         };
         if buf.len < len {
-            if let Stored::Remote { handle, .. } = u.msg {
+            if let Stored::Remote { handle, .. } = msg {
                 self.discard(u.peer, handle);
             }
             return Err(truncated(&op, buf.len, len, u.peer, t));
@@ -490,7 +586,7 @@ impl Engine {
         if let Some(s) = self.core.slot(id) {
             s.matched = done;
         }
-        match u.msg {
+        match msg {
             Stored::Bytes(v) => {
                 // SAFETY: `buf` is valid and ours (caller's contract) and holds `len` bytes.
                 let dst = unsafe { buf.as_mut_slice() };
@@ -527,7 +623,38 @@ impl Engine {
         for t in self.transports.iter_mut() {
             did |= t.progress(&mut self.core)?;
         }
+        self.settle_claims();
         Ok(did)
+    }
+
+    /// Fetches (or discards) large messages that were claimed before the transport reported
+    /// them as stored.
+    fn settle_claims(&mut self) {
+        while let Some(pos) = self.core.unexpected.iter().position(|u| {
+            matches!(u.msg, Some(Stored::Remote { .. })) && !matches!(u.claim, Claim::Open)
+        }) {
+            let Some(u) = self.core.unexpected.remove(pos) else {
+                break;
+            };
+            let Some(Stored::Remote { handle, len }) = u.msg else {
+                continue;
+            };
+            match u.claim {
+                Claim::Recv(buf, id) => {
+                    let route = self.route[u.peer];
+                    let dst = RecvBuf { ptr: buf.ptr, len };
+                    // SAFETY: the claiming receive is active, so its buffer stays valid until
+                    // the transport reports the token; it holds at least `len` bytes.
+                    let fetched =
+                        unsafe { self.transports[route as usize].fetch(u.peer, handle, dst, id) };
+                    if let Err(e) = fetched {
+                        self.core.finish(id, Err(e));
+                    }
+                }
+                Claim::Drop => self.discard(u.peer, handle),
+                Claim::Open => {}
+            }
+        }
     }
 
     /// Blocks until a transport may have something to do, at most `timeout`.
