@@ -26,8 +26,9 @@
 //! - `loop`: init, `INFO`, then exchanges messages (1 MiB by default) with both ring
 //!   neighbours over and over, checking every word, printing `LOOPING` after a few rounds.
 //!   Rank 0 ends the loop once the file `FERROCOMM_ITEST_STOP_FILE` exists (the decision
-//!   travels with the messages, so every rank does the same number of rounds), then a
-//!   barrier and `LOOPDONE`. Gives up after `FERROCOMM_ITEST_MAX_SECS` (default 80).
+//!   travels with the messages, so every rank does the same number of rounds), prints
+//!   `LOOPDONE`, sends a word to rank + 2 and receives one from rank - 2, passes a barrier
+//!   and prints `FINISHED`. Gives up after `FERROCOMM_ITEST_MAX_SECS` (default 80).
 //! - `init`: only `ferrocomm::init()` (for argument and timeout errors).
 //!
 //! A failing role prints `RANKERR rank=R: <error> [<Debug of the error>]` on stderr, one
@@ -628,11 +629,19 @@ fn exchange_loop() -> Result<(), Vec<String>> {
         }
         round += 1;
     }
-    comm.barrier().map_err(fail)?;
     println!(
         "LOOPDONE rank={me} rounds={} hwm_kib={}",
         round + 1,
         peak_memory_kib()
     );
+    if n > 2 {
+        // One word to rank + 2 (sent first: it cannot block, it fits the eager limit), one
+        // from rank - 2: the only use of those pairs (see the impostor test).
+        comm.send(&[me as u64], (me + 2) % n, 5).map_err(fail)?;
+        let mut word = [0u64];
+        comm.recv(&mut word, (me + n - 2) % n, 5u32).map_err(fail)?;
+    }
+    comm.barrier().map_err(fail)?;
+    println!("FINISHED rank={me}");
     Ok(())
 }
