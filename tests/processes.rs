@@ -325,12 +325,19 @@ fn a_rank_killed_mid_transfer_without_a_launcher() {
     }
 }
 
+/// Variables set, the error variant expected, and what its message must say.
+type Case = (
+    &'static [(&'static str, &'static str)],
+    &'static str,
+    &'static [&'static str],
+);
+
 #[test]
 fn wrong_arguments_in_the_environment_fail_at_once_naming_them() {
     // Every process is rank 0 of a world of 2 whose rank 1 never comes, with a rendezvous
     // timeout far above the test's limit: a setting checked only after the rendezvous would
     // hang the process (and fail the test) instead of failing at once.
-    let cases: &[(&[(&str, &str)], &str, &[&str])] = &[
+    let cases: &[Case] = &[
         (
             &[("RANK", "2")],
             "InvalidArgument",
