@@ -255,6 +255,12 @@ fn a_rank_killed_mid_transfer_under_ferrorun() {
     // the first failure) does not kill them before they notice the loss themselves: what
     // they print shows that the transport reports the dead peer. ferrorun's SIGKILL after
     // the grace period would still end them; they exit on their own long before.
+    //
+    // They also wait a second before exiting. A survivor notices the loss within
+    // microseconds and can become a zombie before the SIGKILLed rank does (its teardown is
+    // not faster): ferrorun, which can only tell which child it saw end first, would then
+    // report the survivor. Real programs rarely exit that fast; the test wants to check
+    // the report of the dead rank, not that race.
     let mut job = Proc::start(
         "ferrorun",
         ferrorun(
@@ -266,7 +272,11 @@ fn a_rank_killed_mid_transfer_under_ferrorun() {
                 "60",
             ],
             "loop",
-            &[(common::IGNORE_SIGTERM, "1"), (common::MAX_SECS, "80")],
+            &[
+                (common::IGNORE_SIGTERM, "1"),
+                (common::LINGER_MS, "1000"),
+                (common::MAX_SECS, "80"),
+            ],
         ),
     );
     job.wait_for("3 ranks looping", |o| count(o, "LOOPING") == 3);

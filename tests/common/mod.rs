@@ -32,7 +32,8 @@
 //! - `init`: only `ferrocomm::init()` (for argument and timeout errors).
 //!
 //! A failing role prints `RANKERR rank=R: <error> [<Debug of the error>]` on stderr, one
-//! line per error, and `MEM rank=R hwm_kib=N` (its peak resident memory), and exits 1.
+//! line per error, and `MEM rank=R hwm_kib=N` (its peak resident memory), waits
+//! `FERROCOMM_ITEST_LINGER_MS` (default 0) and exits 1.
 #![allow(dead_code)] // every test file uses a different part of this module
 
 use std::collections::BTreeMap;
@@ -61,6 +62,8 @@ pub const MSG_BYTES: &str = "FERROCOMM_ITEST_MSG_BYTES";
 pub const MAX_SECS: &str = "FERROCOMM_ITEST_MAX_SECS";
 /// Set to `1`: the rank ignores SIGTERM (see the killed-rank test under ferrorun).
 pub const IGNORE_SIGTERM: &str = "FERROCOMM_ITEST_IGNORE_SIGTERM";
+/// Milliseconds a failing rank waits after printing its errors before it exits.
+pub const LINGER_MS: &str = "FERROCOMM_ITEST_LINGER_MS";
 
 /// True when tests that cannot run here must fail instead of skipping (CI).
 pub fn require_all() -> bool {
@@ -415,6 +418,7 @@ pub fn rank_main() {
                 eprintln!("RANKERR rank={rank}: {e}");
             }
             eprintln!("MEM rank={rank} hwm_kib={}", peak_memory_kib());
+            std::thread::sleep(Duration::from_millis(env_num(LINGER_MS, 0)));
             1
         }
     };
