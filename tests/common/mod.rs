@@ -472,7 +472,7 @@ fn published_tcp(rank: usize) -> String {
 fn print_info(comm: &Communicator) {
     println!(
         "INFO rank={} size={} local_rank={} local_size={} node={} host={} tcp={} pid={} \
-         env_node_rank={} job={}",
+         env_node_rank={} job={} spin_us={}",
         comm.rank(),
         comm.size(),
         comm.local_rank(),
@@ -483,6 +483,7 @@ fn print_info(comm: &Communicator) {
         std::process::id(),
         std::env::var("NODE_RANK").unwrap_or_else(|_| "-".into()),
         std::env::var("FERROCOMM_JOB_ID").unwrap_or_else(|_| "default".into()),
+        comm.config().spin.as_micros(),
     );
 }
 
