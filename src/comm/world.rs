@@ -70,8 +70,21 @@ impl InitOptions {
         let lookup = &config::process_env;
         let plan = self.resolve()?;
         let choice = transport_choice(lookup)?;
+        // Every setting is checked before joining: a malformed one fails this process at
+        // once, instead of after the other ranks have waited for it in the rendezvous (or
+        // in the first barrier, where they would see it as a lost peer).
+        let tcp_cfg = TcpConfig::from_env()?;
+        CommConfig::from_env(1)?;
         let ip = listen_ip(&plan, lookup)?;
-        let listener = tcp::bind(ip)?;
+        let listener = tcp::bind(ip).map_err(|e| match lookup("FERROCOMM_SOCKET_IFADDR") {
+            // The address came from the user: say which setting to fix.
+            Some(v) if !v.trim().is_empty() => Error::config(
+                "FERROCOMM_SOCKET_IFADDR",
+                v,
+                format!("cannot listen on it (is it an address of this host?): {e}"),
+            ),
+            _ => e,
+        })?;
         let addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the TCP listener's address", e))?;
@@ -103,7 +116,7 @@ impl InitOptions {
             crate::wire::job_hash(&boot.job_id),
             listener,
             peers,
-            TcpConfig::from_env()?,
+            tcp_cfg,
         )?;
         let transports: Vec<Box<dyn Transport>> = vec![Box::new(tcp)];
         let route = vec![0u8; boot.world_size];

@@ -670,8 +670,25 @@ impl TcpTransport {
 
     /// Reads everything `peer` has sent so far.
     fn read_peer(&mut self, peer: usize, ev: &mut dyn Events) {
-        if let Err(detail) = self.try_read_peer(peer, ev) {
-            self.fail(peer, detail);
+        match self.try_read_peer(peer, ev) {
+            Ok(()) => {}
+            Err(ReadFault::Lost(detail)) => self.fail(peer, detail),
+            Err(ReadFault::Violation(detail)) => {
+                // Logged now: the operations that will fail may come much later (or never),
+                // and the address tells an impostor from a buggy peer.
+                let from = self.peers[peer]
+                    .inn
+                    .as_ref()
+                    .and_then(|c| c.stream.peer_addr().ok())
+                    .map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+                tracing::warn!(
+                    rank = self.rank,
+                    peer,
+                    %from,
+                    "closing the connections of rank {peer}: it broke the protocol: {detail}"
+                );
+                self.fail(peer, format!("broke the protocol: {detail}"));
+            }
         }
     }
 
@@ -679,7 +696,7 @@ impl TcpTransport {
         &mut self,
         peer: usize,
         ev: &mut dyn Events,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), ReadFault> {
         let max_eager = self.cfg.eager_limit as u64;
         let max_message = self.cfg.max_message;
         loop {
@@ -696,16 +713,18 @@ impl TcpTransport {
                         c.end -= c.pos;
                         c.pos = 0;
                         let end = c.end;
-                        match fill(&mut c.stream, &mut c.buf[end..])? {
+                        match fill(&mut c.stream, &mut c.buf[end..]).map_err(ReadFault::Lost)? {
                             Some(n) => c.end += n,
                             None => c.readable = false,
                         }
                         continue;
                     }
                     let h = FrameHeader::decode(&c.buf[c.pos..c.end], max_eager, max_message)
-                        .map_err(|e| format!("sent a bad frame header: {e}"))?;
+                        .map_err(|e| {
+                            ReadFault::Violation(format!("sent a bad frame header: {e}"))
+                        })?;
                     c.pos += FRAME_HEADER_LEN;
-                    self.on_header(peer, h, ev)?;
+                    self.on_header(peer, h, ev).map_err(ReadFault::Violation)?;
                 }
                 Rx::Payload { dst, len, got } => {
                     let take = (c.end - c.pos).min(*len - *got);
@@ -751,14 +770,14 @@ impl TcpTransport {
                         _ => None,
                     };
                     if let Some(target) = direct {
-                        match fill(&mut c.stream, target)? {
+                        match fill(&mut c.stream, target).map_err(ReadFault::Lost)? {
                             Some(n) => *got += n,
                             None => c.readable = false,
                         }
                     } else {
                         c.pos = 0;
                         c.end = 0;
-                        match fill(&mut c.stream, &mut c.buf[..])? {
+                        match fill(&mut c.stream, &mut c.buf[..]).map_err(ReadFault::Lost)? {
                             Some(n) => c.end = n,
                             None => c.readable = false,
                         }
@@ -1038,12 +1057,21 @@ impl Drop for TcpTransport {
     }
 }
 
+/// Why reading from a peer's connection stopped.
+enum ReadFault {
+    /// The connection ended or broke: the peer exited or crashed, or the network failed.
+    Lost(String),
+    /// The peer sent bytes that break the protocol (a bad header, an impossible length, an
+    /// unknown message id).
+    Violation(String),
+}
+
 /// Reads into `buf`: `Some(n)` bytes (n > 0), `None` when nothing is available; end of
 /// stream and errors are failures of the peer.
 fn fill(stream: &mut TcpStream, buf: &mut [u8]) -> std::result::Result<Option<usize>, String> {
     loop {
         match stream.read(buf) {
-            Ok(0) => return Err("closed the connection".into()),
+            Ok(0) => return Err("closed the connection (its process exited or crashed)".into()),
             Ok(n) => return Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
