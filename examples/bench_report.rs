@@ -859,7 +859,10 @@ fn notes(d: &Data, w: &mut String) {
     let mut groups: BTreeMap<(String, String, String, String), Vec<String>> = BTreeMap::new();
     for v in &d.runs {
         let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-        let where_ = match (s("transport").as_str(), v.get("ranks").and_then(Value::as_u64)) {
+        let where_ = match (
+            s("transport").as_str(),
+            v.get("ranks").and_then(Value::as_u64),
+        ) {
             ("all", _) => "every transport".to_string(),
             (t, Some(0) | None) => t.to_string(),
             (t, Some(r)) => format!("{t} {r} ranks"),
