@@ -122,12 +122,12 @@ pub(super) fn verbs_peers(me: usize, peers: &[PeerInfo]) -> Vec<bool> {
         .collect()
 }
 
+/// A connected verbs transport and, per rank, whether it reaches that rank.
+pub(super) type Connected = (Box<dyn Transport>, Vec<bool>);
+
 /// After the join: the verbs transport connected to every peer that uses it, and which
 /// peers those are; `None` when no peer does.
-pub(super) fn connect(
-    prep: Option<Prepared>,
-    boot: &Bootstrap,
-) -> Result<Option<(Box<dyn Transport>, Vec<bool>)>> {
+pub(super) fn connect(prep: Option<Prepared>, boot: &Bootstrap) -> Result<Option<Connected>> {
     let Some(prep) = prep else {
         return Ok(None);
     };

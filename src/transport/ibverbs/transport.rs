@@ -708,10 +708,7 @@ impl IbvTransport {
         if p.failed || p.closed {
             return Ok(());
         }
-        loop {
-            let Some(front) = p.queue.front_mut() else {
-                break;
-            };
+        while let Some(front) = p.queue.front_mut() {
             if p.sq_free == 0 {
                 break;
             }
@@ -917,11 +914,12 @@ impl IbvTransport {
             return;
         };
         w.pending = w.pending.saturating_sub(1);
-        if w.pending == 0 && w.posted {
-            if let Some(w) = p.writes.remove(&id) {
-                drop(self.reg.release(&w.key));
-                self.sends_done.push(w.token);
-            }
+        if w.pending == 0
+            && w.posted
+            && let Some(w) = p.writes.remove(&id)
+        {
+            drop(self.reg.release(&w.key));
+            self.sends_done.push(w.token);
         }
     }
 
@@ -1319,13 +1317,22 @@ fn post_message(
 ) -> std::result::Result<(), String> {
     let total = HEADER_LEN + bytes.len();
     if inline {
-        let mut tmp = [0u8; 1024];
-        tmp[..HEADER_LEN].copy_from_slice(head);
-        tmp[HEADER_LEN..total].copy_from_slice(bytes);
-        let sge = Sge {
-            addr: tmp.as_ptr() as u64,
-            len: total as u32,
+        // Header and payload as two elements: the provider copies both into the work
+        // request, so the payload is copied once, straight from the user's buffer.
+        let mut sges = [Sge {
+            addr: head.as_ptr() as u64,
+            len: HEADER_LEN as u32,
             lkey: 0,
+        }; 2];
+        let n = if bytes.is_empty() {
+            1
+        } else {
+            sges[1] = Sge {
+                addr: bytes.as_ptr() as u64,
+                len: bytes.len() as u32,
+                lkey: 0,
+            };
+            2
         };
         let wr = WrId {
             kind: WrKind::SendInline,
@@ -1333,9 +1340,9 @@ fn post_message(
             index: 0,
         }
         .encode();
-        // SAFETY: inline data is copied into the work request during the call; tmp lives
-        // across it.
-        unsafe { p.qp.post_send(wr, &[sge], SendOp::Send, true) }.map_err(|e| e.to_string())?;
+        // SAFETY: inline data is copied into the work request during the call; the header
+        // and the payload live across it.
+        unsafe { p.qp.post_send(wr, &sges[..n], SendOp::Send, true) }.map_err(|e| e.to_string())?;
     } else {
         let slot = p.send_free.pop().ok_or("internal error: no send buffer")?;
         let off = (p.slot_base + slot as usize) * slot_size;
