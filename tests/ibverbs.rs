@@ -107,14 +107,27 @@ fn my_rank() -> Option<usize> {
 
 /// Runs `body` on every rank of an `n`-rank world; asserts every rank succeeded.
 fn world(name: &str, n: usize, env: &[(&str, &str)], body: fn(&Communicator)) {
+    world_over(name, n, env, "ibverbs", body)
+}
+
+/// [`world`], expecting every peer to be reached over `transport`.
+fn world_over(
+    name: &str,
+    n: usize,
+    env: &[(&str, &str)],
+    transport: &str,
+    body: fn(&Communicator),
+) {
     if my_rank().is_some() {
-        let comm = ferrocomm::init().expect("init over ibverbs");
+        let comm = ferrocomm::init().expect("init");
         for peer in (0..comm.size()).filter(|&p| p != comm.rank()) {
-            assert_eq!(comm.transport_to(peer).unwrap(), "ibverbs", "peer {peer}");
+            assert_eq!(comm.transport_to(peer).unwrap(), transport, "peer {peer}");
         }
         body(&comm);
         comm.barrier().expect("final barrier");
-        return;
+        drop(comm);
+        // A rank runs one world and ends (a test may start several worlds in turn).
+        std::process::exit(0);
     }
     if device().is_none() {
         return;
@@ -450,6 +463,92 @@ fn closed_peer_is_not_a_crash() {
     }
     let st = spawn_world(name, 2, &[]);
     assert!(st.iter().all(ExitStatus::success), "{st:?}");
+}
+
+/// `auto` between ranks of one host uses TCP (verbs is for other hosts, unless forced),
+/// even with a device; so does `auto` when the named device does not exist.
+#[test]
+fn auto_picks_tcp_on_one_host_and_without_a_device() {
+    fn ping(c: &Communicator) {
+        let mut x = [c.rank() as u32];
+        let other = 1 - c.rank();
+        c.sendrecv(&[c.rank() as u32], other, 1, &mut x, other, 1u32)
+            .unwrap();
+        assert_eq!(x[0] as usize, other);
+    }
+    world_over(
+        "auto_picks_tcp_on_one_host_and_without_a_device",
+        2,
+        &[("FERROCOMM_TRANSPORT", "auto")],
+        "tcp",
+        ping,
+    );
+    world_over(
+        "auto_picks_tcp_on_one_host_and_without_a_device",
+        2,
+        &[
+            ("FERROCOMM_TRANSPORT", "auto"),
+            ("FERROCOMM_IB_DEVICE", "nosuch0"),
+        ],
+        "tcp",
+        ping,
+    );
+}
+
+/// Forcing verbs with a device that does not exist is an error that names it.
+#[test]
+fn forced_verbs_without_the_device_is_an_error() {
+    if my_rank().is_some() {
+        let Err(err) = ferrocomm::init() else {
+            panic!("no device: init must fail");
+        };
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config { .. }), "{err:?}");
+        assert!(
+            text.contains("nosuch0") && text.contains("ibverbs"),
+            "{text}"
+        );
+        return;
+    }
+    if device().is_none() {
+        return;
+    }
+    let st = spawn_world(
+        "forced_verbs_without_the_device_is_an_error",
+        1,
+        &[("FERROCOMM_IB_DEVICE", "nosuch0")],
+    );
+    assert!(st[0].success(), "{st:?}");
+}
+
+/// A rank blocked in a receive sleeps (completion channel) instead of spinning: over 3 s
+/// of waiting it uses far less than 3 s of CPU.
+#[test]
+fn idle_wait_sleeps() {
+    world("idle_wait_sleeps", 2, &[], |c| {
+        let mut x = [0u8; 8];
+        if c.rank() == 0 {
+            let cpu = || {
+                // SAFETY: getrusage fills the zeroed struct we pass.
+                let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+                unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+                let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+                t(ru.ru_utime) + t(ru.ru_stime)
+            };
+            let (before, start) = (cpu(), Instant::now());
+            c.recv(&mut x, 1, 5u32).unwrap();
+            let (used, waited) = (cpu() - before, start.elapsed());
+            eprintln!("waited {waited:.2?}, used {used:.3} s of CPU");
+            assert!(waited >= Duration::from_secs(2), "{waited:?}");
+            assert!(
+                used < waited.as_secs_f64() / 2.0,
+                "{used} s of CPU in {waited:?}"
+            );
+        } else {
+            std::thread::sleep(Duration::from_secs(3));
+            c.send(&x, 0, 5).unwrap();
+        }
+    });
 }
 
 /// The verbs wrapper alone: two queue pairs of one device connected to each other; send,

@@ -835,17 +835,16 @@ impl IbvTransport {
                 }
             }
         }
-        if p.credits.wants_credit_message() && p.sq_free > 0 {
+        let inline = HEADER_LEN <= self.max_inline;
+        if p.credits.wants_credit_message() && p.sq_free > 0 && (inline || !p.send_free.is_empty())
+        {
             let credits = p.credits.consume(Class::Ctl);
             let head = Header {
                 msg: Msg::Credit,
                 credits,
             }
             .encode();
-            let inline = HEADER_LEN <= self.max_inline;
-            if inline || !p.send_free.is_empty() {
-                post_message(p, peer, &self.send_pool, self.slot_size, &head, &[], inline)?;
-            }
+            post_message(p, peer, &self.send_pool, self.slot_size, &head, &[], inline)?;
         }
         Ok(())
     }
@@ -1565,11 +1564,13 @@ impl Drop for IbvTransport {
             let Some(Some(p)) = self.peers.get_mut(peer) else {
                 continue;
             };
+            let inline = HEADER_LEN <= self.max_inline;
             if p.failed
                 || p.closed
                 || !p.queue.is_empty()
                 || p.sq_free == 0
                 || !p.credits.can_send(Class::Data)
+                || (!inline && p.send_free.is_empty())
             {
                 continue;
             }
@@ -1579,10 +1580,6 @@ impl Drop for IbvTransport {
                 credits,
             }
             .encode();
-            let inline = HEADER_LEN <= self.max_inline;
-            if !inline && p.send_free.is_empty() {
-                continue;
-            }
             if post_message(p, peer, &self.send_pool, self.slot_size, &head, &[], inline).is_ok() {
                 expect += 1;
             }
