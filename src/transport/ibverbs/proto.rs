@@ -519,8 +519,9 @@ impl WrId {
 /// (`capacity == 0`) a registration lives only while transfers use it and is dropped
 /// (deregistered) after the last one completes: always correct. With
 /// `FERROCOMM_IB_REG_CACHE=<bytes>` idle registrations are kept, like Open MPI's
-/// `mpi_leave_pinned`: for programs that keep their communication buffers alive (or call
-/// [`RegCache::invalidate`] through the transport before freeing one).
+/// `mpi_leave_pinned`: for programs that keep their communication buffers alive (code that
+/// drives the transport directly can call [`RegCache::invalidate`] through it before
+/// freeing one).
 pub struct RegCache<R> {
     entries: HashMap<RegKey, Entry<R>>,
     capacity: usize,
