@@ -18,6 +18,9 @@ use crate::transport::ibverbs::proto::{IbConfig, PortInfo};
 
 /// The key of a rank's port in its published addresses.
 pub(super) const ADDR_KEY: &str = "ibverbs";
+/// Starts a rank's queue pair entry when it could not make its transport (the reason follows).
+#[cfg_attr(not(feature = "ibverbs"), allow(dead_code))]
+const FAILED: &str = "failed: ";
 /// The key of its liveness listener.
 #[cfg_attr(not(feature = "ibverbs"), allow(dead_code))]
 const WATCH_KEY: &str = "ibverbs-watch";
@@ -159,7 +162,17 @@ pub(super) fn connect(prep: Option<Prepared>, boot: &Bootstrap) -> Result<Option
         use crate::transport::ibverbs::IbvTransport;
         use crate::transport::ibverbs::proto::QpInfo;
         let rank = boot.rank;
-        let mut t = IbvTransport::new(prep.dev, rank, &use_verbs, prep.cfg)?;
+        let mut t = match IbvTransport::new(prep.dev, rank, &use_verbs, prep.cfg) {
+            Ok(t) => t,
+            Err(e) => {
+                // Tell the peers at once rather than let them wait for the timeout.
+                let _ = boot.store.set(
+                    &format!("ibverbs/qp/{rank}"),
+                    format!("{FAILED}{e}").as_bytes(),
+                );
+                return Err(e);
+            }
+        };
         let (_, qps) = t.local_info();
         let text: Vec<String> = qps.iter().map(QpInfo::encode).collect();
         boot.store
@@ -171,6 +184,14 @@ pub(super) fn connect(prep: Option<Prepared>, boot: &Bootstrap) -> Result<Option
                 .store
                 .get(&format!("ibverbs/qp/{peer}"), boot.timeout)?;
             let text = String::from_utf8_lossy(&raw);
+            if let Some(why) = text.strip_prefix(FAILED) {
+                return Err(Error::PeerLost {
+                    rank,
+                    peer,
+                    op: "connecting the verbs transport".into(),
+                    detail: format!("it could not set up its verbs transport: {why}"),
+                });
+            }
             let qp = text
                 .lines()
                 .filter_map(QpInfo::decode)
