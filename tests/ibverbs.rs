@@ -531,6 +531,7 @@ fn idle_wait_sleeps() {
             let cpu = || {
                 // SAFETY: getrusage fills the zeroed struct we pass.
                 let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+                // SAFETY: ru is a valid, writable rusage.
                 unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
                 let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
                 t(ru.ru_utime) + t(ru.ru_stime)
@@ -591,7 +592,7 @@ fn verbs_wrapper_loopback() {
     let all = verbs::access::LOCAL_WRITE | verbs::access::REMOTE_WRITE | verbs::access::REMOTE_READ;
     let abuf = pd.alloc_registered(4096, all).unwrap();
     let bbuf = pd.alloc_registered(4096, all).unwrap();
-    // SAFETY (test): no request uses the buffers while they are filled.
+    // SAFETY: no request uses the buffers while they are filled.
     unsafe {
         abuf.slice_mut(0, 4096).copy_from_slice(&pattern(4096, 1));
         bbuf.slice_mut(0, 4096).fill(0);
@@ -630,6 +631,8 @@ fn verbs_wrapper_loopback() {
     // SAFETY: the receive completed; nothing writes bbuf now.
     assert_eq!(unsafe { bbuf.slice(0, 100) }, &pattern(4096, 1)[..100]);
     // RDMA write with immediate into bbuf[1024..2048].
+    // SAFETY: abuf is registered and live; the target range of bbuf was granted (its rkey)
+    // and nothing else uses it until the completion is polled.
     unsafe {
         a.post_send(
             11,
@@ -649,8 +652,10 @@ fn verbs_wrapper_loopback() {
         r.ok() && r.is_write_imm() && r.imm == Some(0xfeed_beef),
         "{r:?}"
     );
+    // SAFETY: the write completed; nothing writes bbuf now.
     assert_eq!(unsafe { bbuf.slice(1024, 1024) }, &pattern(4096, 1)[..1024]);
     // RDMA read of bbuf[1024..1536] into abuf[2048..].
+    // SAFETY: abuf[2048..2560] is registered and unused until the read completes.
     unsafe {
         a.post_send(
             12,
@@ -665,8 +670,10 @@ fn verbs_wrapper_loopback() {
     }
     let wcs = wait(1);
     assert!(wcs[0].ok(), "{wcs:?}");
+    // SAFETY: the read completed; nothing writes abuf now.
     assert_eq!(unsafe { abuf.slice(2048, 512) }, &pattern(4096, 1)[..512]);
     // A write with a key nobody granted: a remote access error, by name.
+    // SAFETY: abuf is registered and live; a wrong rkey makes the peer refuse the write.
     unsafe {
         a.post_send(
             13,
@@ -685,6 +692,7 @@ fn verbs_wrapper_loopback() {
     eprintln!("bad key: {text}");
     assert!(text.contains("error"), "{text}");
     // The queue pair is now in the error state: another request is flushed, not lost.
+    // SAFETY: abuf is registered and live; the request is flushed, never executed.
     unsafe {
         a.post_send(14, &[abuf.sge(0, 8)], verbs::SendOp::Send, false)
             .unwrap();
