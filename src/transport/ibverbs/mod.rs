@@ -3,7 +3,7 @@
 //! It keeps the [transport contract](crate::transport) over reliable-connected (RC) queue
 //! pairs. [`proto`] (always compiled, no verbs) holds the protocol logic and its unit
 //! tests; `verbs` (feature `ibverbs`) is the only code that calls libibverbs; `transport`
-//! (feature `ibverbs`) is [`IbvTransport`]. docs/ibverbs.md compares the design with
+//! (feature `ibverbs`) is `IbvTransport`. docs/ibverbs.md compares the design with
 //! NCCL's and UCX's.
 //!
 //! # Connections
