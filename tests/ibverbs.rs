@@ -440,6 +440,39 @@ fn killed_peer_fails_operations() {
     assert!(!st[1].success(), "the killed rank: {:?}", st[1]);
 }
 
+/// A rank that aborts its communicator but lives on: the other's receive fails at once
+/// (the aborting side closes its liveness connections), it does not wait for the timeout.
+#[test]
+fn aborted_peer_fails_operations() {
+    let name = "aborted_peer_fails_operations";
+    if let Some(rank) = my_rank() {
+        let comm = ferrocomm::init().expect("init");
+        comm.barrier().unwrap();
+        if rank == 1 {
+            comm.abort("test: giving up");
+            std::thread::sleep(Duration::from_secs(5));
+            return;
+        }
+        let start = Instant::now();
+        let mut buf = [0u8; 4];
+        let err = comm
+            .recv_timeout(&mut buf, 1, 3u32, Some(Duration::from_secs(60)))
+            .expect_err("the peer gave up");
+        assert!(matches!(err, Error::PeerLost { peer: 1, .. }), "{err:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            start.elapsed()
+        );
+        return;
+    }
+    if device().is_none() {
+        return;
+    }
+    let st = spawn_world(name, 2, &[]);
+    assert!(st.iter().all(ExitStatus::success), "{st:?}");
+}
+
 /// A rank that finishes normally says goodbye: the other's receive fails as "closed".
 #[test]
 fn closed_peer_is_not_a_crash() {

@@ -582,17 +582,7 @@ impl IbvTransport {
         // What the peer sent before it went is in the completion queue: handle it first.
         self.poll_all(ev)?;
         for (peer, bye, how) in gone {
-            if let Some(w) = self.watches[peer].take() {
-                // SAFETY: removing an open descriptor from our epoll set.
-                unsafe {
-                    libc::epoll_ctl(
-                        self.epoll.as_raw_fd(),
-                        libc::EPOLL_CTL_DEL,
-                        w.stream.as_raw_fd(),
-                        std::ptr::null_mut(),
-                    )
-                };
-            }
+            self.unwatch(peer);
             let Some(Some(p)) = self.peers.get_mut(peer) else {
                 continue;
             };
@@ -605,8 +595,9 @@ impl IbvTransport {
                 continue;
             }
             let detail = format!(
-                "its process is gone (its liveness connection {how} without a goodbye); its \
-                 queue pair is now in the error state, verbs status of its requests: {}",
+                "its process is gone or it gave up on this rank (its liveness connection {how} \
+                 without a goodbye); its queue pair is now in the error state, verbs status of \
+                 its requests: {}",
                 verbs::status_str(FLUSH_STATUS)
             );
             self.fail(peer, detail);
@@ -685,8 +676,26 @@ impl IbvTransport {
         for k in keys {
             drop(self.reg.release(&k));
         }
+        // Closing the liveness connection (without a goodbye) tells the peer at once that
+        // this side gave up on it, so it does not wait on a queue pair that is now dead.
+        self.unwatch(peer);
         tracing::debug!(rank = self.rank, peer, "verbs peer failed: {detail}");
         self.failures.push((peer, detail));
+    }
+
+    /// Stops watching `peer` and closes its liveness connection.
+    fn unwatch(&mut self, peer: usize) {
+        if let Some(w) = self.watches.get_mut(peer).and_then(Option::take) {
+            // SAFETY: removing an open descriptor from our epoll set.
+            unsafe {
+                libc::epoll_ctl(
+                    self.epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_DEL,
+                    w.stream.as_raw_fd(),
+                    std::ptr::null_mut(),
+                )
+            };
+        }
     }
 
     fn recv_slot(&self, peer: &Peer, i: u32) -> (usize, Sge) {
