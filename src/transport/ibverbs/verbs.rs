@@ -676,7 +676,8 @@ impl Wc {
 }
 
 impl Cq {
-    /// Polls up to `out.len()` completions into `out`; returns how many.
+    /// Polls up to `max` completions (at most 32 per call) and appends them to `out`;
+    /// returns how many.
     pub fn poll(&self, out: &mut Vec<Wc>, max: usize) -> Result<usize> {
         const BATCH: usize = 32;
         // SAFETY: ibv_wc is plain data; all-zero is valid.
