@@ -1423,8 +1423,8 @@ impl Transport for IbvTransport {
     unsafe fn fetch(&mut self, peer: usize, handle: u64, dst: RecvBuf, token: Token) -> Result<()> {
         self.check_peer(peer, "recv")?;
         let id = handle as u32;
-        let len = match self.peers.get_mut(peer) {
-            Some(Some(p)) => p.kept.remove(&id),
+        let len = match self.peers.get(peer) {
+            Some(Some(p)) => p.kept.get(&id).copied(),
             _ => None,
         }
         .ok_or_else(|| {
@@ -1440,6 +1440,9 @@ impl Transport for IbvTransport {
                 "buffer",
                 format!("{} bytes for a message of {len}", dst.len),
             ));
+        }
+        if let Some(Some(p)) = self.peers.get_mut(peer) {
+            p.kept.remove(&id);
         }
         self.start_recv(peer, id, len, dst, token);
         self.flush(peer);
