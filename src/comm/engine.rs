@@ -22,7 +22,9 @@ use std::fmt;
 
 use super::envelope::Env;
 use crate::error::{Error, Result};
-use crate::transport::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport};
+use crate::transport::{
+    Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, WaitFd,
+};
 
 /// Identifies a request: slot index in the low 32 bits, the slot's generation above.
 pub(crate) type ReqId = Token;
@@ -662,8 +664,15 @@ impl Engine {
         match self.transports.len() {
             0 => Ok(()),
             1 => self.transports[0].wait(timeout),
-            // Several transports cannot share one kernel wait; take turns briefly.
+            // Several transports: one poll(2) over their descriptors when they all have
+            // one, else take turns briefly.
             n => {
+                if let Some(fds) = self.wait_fds()? {
+                    if !fds.is_empty() {
+                        poll_fds(&fds, timeout)?;
+                    }
+                    return Ok(());
+                }
                 let slice = (timeout / n as u32).min(std::time::Duration::from_millis(1));
                 for t in self.transports.iter_mut() {
                     t.wait(slice)?;
@@ -671,6 +680,20 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    /// Every transport's wait descriptor; `Some(empty)` when one has work now, `None`
+    /// when one has no descriptor.
+    fn wait_fds(&mut self) -> Result<Option<Vec<std::os::fd::RawFd>>> {
+        let mut fds = Vec::with_capacity(self.transports.len());
+        for t in self.transports.iter_mut() {
+            match t.wait_fd()? {
+                WaitFd::Ready => return Ok(Some(Vec::new())),
+                WaitFd::Fd(fd) => fds.push(fd),
+                WaitFd::Unsupported => return Ok(None),
+            }
+        }
+        Ok(Some(fds))
     }
 
     /// The result of `id` if it is complete (the request is then released).
@@ -752,4 +775,27 @@ impl Engine {
             }
         }
     }
+}
+
+/// Sleeps until one of `fds` is readable or `timeout` passes.
+fn poll_fds(fds: &[std::os::fd::RawFd], timeout: std::time::Duration) -> Result<()> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
+    // SAFETY: pfds is a valid array of pfds.len() pollfd entries for the call's duration.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(Error::io("waiting on the transports (poll)", e));
+        }
+    }
+    Ok(())
 }

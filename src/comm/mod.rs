@@ -36,6 +36,7 @@
 
 mod engine;
 pub(crate) mod envelope;
+mod ibverbs_setup;
 mod shared;
 mod world;
 

@@ -1255,6 +1255,20 @@ impl Transport for TcpTransport {
         Ok(())
     }
 
+    fn wait_fd(&mut self) -> Result<super::WaitFd> {
+        if self.events_pending
+            || !self.sends_done.is_empty()
+            || !self.failures.is_empty()
+            || self.listener_ready
+        {
+            return Ok(super::WaitFd::Ready);
+        }
+        // The epoll descriptor is readable while it has events ready; `progress` takes them.
+        Ok(super::WaitFd::Fd(std::os::fd::AsRawFd::as_raw_fd(
+            &self.poll,
+        )))
+    }
+
     fn waker(&self) -> Waker {
         let w = Arc::clone(&self.waker);
         Arc::new(move || {
