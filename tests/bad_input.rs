@@ -6,11 +6,12 @@
 //! the job's own traffic (1 MiB messages, every word checked) is undisturbed.
 //!
 //! A connection whose hello is valid for the job (right job id and world size) and names
-//! a rank that has not connected yet *is* that rank as far as the receiver can tell (there
-//! is no job secret yet: `Hello::nonce` is reserved for one). If it then breaks the protocol,
-//! the receiver closes both connections of that rank and fails every operation with it
-//! (`PeerLost`, "broke the protocol: ..."), logging the address the bytes came from; other
-//! pairs go on. `an_impostor_breaks_only_the_pair_it_claims` pins that down.
+//! a rank that has not connected yet *is* that rank as far as the receiver can tell, unless
+//! the job has a secret (see the authentication tests). If it then breaks the protocol, the
+//! receiver closes that rank's connection and fails every operation with it (`PeerLost`,
+//! "broke the protocol: ..."), logging the address the bytes came from; other pairs go on.
+//! A hello naming a rank that is already connected is refused. The test
+//! `an_impostor_breaks_only_the_pair_it_claims` pins both down.
 
 mod common;
 
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 use common::{Proc, count, ferrorun, free_port, num, records};
 use ferrocomm::rendezvous::protocol::{self, Request};
 use ferrocomm::rendezvous::{Store, TcpStore};
-use ferrocomm::wire::{Envelope, FrameHeader, FrameKind, Hello, job_hash};
+use ferrocomm::wire::{Envelope, FrameHeader, FrameKind, Hello, HelloKind, job_hash};
 
 #[test]
 fn rank_entry_point() {
@@ -34,6 +35,7 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(40);
 
 fn hello(job: &str, world: u32, rank: u32) -> Vec<u8> {
     Hello {
+        kind: HelloKind::Request,
         job: job_hash(job),
         world,
         rank,
@@ -236,10 +238,11 @@ fn strangers_on_a_transport_port_are_refused_and_the_job_goes_on() {
 
 #[test]
 fn an_impostor_breaks_only_the_pair_it_claims() {
-    // Five ranks exchange with their ring neighbours (distance 1); the barrier of init has
-    // rank r receive from r-1, r-2 and r-4 = r+1. So rank r never hears from rank r+2: an
-    // impostor can claim to be rank r+2 at rank r, and the ring traffic does not involve
-    // that pair. After the loop, rank r sends a word to rank r+2 (first thing): that fails.
+    // Nine ranks exchange with their ring neighbours (distance 1); the barrier of init
+    // connects each rank with those at distance 1, 2 and 4 (mod 9: also 5, 7 and 8). So
+    // ranks at distance 3 are not connected: an impostor can claim to be rank r+3 at rank r,
+    // and the ring traffic does not involve that pair. After the loop, rank r sends a word
+    // to rank r+3 (first thing): that fails. Impostors claiming a connected rank are refused.
     let dir = tempfile::tempdir().expect("tempdir");
     let stop = dir.path().join("stop");
     let mut job = Proc::start(
@@ -247,7 +250,7 @@ fn an_impostor_breaks_only_the_pair_it_claims() {
         ferrorun(
             &[
                 "--nproc-per-node",
-                "5",
+                "9",
                 "--tag-output",
                 "--grace-period",
                 "60",
@@ -256,52 +259,56 @@ fn an_impostor_breaks_only_the_pair_it_claims() {
             &[
                 (common::STOP_FILE, stop.to_str().expect("utf-8 path")),
                 (common::MSG_BYTES, "262144"),
+                (common::FAR, "3"),
+                // Ranks at distance 3 from a failed one wait on a pair that never
+                // connected: they give up after this instead of the grace period.
+                ("FERROCOMM_OP_TIMEOUT", "5"),
                 // Each rank runs until it fails by itself: ferrorun's SIGTERM after the
                 // first failure would hide what the others report.
                 (common::IGNORE_SIGTERM, "1"),
             ],
         ),
     );
-    job.wait_for("5 ranks looping", |o| count(o, "LOOPING") == 5);
-    let (addrs, job_id) = addrs_and_job(&job.stdout(), 5);
+    job.wait_for("9 ranks looping", |o| count(o, "LOOPING") == 9);
+    let (addrs, job_id) = addrs_and_job(&job.stdout(), 9);
     let eager_limit = 64 * 1024u64;
     let max_message = 1u64 << 42;
 
-    // Rank 0, "from rank 2": an eager frame longer than the eager limit.
+    // Rank 0, "from rank 3": an eager frame longer than the eager limit.
     let mut a = connect_and_send(
         addrs[0],
-        &[hello(&job_id, 5, 2), header(FrameKind::Eager, 1 << 20, 0)].concat(),
+        &[hello(&job_id, 9, 3), header(FrameKind::Eager, 1 << 20, 0)].concat(),
     );
     let a_from = a.local_addr().expect("local address");
-    // Rank 1, "from rank 3": an announcement of 2^60 bytes, above any message.
+    // Rank 1, "from rank 4": an announcement of 2^60 bytes, above any message.
     let mut b = connect_and_send(
         addrs[1],
-        &[hello(&job_id, 5, 3), header(FrameKind::Rts, 1 << 60, 1)].concat(),
+        &[hello(&job_id, 9, 4), header(FrameKind::Rts, 1 << 60, 1)].concat(),
     );
-    // Rank 3, "from rank 0": a well-formed announcement of 2 TiB that nobody asks for. It
-    // is kept as an announcement: nothing is allocated for it.
-    let c = connect_and_send(
+    // Rank 3, "from rank 4" (its ring neighbour, connected): refused, whatever follows.
+    let mut c = connect_and_send(
         addrs[3],
-        &[hello(&job_id, 5, 0), header(FrameKind::Rts, 1 << 41, 1)].concat(),
+        &[hello(&job_id, 9, 4), header(FrameKind::Rts, 1 << 41, 1)].concat(),
     );
-    // Rank 4, "from rank 1": a frame cut off in its header, and then silence.
-    let d = connect_and_send(
-        addrs[4],
+    // Rank 5, "from rank 6" (connected): refused, a frame cut off in its header or not.
+    let mut d = connect_and_send(
+        addrs[5],
         &[
-            hello(&job_id, 5, 1),
+            hello(&job_id, 9, 6),
             header(FrameKind::Eager, 8, 0)[..20].to_vec(),
         ]
         .concat(),
     );
     assert_closed("the oversized eager frame", &mut a);
     assert_closed("the absurd announcement", &mut b);
+    assert_closed("a second connection claiming rank 4", &mut c);
+    assert_closed("a second connection claiming rank 6", &mut d);
 
     std::fs::write(&stop, b"").expect("stop file");
     let f = job.finish();
-    drop((c, d));
     // The loop (ring neighbours, 256 KiB messages, every word checked) was undisturbed.
     let done = f.records("LOOPDONE");
-    assert_eq!(done.len(), 5, "every rank finished the loop: {f:?}");
+    assert_eq!(done.len(), 9, "every rank finished the loop: {f:?}");
     assert!(
         done.iter()
             .all(|r| num(r, "rounds") == num(&done[0], "rounds")),
@@ -322,10 +329,7 @@ fn an_impostor_breaks_only_the_pair_it_claims() {
             .unwrap_or_else(|| panic!("rank {rank} printed no {needle:?}: {f:?}"))
             .to_string()
     };
-    let warned = line(
-        0,
-        "closing the connections of rank 2: it broke the protocol",
-    );
+    let warned = line(0, "closing the connection of rank 3: it broke the protocol");
     assert!(
         warned.contains(&format!(
             "frame length {} exceeds the limit of {eager_limit} bytes",
@@ -335,22 +339,27 @@ fn an_impostor_breaks_only_the_pair_it_claims() {
     );
     let err0 = line(0, "RANKERR");
     assert!(
-        err0.contains("rank 0: lost peer rank 2 during send")
+        err0.contains("rank 0: lost peer rank 3 during send")
             && err0.contains("broke the protocol: sent a bad frame header"),
         "{err0}"
     );
-    line(
-        1,
-        "closing the connections of rank 3: it broke the protocol",
-    );
+    line(1, "closing the connection of rank 4: it broke the protocol");
     let err1 = line(1, "RANKERR");
     assert!(
-        err1.contains("rank 1: lost peer rank 3 during send")
+        err1.contains("rank 1: lost peer rank 4 during send")
             && err1.contains(&format!(
                 "frame length {} exceeds the limit of {max_message} bytes",
                 1u64 << 60
             )),
         "{err1}"
+    );
+    line(
+        3,
+        "refused a transport connection: rank 4 is already connected",
+    );
+    line(
+        5,
+        "refused a transport connection: rank 6 is already connected",
     );
     for mem in records(&f.stderr, "MEM") {
         assert!(num(&mem, "hwm_kib") < 256 * 1024, "{mem:?}");

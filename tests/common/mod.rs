@@ -27,7 +27,8 @@
 //!   neighbours over and over, checking every word, printing `LOOPING` after a few rounds.
 //!   Rank 0 ends the loop once the file `FERROCOMM_ITEST_STOP_FILE` exists (the decision
 //!   travels with the messages, so every rank does the same number of rounds), prints
-//!   `LOOPDONE`, sends a word to rank + 2 and receives one from rank - 2, passes a barrier
+//!   `LOOPDONE`, sends a word to rank + far and receives one from rank - far
+//!   (`FERROCOMM_ITEST_FAR`, default 2), passes a barrier
 //!   and prints `FINISHED`. Gives up after `FERROCOMM_ITEST_MAX_SECS` (default 80).
 //! - `init`: only `ferrocomm::init()` (for argument and timeout errors).
 //!
@@ -60,6 +61,8 @@ pub const STOP_FILE: &str = "FERROCOMM_ITEST_STOP_FILE";
 pub const MSG_BYTES: &str = "FERROCOMM_ITEST_MSG_BYTES";
 /// `loop`: seconds after which the loop gives up (default 80).
 pub const MAX_SECS: &str = "FERROCOMM_ITEST_MAX_SECS";
+/// `loop`: the distance of the pairs used once after the loop (default 2).
+pub const FAR: &str = "FERROCOMM_ITEST_FAR";
 /// Set to `1`: the rank ignores SIGTERM (see the killed-rank test under ferrorun).
 pub const IGNORE_SIGTERM: &str = "FERROCOMM_ITEST_IGNORE_SIGTERM";
 /// Milliseconds a failing rank waits after printing its errors before it exits.
@@ -639,12 +642,17 @@ fn exchange_loop() -> Result<(), Vec<String>> {
         round + 1,
         peak_memory_kib()
     );
-    if n > 2 {
-        // One word to rank + 2 (sent first: it cannot block, it fits the eager limit), one
-        // from rank - 2: the only use of those pairs (see the impostor test).
-        comm.send(&[me as u64], (me + 2) % n, 5).map_err(fail)?;
+    let far: usize = std::env::var(FAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    if n > far && far > 0 {
+        // One word to rank + far (sent first: it cannot block, it fits the eager limit),
+        // one from rank - far: the only use of those pairs (see the impostor test).
+        comm.send(&[me as u64], (me + far) % n, 5).map_err(fail)?;
         let mut word = [0u64];
-        comm.recv(&mut word, (me + n - 2) % n, 5u32).map_err(fail)?;
+        comm.recv(&mut word, (me + n - far) % n, 5u32)
+            .map_err(fail)?;
     }
     comm.barrier().map_err(fail)?;
     println!("FINISHED rank={me}");
