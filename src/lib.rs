@@ -28,6 +28,7 @@
 pub mod collective;
 pub mod comm;
 mod config;
+pub mod ddp;
 pub mod element;
 pub mod error;
 pub mod launch;

@@ -36,6 +36,7 @@
 
 mod engine;
 pub(crate) mod envelope;
+mod ibverbs_setup;
 mod shared;
 mod split;
 mod world;
@@ -135,9 +136,12 @@ impl CommConfig {
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<CommConfig> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let spin = match config::parse_var(lookup, "FERROCOMM_SPIN_US", "microseconds", |v| {
-            v.parse::<u64>().ok()
-        })? {
+        let spin = match config::parse_var(
+            lookup,
+            "FERROCOMM_SPIN_US",
+            "a whole number of microseconds, e.g. 50 (0: never spin)",
+            |v| v.parse::<u64>().ok(),
+        )? {
             Some(us) => Duration::from_micros(us),
             None if local_ranks > cores => Duration::ZERO,
             None => Duration::from_micros(50),
