@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use super::envelope::Env;
+use super::envelope::{Env, KIND_COLL, KIND_NOTICE};
 use crate::error::{Error, Result};
 use crate::transport::{
     Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, WaitFd,
@@ -41,6 +41,9 @@ pub(crate) struct Done {
     pub len: usize,
     /// The message's envelope (receives).
     pub env: Envelope,
+    /// A collective receive that got a message of another call (or a notice) instead: its
+    /// payload was dropped and `env` is the offending message's envelope.
+    pub rejected: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -96,6 +99,8 @@ struct PostedRecv {
     tag: Option<u32>,
     buf: RecvBuf,
     req: ReqId,
+    /// For collective receives: the receiver's own call, which the message must match.
+    expect: Option<Env>,
 }
 
 struct Unexpected {
@@ -128,7 +133,12 @@ struct Core {
     free: Vec<u32>,
     failed: Vec<Option<Error>>,
     fatal: Option<Error>,
+    /// Notices received lately (sender, envelope): collectives given up by a peer.
+    notices: VecDeque<(usize, Envelope)>,
 }
+
+/// Notices remembered for receives posted after they arrived.
+const MAX_NOTICES: usize = 64;
 
 fn id_of(index: u32, generation: u32) -> ReqId {
     ((generation as u64) << 32) | index as u64
@@ -182,6 +192,7 @@ impl Core {
                         peer: 0,
                         len: 0,
                         env: Envelope::default(),
+                        rejected: false,
                     },
                 });
                 (self.slots.len() - 1) as u32
@@ -203,11 +214,45 @@ impl Core {
     fn peer_error(&self, peer: usize) -> Option<&Error> {
         self.failed.get(peer).and_then(Option::as_ref)
     }
+
+    /// A peer gave up the collective with the notice's context and tag: every collective
+    /// receive of it, posted now or later, completes as rejected with the notice.
+    fn notice(&mut self, peer: usize, env: Envelope) {
+        let (ctx, tag) = Env::key(&env);
+        tracing::debug!(rank = self.me, peer, ctx, tag, "collective notice");
+        let mut hit = Vec::new();
+        self.posted.retain(|p| {
+            let h = p.expect.is_some() && p.ctx == ctx && p.tag == Some(tag);
+            if h {
+                hit.push(p.req);
+            }
+            !h
+        });
+        for id in hit {
+            self.finish(
+                id,
+                Ok(Done {
+                    peer,
+                    len: 0,
+                    env,
+                    rejected: true,
+                }),
+            );
+        }
+        if self.notices.len() == MAX_NOTICES {
+            self.notices.pop_front();
+        }
+        self.notices.push_back((peer, env));
+    }
 }
 
 impl Events for Core {
     fn incoming(&mut self, peer: usize, env: &Envelope, len: usize) -> Placement {
         if self.fatal.is_some() {
+            return Placement::Discard;
+        }
+        if Env::kind_of(env) == KIND_NOTICE {
+            self.notice(peer, *env);
             return Placement::Discard;
         }
         let (ctx, tag) = Env::key(env);
@@ -227,13 +272,29 @@ impl Events for Core {
         let Some(slot) = self.slot(p.req) else {
             return Placement::Discard;
         };
+        if let Some(mine) = &p.expect
+            && (p.buf.len < len || !Env::decode(&env).same_call(mine))
+        {
+            slot.state = State::Done(Ok(Done {
+                peer,
+                len,
+                env,
+                rejected: true,
+            }));
+            return Placement::Discard;
+        }
         if p.buf.len < len {
             let err = truncated(&slot.op, p.buf.len, len, peer, tag);
             slot.state = State::Done(Err(err));
             return Placement::Discard;
         }
         slot.state = State::Active;
-        slot.matched = Done { peer, len, env };
+        slot.matched = Done {
+            peer,
+            len,
+            env,
+            rejected: false,
+        };
         Placement::Into(p.buf, p.req)
     }
 
@@ -269,6 +330,7 @@ impl Events for Core {
                     peer,
                     len: v.len(),
                     env,
+                    rejected: false,
                 };
                 self.unexpected.remove(pos);
                 // SAFETY: the claiming receive is active, so its buffer is still valid and
@@ -399,6 +461,7 @@ impl Engine {
                 free: Vec::new(),
                 failed: vec![None; world],
                 fatal: None,
+                notices: VecDeque::new(),
             },
         }
     }
@@ -462,6 +525,7 @@ impl Engine {
                 peer,
                 len: data.len,
                 env: envelope,
+                rejected: false,
             };
         }
         let route = self.route[peer];
@@ -500,6 +564,10 @@ impl Engine {
     /// Posts a receive of a message with context `ctx` from world rank `src` (any when
     /// `None`) with tag `tag` (any when `None`) into `buf`.
     ///
+    /// With `expect` (a collective's own call), a message of another call, a notice, or a
+    /// message larger than `buf` does not fail the receive: it completes as
+    /// [`Done::rejected`] with that message's envelope, and nothing is written to `buf`.
+    ///
     /// # Safety
     /// `buf` must stay valid and unused by anyone else until the request completes, is
     /// cancelled, abandoned by [`Engine::abort`], or this call returns an error.
@@ -509,6 +577,7 @@ impl Engine {
         src: Option<usize>,
         tag: Option<u32>,
         buf: RecvBuf,
+        expect: Option<Env>,
     ) -> Result<ReqId> {
         self.check_usable()?;
         let op = Op {
@@ -521,6 +590,26 @@ impl Engine {
             && s >= self.route.len()
         {
             self.check_peer(s, &op)?;
+        }
+        if expect.is_some()
+            && let Some(t) = tag
+            && let Some(&(peer, env)) = self
+                .core
+                .notices
+                .iter()
+                .find(|(_, e)| Env::key(e) == (ctx, t))
+        {
+            let id = self.core.alloc(State::Active, op);
+            self.core.finish(
+                id,
+                Ok(Done {
+                    peer,
+                    len: 0,
+                    env,
+                    rejected: true,
+                }),
+            );
+            return Ok(id);
         }
         // Messages that arrived before their sender failed can still be received.
         let pos = self.core.unexpected.iter().position(|u| {
@@ -541,6 +630,7 @@ impl Engine {
                 tag,
                 buf,
                 req: id,
+                expect,
             });
             return Ok(id);
         };
@@ -548,6 +638,24 @@ impl Engine {
             // Its payload is still arriving: claim it.
             let u = &mut self.core.unexpected[pos];
             let (peer, len, env) = (u.peer, u.len, u.env);
+            if let Some(mine) = &expect
+                && (buf.len < len || !Env::decode(&env).same_call(mine))
+            {
+                // Another call's message: this collective receive is rejected at once and
+                // the message consumed, as when it is already complete.
+                self.core.unexpected[pos].claim = Claim::Drop;
+                let id = self.core.alloc(State::Active, op);
+                self.core.finish(
+                    id,
+                    Ok(Done {
+                        peer,
+                        len,
+                        env,
+                        rejected: true,
+                    }),
+                );
+                return Ok(id);
+            }
             if buf.len < len {
                 u.claim = Claim::Drop;
                 let (_, t) = Env::key(&env);
@@ -555,7 +663,12 @@ impl Engine {
             }
             let id = self.core.alloc(State::Active, op);
             if let Some(s) = self.core.slot(id) {
-                s.matched = Done { peer, len, env };
+                s.matched = Done {
+                    peer,
+                    len,
+                    env,
+                    rejected: false,
+                };
             }
             self.core.unexpected[pos].claim = Claim::Recv(buf, id);
             return Ok(id);
@@ -573,6 +686,24 @@ impl Engine {
             Stored::Bytes(v) => v.len(),
             Stored::Remote { len, .. } => *len,
         };
+        if let Some(mine) = &expect
+            && (buf.len < len || !Env::decode(&u.env).same_call(mine))
+        {
+            if let Stored::Remote { handle, .. } = msg {
+                self.discard(u.peer, handle);
+            }
+            let id = self.core.alloc(State::Active, op);
+            self.core.finish(
+                id,
+                Ok(Done {
+                    peer: u.peer,
+                    len,
+                    env: u.env,
+                    rejected: true,
+                }),
+            );
+            return Ok(id);
+        }
         if buf.len < len {
             if let Stored::Remote { handle, .. } = msg {
                 self.discard(u.peer, handle);
@@ -584,6 +715,7 @@ impl Engine {
             peer: u.peer,
             len,
             env: u.env,
+            rejected: false,
         };
         if let Some(s) = self.core.slot(id) {
             s.matched = done;
@@ -749,6 +881,18 @@ impl Engine {
             .slot(id)
             .map(|s| s.op.to_string())
             .unwrap_or_default()
+    }
+
+    /// A collective message of context `ctx` kept unreceived although its call (tag) is
+    /// older than `seq`: evidence that the sender's call at that point differed from this
+    /// rank's (this rank completed the call without receiving it). Returns the sender and
+    /// the message's envelope.
+    pub fn stale_collective(&self, ctx: u64, seq: u32) -> Option<(usize, Envelope)> {
+        self.core.unexpected.iter().find_map(|u| {
+            let (c, tag) = Env::key(&u.env);
+            let older = (1..=0x7FFF_FFFF).contains(&seq.wrapping_sub(tag));
+            (c == ctx && older && Env::kind_of(&u.env) == KIND_COLL).then_some((u.peer, u.env))
+        })
     }
 
     /// The sticky error, if the engine has failed for good.

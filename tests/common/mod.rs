@@ -48,6 +48,8 @@ use std::time::{Duration, Instant};
 use ferrocomm::rendezvous::{PeerInfo, Store, TcpStore};
 use ferrocomm::{Communicator, Error};
 
+pub mod coll;
+
 /// The launcher built with these tests.
 pub const FERRORUN: &str = env!("CARGO_BIN_EXE_ferrorun");
 /// Upper bound for any process of these tests: far above what any needs; reaching it fails
