@@ -37,8 +37,9 @@ pub mod rendezvous;
 pub mod transport;
 pub mod wire;
 
+pub use collective::{Algorithm, AllReduceAlgo, AllReduceOptions, CollHandle};
 pub use comm::{CommConfig, Communicator, RawRequest, Request, Scope, Source, Status, Tag, init};
-pub use element::{DType, Element};
+pub use element::{DType, Element, ReduceOp};
 pub use error::{Error, Result};
 pub use logging::init_logging;
 pub use rendezvous::InitOptions;

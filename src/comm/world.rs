@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
-use super::{CommConfig, Communicator, Group, Placement, Shared};
+use super::{CommConfig, Communicator, Group, Placement, Shared, ibverbs_setup};
 use crate::config;
 use crate::error::{Error, Result};
 use crate::rendezvous::{Bootstrap, InitOptions, Plan};
@@ -14,20 +14,23 @@ use crate::transport::tcp::{self, TcpConfig, TcpTransport};
 /// Which transports a process may use, from `FERROCOMM_TRANSPORT`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TransportChoice {
-    /// The best per pair (today: TCP for every pair).
+    /// The best per pair (verbs between hosts on one fabric, TCP otherwise).
     Auto,
     /// TCP for every pair.
     Tcp,
+    /// Verbs for every pair that has it, same-host pairs included (TCP for the rest).
+    Ibverbs,
 }
 
 fn transport_choice(lookup: &dyn Fn(&str) -> Option<String>) -> Result<TransportChoice> {
     config::parse_var(
         lookup,
         "FERROCOMM_TRANSPORT",
-        "one of: auto, tcp",
+        "one of: auto, tcp, ibverbs",
         |v| match v.to_ascii_lowercase().as_str() {
             "auto" => Some(TransportChoice::Auto),
             "tcp" => Some(TransportChoice::Tcp),
+            "ibverbs" | "ib" | "verbs" => Some(TransportChoice::Ibverbs),
             _ => None,
         },
     )
@@ -70,13 +73,34 @@ impl InitOptions {
         let lookup = &config::process_env;
         let plan = self.resolve()?;
         let choice = transport_choice(lookup)?;
+        // Every setting is checked before joining: a malformed one fails this process at
+        // once, instead of after the other ranks have waited for it in the rendezvous (or
+        // in the first barrier, where they would see it as a lost peer).
+        let tcp_cfg = TcpConfig::from_env()?;
+        CommConfig::from_env(1)?;
         let ip = listen_ip(&plan, lookup)?;
-        let listener = tcp::bind(ip)?;
+        let listener = tcp::bind(ip).map_err(|e| match lookup("FERROCOMM_SOCKET_IFADDR") {
+            // The address came from the user: say which setting to fix.
+            Some(v) if !v.trim().is_empty() => Error::config(
+                "FERROCOMM_SOCKET_IFADDR",
+                v,
+                format!("cannot listen on it (is it an address of this host?): {e}"),
+            ),
+            _ => e,
+        })?;
         let addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the TCP listener's address", e))?;
         let mut addrs = BTreeMap::new();
         addrs.insert("tcp".to_string(), addr.to_string());
+        let verbs = ibverbs_setup::prepare(
+            choice == TransportChoice::Auto,
+            choice == TransportChoice::Ibverbs,
+            ip,
+        )?;
+        if let Some(v) = &verbs {
+            v.publish(&mut addrs);
+        }
         let boot = plan.join(addrs)?;
         tracing::debug!(rank = boot.rank, world = boot.world_size, ?choice, %addr, "joined the job");
 
@@ -103,10 +127,16 @@ impl InitOptions {
             crate::wire::job_hash(&boot.job_id),
             listener,
             peers,
-            TcpConfig::from_env()?,
+            tcp_cfg,
         )?;
-        let transports: Vec<Box<dyn Transport>> = vec![Box::new(tcp)];
-        let route = vec![0u8; boot.world_size];
+        let mut transports: Vec<Box<dyn Transport>> = vec![Box::new(tcp)];
+        let mut route = vec![0u8; boot.world_size];
+        if let Some((ib, peers)) = ibverbs_setup::connect(verbs, &boot)? {
+            for (r, _) in peers.iter().enumerate().filter(|(_, v)| **v) {
+                route[r] = transports.len() as u8;
+            }
+            transports.push(ib);
+        }
         world_from(boot, transports, route)
     }
 }
@@ -167,6 +197,10 @@ mod tests {
         assert_eq!(
             transport_choice(&env("AUTO")).unwrap(),
             TransportChoice::Auto
+        );
+        assert_eq!(
+            transport_choice(&env("ibverbs")).unwrap(),
+            TransportChoice::Ibverbs
         );
         assert_eq!(transport_choice(&|_| None).unwrap(), TransportChoice::Auto);
         let err = transport_choice(&env("carrier-pigeon"))

@@ -5,6 +5,7 @@
 //! - [`Checkpoint`] and [`CheckpointDir`]: named tensors in the safetensors format, saved
 //!   atomically by rank 0, loadable anywhere.
 
+pub mod buckets;
 pub mod checkpoint;
 pub mod sampler;
 

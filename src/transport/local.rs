@@ -5,6 +5,10 @@
 //! side moves queued messages into posted buffers (one more copy) or hands them over whole
 //! as kept messages. It exists so that tests and examples can run collectives with 1..64
 //! ranks as threads, with no sockets and no sleeps.
+//!
+//! An endpoint that goes away tells every other rank, as a TCP connection would: dropping it
+//! is a normal close ([`Events::peer_closed`] on the others), aborting it a failure
+//! ([`Events::peer_failed`]). Messages it sent before are still delivered first.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,6 +23,18 @@ struct Message {
     from: usize,
     env: Envelope,
     data: Vec<u8>,
+    what: What,
+}
+
+/// What a mailbox entry is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum What {
+    /// A message.
+    Data,
+    /// The sender closed its endpoint normally.
+    Closed,
+    /// The sender aborted.
+    Failed,
 }
 
 #[derive(Default)]
@@ -56,6 +72,7 @@ impl LocalHub {
             rank,
             batch: VecDeque::new(),
             sent: Vec::new(),
+            gone: false,
         }
     }
 }
@@ -68,11 +85,41 @@ pub struct LocalTransport {
     batch: VecDeque<Message>,
     /// Sends whose completion is not yet reported.
     sent: Vec<Token>,
+    /// Closed or aborted: the other ranks have been told.
+    gone: bool,
+}
+
+impl LocalTransport {
+    /// Closes this rank's mailbox and tells every other rank how it went.
+    fn leave(&mut self, what: What) {
+        if self.gone {
+            return;
+        }
+        self.gone = true;
+        self.hub.boxes[self.rank].queue.lock().closed = true;
+        for (peer, mailbox) in self.hub.boxes.iter().enumerate() {
+            if peer == self.rank {
+                continue;
+            }
+            let mut q = mailbox.queue.lock();
+            if q.closed {
+                continue;
+            }
+            q.messages.push_back(Message {
+                from: self.rank,
+                env: Envelope::default(),
+                data: Vec::new(),
+                what,
+            });
+            drop(q);
+            mailbox.ready.notify_all();
+        }
+    }
 }
 
 impl Drop for LocalTransport {
     fn drop(&mut self) {
-        self.hub.boxes[self.rank].queue.lock().closed = true;
+        self.leave(What::Closed);
     }
 }
 
@@ -110,6 +157,7 @@ impl Transport for LocalTransport {
                 from: self.rank,
                 env: *env,
                 data: bytes,
+                what: What::Data,
             });
         }
         mailbox.ready.notify_one();
@@ -146,6 +194,25 @@ impl Transport for LocalTransport {
             ev.send_done(token);
         }
         while let Some(m) = self.batch.pop_front() {
+            match m.what {
+                What::Data => {}
+                What::Closed => {
+                    ev.peer_closed(m.from);
+                    continue;
+                }
+                What::Failed => {
+                    ev.peer_failed(
+                        m.from,
+                        Error::PeerLost {
+                            rank: self.rank,
+                            peer: m.from,
+                            op: "local".into(),
+                            detail: "that rank's communicator failed or was aborted".into(),
+                        },
+                    );
+                    continue;
+                }
+            }
             match ev.incoming(m.from, &m.env, m.data.len()) {
                 Placement::Into(buf, token) => {
                     // SAFETY: the communicator gave us exclusive use of `buf` (at least
@@ -184,5 +251,6 @@ impl Transport for LocalTransport {
     fn abort(&mut self) {
         self.batch.clear();
         self.sent.clear();
+        self.leave(What::Failed);
     }
 }

@@ -31,8 +31,9 @@
 //!    than spinning, and returns early when [`Transport::waker`]'s function is called from
 //!    another thread.
 //!
-//! Implementations: [`tcp`] (mio, any two hosts) and [`local`] (threads of one process, for
-//! tests). Shared memory and verbs keep the same contract.
+//! Implementations: [`tcp`] (mio, any two hosts), [`ibverbs`] (RDMA, feature `ibverbs`)
+//! and [`local`] (threads of one process, for tests). Shared memory keeps the same
+//! contract.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 pub use crate::wire::Envelope;
 
+pub mod ibverbs;
 pub mod local;
 pub mod tcp;
 
@@ -160,6 +162,19 @@ pub trait Events {
     fn peer_failed(&mut self, peer: usize, err: Error);
 }
 
+/// What a caller that waits on several transports at once should poll for this one
+/// ([`Transport::wait_fd`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitFd {
+    /// Work is pending now: don't sleep, call `progress`.
+    Ready,
+    /// Sleep until this descriptor is readable (then call `progress`), the timeout, or
+    /// the waker (which makes it readable).
+    Fd(std::os::fd::RawFd),
+    /// The transport has no single descriptor; use [`Transport::wait`].
+    Unsupported,
+}
+
 /// Wakes a thread blocked in [`Transport::wait`]; callable from any thread.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
@@ -200,6 +215,13 @@ pub trait Transport: Send {
     /// Blocks until `progress` may have something to do, `timeout` passes, or the waker is
     /// called. May return early.
     fn wait(&mut self, timeout: Duration) -> Result<()>;
+
+    /// Prepares to sleep like [`Transport::wait`] (arming whatever notification it needs)
+    /// but lets the caller do the sleeping, so that one `poll(2)` covers several
+    /// transports. The descriptor stays valid while the transport lives.
+    fn wait_fd(&mut self) -> Result<WaitFd> {
+        Ok(WaitFd::Unsupported)
+    }
 
     /// A function that makes a concurrent or later [`Transport::wait`] return early.
     fn waker(&self) -> Waker;
