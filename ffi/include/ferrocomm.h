@@ -25,6 +25,23 @@
 
 #include <stddef.h>
 #include <stdint.h>
+/**
+ * Marks a collective's buffer argument as "in place", like MPI_IN_PLACE: the other buffer
+ * is then both input and output. Each collective's comment says in which argument it goes.
+ * Never dereferenced. (The address 1: no buffer of any element type lies there.)
+ */
+#define FERROCOMM_IN_PLACE ((void *)1)
+
+/**
+ * Default bucket size of `ferrocomm_allreduce_many`: 25 MiB, PyTorch DDP's `bucket_cap_mb`.
+ */
+#define FERROCOMM_DEFAULT_BUCKET_BYTES (25 << 20)
+
+/**
+ * `color` of `ferrocomm_comm_split` for a rank that joins no new communicator
+ * (`MPI_UNDEFINED`).
+ */
+#define FERROCOMM_UNDEFINED -1
 
 /**
  * `src` of a receive that accepts a message from any rank (`MPI_ANY_SOURCE`).
@@ -204,6 +221,47 @@ typedef uint32_t ferrocomm_dtype;
 #endif // __cplusplus
 
 /**
+ * Reduction operations of the collectives that combine values. Functions take the
+ * operation as a plain `uint32_t` holding one of these values and refuse anything else with
+ * `FERROCOMM_ERR_INVALID_ARGUMENT`. The values are fixed and the same as NCCL's
+ * (`ncclSum` .. `ncclAvg`).
+ */
+enum ferrocomm_op
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * Sum (wrapping for integer types).
+     */
+    FERROCOMM_SUM = 0,
+    /**
+     * Product (wrapping for integer types).
+     */
+    FERROCOMM_PROD = 1,
+    /**
+     * Maximum (NaN if any operand is NaN).
+     */
+    FERROCOMM_MAX = 2,
+    /**
+     * Minimum (NaN if any operand is NaN).
+     */
+    FERROCOMM_MIN = 3,
+    /**
+     * Sum divided by the number of ranks; floating-point types only (an integer type gives
+     * `FERROCOMM_ERR_INVALID_ARGUMENT`).
+     */
+    FERROCOMM_AVG = 4,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ferrocomm_op ferrocomm_op;
+#else
+typedef uint32_t ferrocomm_op;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * A communicator: a group of ranks that exchange messages (`MPI_Comm`, `ncclComm_t`). An
  * opaque handle; see `ferrocomm_init` and `ferrocomm_comm_free`.
  */
@@ -223,15 +281,17 @@ typedef struct ferrocomm_request_t ferrocomm_request_t;
  */
 typedef struct ferrocomm_status_t {
     /**
-     * The sender's rank in the communicator (for a receive), the destination (for a send).
+     * The sender's rank in the communicator (for a receive), the destination (for a send);
+     * `SIZE_MAX` for a collective.
      */
     size_t source;
     /**
-     * Bytes received (or sent). Divide by the data type's size for elements.
+     * Bytes received (or sent); for a collective, the bytes written into this rank's
+     * output buffer. Divide by the data type's size for elements.
      */
     size_t bytes;
     /**
-     * The message's tag.
+     * The message's tag (0 for a collective).
      */
     uint32_t tag;
     /**
@@ -261,6 +321,433 @@ const char *ferrocomm_version(void);
  * `size` must be NULL or valid for writing one `size_t`.
  */
 ferrocomm_result ferrocomm_dtype_size(uint32_t dtype, size_t *size);
+
+/**
+ * Reduces `count` elements of `dtype` element-wise with `op` over every rank
+ * (`MPI_Allreduce`, `ncclAllReduce`): afterwards every rank's `recvbuf` holds the same
+ * result, bit for bit (floating point included). The algorithm is chosen by size and number
+ * of ranks; `FERROCOMM_ALLREDUCE_ALGO=ring|rhd|rd|auto` overrides it.
+ *
+ * In place: `sendbuf` = `FERROCOMM_IN_PLACE` or `sendbuf == recvbuf`; `recvbuf` is then
+ * the input and the output. Otherwise the buffers must not overlap.
+ *
+ * Collective: every rank calls it with the same `count`, `dtype` and `op`, in the same
+ * order as its other collectives on `comm` (a mismatch gives `COLLECTIVE_MISMATCH` on the
+ * ranks involved, never mixed data).
+ *
+ * Blocking: returns when this rank's result is in `recvbuf`; fails after
+ * `FERROCOMM_OP_TIMEOUT`. No copy of the buffers is made.
+ *
+ * Thread safety: one thread per communicator (`BUSY` otherwise).
+ *
+ * Errors: `INVALID_HANDLE`, `INVALID_ARGUMENT` (a NULL or misaligned buffer with `count` >
+ * 0, overlapping buffers, unknown `dtype` or `op`, `FERROCOMM_AVG` on an integer type,
+ * `count` too large for memory), `BUSY`, `TIMEOUT`, `PEER_LOST`, `COLLECTIVE_MISMATCH`,
+ * `ABORTED`, `IO`. After a communication error the communicator is unusable (see
+ * `ferrocomm_result`) and `recvbuf`'s contents are unspecified.
+ *
+ * # Safety
+ * `sendbuf` must be `FERROCOMM_IN_PLACE`, or point to `count` readable elements of `dtype`;
+ * `recvbuf` to `count` writable elements (either may be NULL when `count` is 0). Neither
+ * may be touched by another thread during the call.
+ */
+ferrocomm_result ferrocomm_allreduce(struct ferrocomm_comm_t *comm,
+                                     const void *sendbuf,
+                                     void *recvbuf,
+                                     size_t count,
+                                     uint32_t dtype,
+                                     uint32_t op);
+
+/**
+ * Non-blocking `ferrocomm_allreduce` (`MPI_Iallreduce`): starts the reduction and stores a
+ * request in `*request`; `ferrocomm_wait`, `ferrocomm_test` or `ferrocomm_waitall` ends it.
+ *
+ * How it runs: the input is copied when this call starts (so `sendbuf` may be reused as
+ * soon as it returns), the collective runs on the communicator's worker thread, and the
+ * result is copied into `recvbuf` by the call that sees the request complete (wait, test
+ * or waitall), on that call's thread. Buffer rule: keep `recvbuf` valid and do not read or
+ * write it until then; freeing the request with `ferrocomm_request_free` (or
+ * `ferrocomm_finalize`) lets the collective finish (the other ranks expect it) but never
+ * writes `recvbuf`.
+ *
+ * Order: a communicator's non-blocking collectives run one after another in the order
+ * they were started, and every rank must start the same ones in the same order. They are
+ * a sequence of their own, independent of the blocking collectives and point-to-point
+ * messages on the same communicator (which may run meanwhile).
+ *
+ * In place and arguments: as `ferrocomm_allreduce`. Argument errors are reported here;
+ * communication errors by the call that ends the request.
+ *
+ * Ownership: `*request` is a new handle owned by the caller (NULL on failure).
+ *
+ * Thread safety: one thread per communicator (`BUSY` otherwise); the request may be ended
+ * on any thread. Does not block.
+ *
+ * Errors: as `ferrocomm_allreduce` (without the communication errors), and
+ * `INVALID_ARGUMENT` for a NULL `request`.
+ *
+ * # Safety
+ * As `ferrocomm_allreduce` for this call; `recvbuf` must then stay valid and untouched as
+ * described above; `request` must be NULL or valid for writing one pointer.
+ */
+ferrocomm_result ferrocomm_iallreduce(struct ferrocomm_comm_t *comm,
+                                      const void *sendbuf,
+                                      void *recvbuf,
+                                      size_t count,
+                                      uint32_t dtype,
+                                      uint32_t op,
+                                      struct ferrocomm_request_t **request);
+
+/**
+ * Copies `count` elements of `dtype` from the root's `buf` into every other rank's `buf`
+ * (`MPI_Bcast`, `ncclBroadcast` in place).
+ *
+ * Collective, blocking, thread safety: as `ferrocomm_allreduce` (every rank passes the same
+ * `count`, `dtype` and `root`).
+ *
+ * Errors: `INVALID_HANDLE`, `INVALID_ARGUMENT` (bad `buf` or `dtype`, `root` >= size),
+ * `BUSY`, `TIMEOUT`, `PEER_LOST`, `COLLECTIVE_MISMATCH`, `ABORTED`, `IO`.
+ *
+ * # Safety
+ * `buf` must point to `count` elements of `dtype`, readable at the root and writable
+ * elsewhere (NULL when `count` is 0), untouched by other threads during the call.
+ */
+ferrocomm_result ferrocomm_broadcast(struct ferrocomm_comm_t *comm,
+                                     void *buf,
+                                     size_t count,
+                                     uint32_t dtype,
+                                     size_t root);
+
+/**
+ * Non-blocking `ferrocomm_broadcast`. The root's `buf` is copied at the call (the root may
+ * reuse it at once and it is never written); the other ranks' `buf` receives the data when
+ * the request completes. Rules for the request, the buffer, order and errors: as
+ * `ferrocomm_iallreduce`.
+ *
+ * # Safety
+ * As `ferrocomm_broadcast` for this call; then `buf` must stay valid and untouched on the
+ * other ranks until the request ends; `request` must be NULL or valid for writing one
+ * pointer.
+ */
+ferrocomm_result ferrocomm_ibroadcast(struct ferrocomm_comm_t *comm,
+                                      void *buf,
+                                      size_t count,
+                                      uint32_t dtype,
+                                      size_t root,
+                                      struct ferrocomm_request_t **request);
+
+/**
+ * Reduces every rank's `count` elements of `dtype` element-wise with `op` into the root's
+ * `recvbuf` (`MPI_Reduce`, `ncclReduce`). `recvbuf` is ignored on the other ranks (may be
+ * NULL); no rank's `sendbuf` is modified.
+ *
+ * In place: `sendbuf` = `FERROCOMM_IN_PLACE` (on any rank) or, at the root,
+ * `sendbuf == recvbuf`: `recvbuf` is then the rank's contribution, and at the root also the
+ * result (the other ranks' `recvbuf` is left unchanged).
+ *
+ * Collective, blocking, thread safety: as `ferrocomm_allreduce` (every rank passes the same
+ * `count`, `dtype`, `op` and `root`).
+ *
+ * Errors: as `ferrocomm_allreduce`, and `INVALID_ARGUMENT` for `root` >= size.
+ *
+ * # Safety
+ * `sendbuf` must be `FERROCOMM_IN_PLACE` or point to `count` readable elements of `dtype`;
+ * `recvbuf` must point to `count` writable elements at the root (and wherever `sendbuf` is
+ * `FERROCOMM_IN_PLACE`); NULL is allowed for `count` 0. Untouched by other threads during
+ * the call.
+ */
+ferrocomm_result ferrocomm_reduce(struct ferrocomm_comm_t *comm,
+                                  const void *sendbuf,
+                                  void *recvbuf,
+                                  size_t count,
+                                  uint32_t dtype,
+                                  uint32_t op,
+                                  size_t root);
+
+/**
+ * Non-blocking `ferrocomm_reduce`: the contribution is copied at the call; the root's
+ * `recvbuf` receives the result when the request completes (the other ranks' buffers are
+ * never written). Rules for the request, the buffers, order and errors: as
+ * `ferrocomm_iallreduce`.
+ *
+ * # Safety
+ * As `ferrocomm_reduce` for this call; then the root's `recvbuf` must stay valid and
+ * untouched until the request ends; `request` must be NULL or valid for writing one
+ * pointer.
+ */
+ferrocomm_result ferrocomm_ireduce(struct ferrocomm_comm_t *comm,
+                                   const void *sendbuf,
+                                   void *recvbuf,
+                                   size_t count,
+                                   uint32_t dtype,
+                                   uint32_t op,
+                                   size_t root,
+                                   struct ferrocomm_request_t **request);
+
+/**
+ * Gathers every rank's `count` elements of `dtype` from `sendbuf` into every rank's
+ * `recvbuf` (`size * count` elements), in rank order (`MPI_Allgather`, `ncclAllGather`).
+ *
+ * In place: `sendbuf` = `FERROCOMM_IN_PLACE`, or `sendbuf` pointing at this rank's block of
+ * `recvbuf` (`recvbuf + rank * count` elements, NCCL's rule): this rank's contribution is
+ * then already in its block. Otherwise the buffers must not overlap.
+ *
+ * Collective, blocking, thread safety: as `ferrocomm_allreduce` (every rank passes the same
+ * `count` and `dtype`).
+ *
+ * Errors: as `ferrocomm_allreduce` without `op`; `INVALID_ARGUMENT` when `size * count`
+ * overflows.
+ *
+ * # Safety
+ * `sendbuf` must be `FERROCOMM_IN_PLACE` or point to `count` readable elements of `dtype`;
+ * `recvbuf` to `size * count` writable elements; untouched by other threads during the
+ * call.
+ */
+ferrocomm_result ferrocomm_allgather(struct ferrocomm_comm_t *comm,
+                                     const void *sendbuf,
+                                     void *recvbuf,
+                                     size_t count,
+                                     uint32_t dtype);
+
+/**
+ * Non-blocking `ferrocomm_allgather`: the contribution is copied at the call; `recvbuf`
+ * receives every block when the request completes. Rules for the request, the buffers,
+ * order and errors: as `ferrocomm_iallreduce`.
+ *
+ * # Safety
+ * As `ferrocomm_allgather` for this call; then `recvbuf` must stay valid and untouched
+ * until the request ends; `request` must be NULL or valid for writing one pointer.
+ */
+ferrocomm_result ferrocomm_iallgather(struct ferrocomm_comm_t *comm,
+                                      const void *sendbuf,
+                                      void *recvbuf,
+                                      size_t count,
+                                      uint32_t dtype,
+                                      struct ferrocomm_request_t **request);
+
+/**
+ * Reduces every rank's `sendbuf` (`size * count` elements of `dtype`) element-wise with
+ * `op` and leaves block `rank` of the result (`count` elements) in `recvbuf`
+ * (`MPI_Reduce_scatter_block`, `ncclReduceScatter`).
+ *
+ * In place (NCCL's convention, not MPI's): either `sendbuf` = `FERROCOMM_IN_PLACE` and
+ * `recvbuf` holds all `size * count` elements, or `recvbuf` points at this rank's block of
+ * `sendbuf` (`sendbuf + rank * count` elements). The result is left in this rank's block
+ * of the whole buffer (MPI would move it to the front); the other blocks hold partial
+ * results afterwards. Otherwise the buffers must not overlap.
+ *
+ * Collective, blocking, thread safety: as `ferrocomm_allreduce`.
+ *
+ * Errors: as `ferrocomm_allreduce`; `INVALID_ARGUMENT` when `size * count` overflows.
+ *
+ * # Safety
+ * `sendbuf` must be `FERROCOMM_IN_PLACE` or point to `size * count` readable elements of
+ * `dtype`; `recvbuf` to `count` writable elements (`size * count` with
+ * `FERROCOMM_IN_PLACE`); untouched by other threads during the call.
+ */
+ferrocomm_result ferrocomm_reduce_scatter(struct ferrocomm_comm_t *comm,
+                                          const void *sendbuf,
+                                          void *recvbuf,
+                                          size_t count,
+                                          uint32_t dtype,
+                                          uint32_t op);
+
+/**
+ * Non-blocking `ferrocomm_reduce_scatter`: the input is copied at the call; this rank's
+ * block of the result is written when the request completes (in place: into this rank's
+ * block, the other blocks are left as they were). Rules for the request, the buffers,
+ * order and errors: as `ferrocomm_iallreduce`.
+ *
+ * # Safety
+ * As `ferrocomm_reduce_scatter` for this call; then the output block must stay valid and
+ * untouched until the request ends; `request` must be NULL or valid for writing one
+ * pointer.
+ */
+ferrocomm_result ferrocomm_ireduce_scatter(struct ferrocomm_comm_t *comm,
+                                           const void *sendbuf,
+                                           void *recvbuf,
+                                           size_t count,
+                                           uint32_t dtype,
+                                           uint32_t op,
+                                           struct ferrocomm_request_t **request);
+
+/**
+ * Gathers every rank's `count` elements of `dtype` from `sendbuf` into the root's `recvbuf`
+ * (`size * count` elements), in rank order (`MPI_Gather`). `recvbuf` is ignored on the
+ * other ranks (may be NULL).
+ *
+ * In place, at the root only: `sendbuf` = `FERROCOMM_IN_PLACE` or `sendbuf` pointing at
+ * the root's block of `recvbuf`; the root's contribution is then already in place. The
+ * other ranks must pass a real `sendbuf` (`FERROCOMM_IN_PLACE` is refused there).
+ *
+ * Collective, blocking, thread safety: as `ferrocomm_allreduce` (every rank passes the same
+ * `count`, `dtype` and `root`).
+ *
+ * Errors: as `ferrocomm_allgather`, and `INVALID_ARGUMENT` for `root` >= size.
+ *
+ * # Safety
+ * `sendbuf` must point to `count` readable elements of `dtype` (or be
+ * `FERROCOMM_IN_PLACE` at the root); the root's `recvbuf` to `size * count` writable
+ * elements; untouched by other threads during the call.
+ */
+ferrocomm_result ferrocomm_gather(struct ferrocomm_comm_t *comm,
+                                  const void *sendbuf,
+                                  void *recvbuf,
+                                  size_t count,
+                                  uint32_t dtype,
+                                  size_t root);
+
+/**
+ * Non-blocking `ferrocomm_gather`: the contribution is copied at the call; the root's
+ * `recvbuf` receives every block when the request completes. Rules for the request, the
+ * buffers, order and errors: as `ferrocomm_iallreduce`.
+ *
+ * # Safety
+ * As `ferrocomm_gather` for this call; then the root's `recvbuf` must stay valid and
+ * untouched until the request ends; `request` must be NULL or valid for writing one
+ * pointer.
+ */
+ferrocomm_result ferrocomm_igather(struct ferrocomm_comm_t *comm,
+                                   const void *sendbuf,
+                                   void *recvbuf,
+                                   size_t count,
+                                   uint32_t dtype,
+                                   size_t root,
+                                   struct ferrocomm_request_t **request);
+
+/**
+ * Sends block `i` (`count` elements of `dtype`) of the root's `sendbuf` (`size * count`
+ * elements) to rank `i`'s `recvbuf` (`MPI_Scatter`). `sendbuf` is ignored on the other
+ * ranks (may be NULL).
+ *
+ * In place, at the root only: `recvbuf` = `FERROCOMM_IN_PLACE` (as MPI, in `recvbuf`) or
+ * `recvbuf` pointing at the root's block of `sendbuf`; the root's block then stays where it
+ * is. The other ranks must pass a real `recvbuf`.
+ *
+ * Collective, blocking, thread safety: as `ferrocomm_allreduce` (every rank passes the same
+ * `count`, `dtype` and `root`).
+ *
+ * Errors: as `ferrocomm_gather`.
+ *
+ * # Safety
+ * The root's `sendbuf` must point to `size * count` readable elements of `dtype`;
+ * `recvbuf` to `count` writable elements (or be `FERROCOMM_IN_PLACE` at the root);
+ * untouched by other threads during the call.
+ */
+ferrocomm_result ferrocomm_scatter(struct ferrocomm_comm_t *comm,
+                                   const void *sendbuf,
+                                   void *recvbuf,
+                                   size_t count,
+                                   uint32_t dtype,
+                                   size_t root);
+
+/**
+ * Non-blocking `ferrocomm_scatter`: the root's `sendbuf` is copied at the call (and never
+ * written); `recvbuf` receives this rank's block when the request completes (in place at
+ * the root: nothing is written). Rules for the request, the buffers, order and errors: as
+ * `ferrocomm_iallreduce`.
+ *
+ * # Safety
+ * As `ferrocomm_scatter` for this call; then `recvbuf` must stay valid and untouched until
+ * the request ends; `request` must be NULL or valid for writing one pointer.
+ */
+ferrocomm_result ferrocomm_iscatter(struct ferrocomm_comm_t *comm,
+                                    const void *sendbuf,
+                                    void *recvbuf,
+                                    size_t count,
+                                    uint32_t dtype,
+                                    size_t root,
+                                    struct ferrocomm_request_t **request);
+
+/**
+ * Sends block `j` (`count` elements of `dtype`) of `sendbuf` to rank `j`, which stores it
+ * as block `rank` of its `recvbuf` (`MPI_Alltoall`); both buffers hold `size * count`
+ * elements.
+ *
+ * In place: `sendbuf` = `FERROCOMM_IN_PLACE` or `sendbuf == recvbuf`. Otherwise the
+ * buffers must not overlap.
+ *
+ * Collective, blocking, thread safety: as `ferrocomm_allreduce` (every rank passes the same
+ * `count` and `dtype`).
+ *
+ * Errors: as `ferrocomm_allgather`.
+ *
+ * # Safety
+ * `sendbuf` must be `FERROCOMM_IN_PLACE` or point to `size * count` readable elements of
+ * `dtype`; `recvbuf` to `size * count` writable elements; untouched by other threads during
+ * the call.
+ */
+ferrocomm_result ferrocomm_alltoall(struct ferrocomm_comm_t *comm,
+                                    const void *sendbuf,
+                                    void *recvbuf,
+                                    size_t count,
+                                    uint32_t dtype);
+
+/**
+ * Non-blocking `ferrocomm_alltoall`: `sendbuf` is copied at the call; `recvbuf` receives
+ * the blocks when the request completes. Rules for the request, the buffers, order and
+ * errors: as `ferrocomm_iallreduce`.
+ *
+ * # Safety
+ * As `ferrocomm_alltoall` for this call; then `recvbuf` must stay valid and untouched
+ * until the request ends; `request` must be NULL or valid for writing one pointer.
+ */
+ferrocomm_result ferrocomm_ialltoall(struct ferrocomm_comm_t *comm,
+                                     const void *sendbuf,
+                                     void *recvbuf,
+                                     size_t count,
+                                     uint32_t dtype,
+                                     struct ferrocomm_request_t **request);
+
+/**
+ * Non-blocking `ferrocomm_barrier` (`MPI_Ibarrier`): the request completes when every
+ * rank has started the barrier. Order, request and errors: as `ferrocomm_iallreduce`.
+ *
+ * # Safety
+ * `request` must be NULL or valid for writing one pointer.
+ */
+ferrocomm_result ferrocomm_ibarrier(struct ferrocomm_comm_t *comm,
+                                    struct ferrocomm_request_t **request);
+
+/**
+ * All-reduces `n` buffers of one data type at once, the way data-parallel training reduces
+ * gradients (`ferrocomm_allreduce` of each buffer, but faster): buffer `i` is `bufs[i]`
+ * with `counts[i]` elements of `dtype`, and afterwards holds the element-wise reduction with
+ * `op` over every rank (`FERROCOMM_AVG` for averaged gradients). In place.
+ *
+ * How: consecutive buffers are packed into buckets of at most `bucket_bytes` (0:
+ * `FERROCOMM_DEFAULT_BUCKET_BYTES`, 25 MiB), each bucket is all-reduced as one message on
+ * the communicator's non-blocking sequence while the next is packed, and the results are
+ * copied back; a buffer that is a bucket on its own (as large as the cap, or alone) is
+ * all-reduced in place without a copy, on the blocking sequence, meanwhile. Fewer, larger
+ * messages cost one latency per bucket instead of per buffer. This is a thin layer over
+ * `ferrocomm_allreduce`/`ferrocomm_iallreduce` (the Rust crate's bucketing `Reducer` that
+ * overlaps with the backward pass is not part of this C API yet).
+ *
+ * Collective: every rank passes the same `n`, `counts`, `dtype`, `op` and `bucket_bytes`
+ * (a difference gives `COLLECTIVE_MISMATCH`, not mixed data). Uses both the blocking and the
+ * non-blocking sequences of `comm` (as one blocking call from the caller's point of view).
+ *
+ * Blocking: returns when every buffer holds its result; fails after `FERROCOMM_OP_TIMEOUT`.
+ * Thread safety: one thread per communicator (`BUSY` otherwise).
+ *
+ * Errors: `INVALID_HANDLE`, `INVALID_ARGUMENT` (`bufs` or `counts` NULL with `n` > 0, a
+ * NULL or misaligned buffer with a count > 0, buffers that overlap each other, unknown
+ * `dtype` or `op`, avg on an integer type), `BUSY`, and the communication errors of
+ * `ferrocomm_allreduce`, after which the buffers' contents are unspecified.
+ *
+ * # Safety
+ * `bufs` and `counts` must point to `n` entries each (NULL when `n` is 0); each `bufs[i]`
+ * to `counts[i]` readable and writable elements of `dtype`, untouched by other threads
+ * during the call.
+ */
+ferrocomm_result ferrocomm_allreduce_many(struct ferrocomm_comm_t *comm,
+                                          void *const *bufs,
+                                          const size_t *counts,
+                                          size_t n,
+                                          uint32_t dtype,
+                                          uint32_t op,
+                                          size_t bucket_bytes);
 
 /**
  * Joins the job described by the environment and makes the world communicator: the same
@@ -320,7 +807,10 @@ ferrocomm_result ferrocomm_init_url(const char *url,
  *
  * Thread safety: any thread; if another thread is inside a call on the same communicator,
  * that call finishes normally first and the communicator is released when it returns.
- * Does not wait for other ranks (closing the connections of a world takes at most a few
+ *
+ * Blocking: non-blocking collectives started on the communicator that have not finished
+ * yet are waited for (the other ranks expect them; their requests stay valid). Otherwise
+ * it does not wait for other ranks (closing the connections of a world takes at most a few
  * hundred milliseconds per peer that stopped reading).
  *
  * Errors: `INVALID_HANDLE`.
@@ -411,6 +901,60 @@ ferrocomm_result ferrocomm_comm_node_index(struct ferrocomm_comm_t *comm, size_t
  */
 ferrocomm_result ferrocomm_comm_dup(struct ferrocomm_comm_t *comm,
                                     struct ferrocomm_comm_t **newcomm);
+
+/**
+ * Splits a communicator by color (`MPI_Comm_split`): the ranks that pass the same `color`
+ * (0..=UINT32_MAX) form one new communicator, numbered by `key` (ties broken by their rank
+ * in `comm`); a rank that passes `FERROCOMM_UNDEFINED` gets `*newcomm` = NULL and
+ * `FERROCOMM_OK`. The new communicator's messages and collectives never mix with those of
+ * any other communicator.
+ *
+ * Collective: every rank of `comm` calls it, in the same order relative to its other
+ * collectives and communicator-creating calls on `comm` (it is an all_gather of colors and
+ * keys). Blocking: until every rank of `comm` has called it; fails after
+ * `FERROCOMM_OP_TIMEOUT`.
+ *
+ * Ownership: `*newcomm` is a new handle owned by the caller (`ferrocomm_comm_free`); NULL
+ * for `FERROCOMM_UNDEFINED` and on failure.
+ *
+ * Thread safety: one thread per communicator (`BUSY` otherwise).
+ *
+ * Errors: `INVALID_HANDLE`, `INVALID_ARGUMENT` (`newcomm` NULL, `color` neither
+ * `FERROCOMM_UNDEFINED` nor in 0..=UINT32_MAX), `BUSY`, `TIMEOUT`, `PEER_LOST`,
+ * `COLLECTIVE_MISMATCH`, `ABORTED`, `IO`.
+ *
+ * # Safety
+ * `newcomm` must be NULL or valid for writing one pointer.
+ */
+ferrocomm_result ferrocomm_comm_split(struct ferrocomm_comm_t *comm,
+                                      int64_t color,
+                                      int64_t key,
+                                      struct ferrocomm_comm_t **newcomm);
+
+/**
+ * Makes a communicator of the ranks `ranks[0..n]` of `comm`, numbered in the order given
+ * (`MPI_Comm_create_group`, `torch.distributed.new_group`): only the listed ranks call it,
+ * each with the same list, and it sends no messages.
+ *
+ * Members must create groups of the same list in the same order (groups of different lists
+ * may be created in any order). Does not block.
+ *
+ * Ownership: `*newcomm` is a new handle owned by the caller (`ferrocomm_comm_free`); NULL on
+ * failure.
+ *
+ * Thread safety: one thread per communicator (`BUSY` otherwise).
+ *
+ * Errors: `INVALID_HANDLE`, `INVALID_ARGUMENT` (`newcomm` NULL, `ranks` NULL, `n` 0, a rank
+ * out of range or repeated, this rank not in the list), `BUSY`.
+ *
+ * # Safety
+ * `ranks` must point to `n` readable `size_t`; `newcomm` must be NULL or valid for writing
+ * one pointer.
+ */
+ferrocomm_result ferrocomm_comm_create_group(struct ferrocomm_comm_t *comm,
+                                             const size_t *ranks,
+                                             size_t n,
+                                             struct ferrocomm_comm_t **newcomm);
 
 /**
  * Aborts every communicator of this process's world: calls blocked in any thread return
@@ -597,7 +1141,8 @@ ferrocomm_result ferrocomm_irecv(struct ferrocomm_comm_t *comm,
                                  struct ferrocomm_request_t **request);
 
 /**
- * Waits for a request to complete (`MPI_Wait`) and releases it.
+ * Waits for a request to complete (`MPI_Wait`) and releases it. For a non-blocking
+ * collective, this is the call that copies the result into the output buffer.
  *
  * Blocking: until the operation is complete (its buffer may then be reused), or fails
  * after `FERROCOMM_OP_TIMEOUT`. `status` (may be NULL) receives the sender, tag and size
@@ -624,8 +1169,8 @@ ferrocomm_result ferrocomm_wait(struct ferrocomm_request_t *request,
  * transports once so that polling in a loop makes progress.
  *
  * Sets `*done` to 1 when the operation has ended, successfully or not: the handle is then
- * released (invalid afterwards), `status` (may be NULL) is filled, and the result is the
- * operation's. Sets `*done` to 0 when it is still in flight: the handle stays valid and
+ * released (invalid afterwards), `status` (may be NULL) is filled, a collective's result is
+ * copied into its output buffer, and the result is the operation's. Sets `*done` to 0 when it is still in flight: the handle stays valid and
  * the result is `FERROCOMM_OK`.
  *
  * Thread safety: any thread; `BUSY` when another thread is testing the same request at
@@ -669,7 +1214,9 @@ ferrocomm_result ferrocomm_waitall(size_t count,
  * Releases a request without waiting for its result (`MPI_Request_free`, `MPI_Cancel`):
  * a receive that no message has matched yet is withdrawn at once; a transfer already in
  * flight is waited for (up to `FERROCOMM_OP_TIMEOUT`) so that the buffer is not used after
- * this returns.
+ * this returns. A non-blocking collective is not cancelled (the other ranks expect it): it
+ * runs to its end on the worker thread, its result is discarded and its output buffer is
+ * never written; this call does not wait for it.
  *
  * Ownership: consumes the handle; a second free returns `INVALID_HANDLE`.
  *

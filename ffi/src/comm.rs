@@ -169,7 +169,10 @@ pub unsafe extern "C" fn ferrocomm_init_url(
 ///
 /// Thread safety: any thread; if another thread is inside a call on the same communicator,
 /// that call finishes normally first and the communicator is released when it returns.
-/// Does not wait for other ranks (closing the connections of a world takes at most a few
+///
+/// Blocking: non-blocking collectives started on the communicator that have not finished
+/// yet are waited for (the other ranks expect them; their requests stay valid). Otherwise
+/// it does not wait for other ranks (closing the connections of a world takes at most a few
 /// hundred milliseconds per peer that stopped reading).
 ///
 /// Errors: `INVALID_HANDLE`.
@@ -334,6 +337,115 @@ pub unsafe extern "C" fn ferrocomm_comm_dup(
         let dup = with_comm(OP, comm, |c| Ok(c.dup()))?;
         // SAFETY: as above.
         unsafe { put(newcomm, register(dup)) };
+        Ok(())
+    })
+}
+
+/// `color` of `ferrocomm_comm_split` for a rank that joins no new communicator
+/// (`MPI_UNDEFINED`).
+pub const FERROCOMM_UNDEFINED: i64 = -1;
+
+/// Splits a communicator by color (`MPI_Comm_split`): the ranks that pass the same `color`
+/// (0..=UINT32_MAX) form one new communicator, numbered by `key` (ties broken by their rank
+/// in `comm`); a rank that passes `FERROCOMM_UNDEFINED` gets `*newcomm` = NULL and
+/// `FERROCOMM_OK`. The new communicator's messages and collectives never mix with those of
+/// any other communicator.
+///
+/// Collective: every rank of `comm` calls it, in the same order relative to its other
+/// collectives and communicator-creating calls on `comm` (it is an all_gather of colors and
+/// keys). Blocking: until every rank of `comm` has called it; fails after
+/// `FERROCOMM_OP_TIMEOUT`.
+///
+/// Ownership: `*newcomm` is a new handle owned by the caller (`ferrocomm_comm_free`); NULL
+/// for `FERROCOMM_UNDEFINED` and on failure.
+///
+/// Thread safety: one thread per communicator (`BUSY` otherwise).
+///
+/// Errors: `INVALID_HANDLE`, `INVALID_ARGUMENT` (`newcomm` NULL, `color` neither
+/// `FERROCOMM_UNDEFINED` nor in 0..=UINT32_MAX), `BUSY`, `TIMEOUT`, `PEER_LOST`,
+/// `COLLECTIVE_MISMATCH`, `ABORTED`, `IO`.
+///
+/// # Safety
+/// `newcomm` must be NULL or valid for writing one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferrocomm_comm_split(
+    comm: *mut ferrocomm_comm_t,
+    color: i64,
+    key: i64,
+    newcomm: *mut *mut ferrocomm_comm_t,
+) -> ferrocomm_result {
+    const OP: &str = "ferrocomm_comm_split";
+    boundary(OP, || {
+        out_ptr(OP, "newcomm", newcomm)?;
+        // SAFETY: checked non-null; valid for writes by the caller's contract.
+        unsafe { put(newcomm, ptr::null_mut()) };
+        let color = match color {
+            FERROCOMM_UNDEFINED => None,
+            c => Some(u32::try_from(c).map_err(|_| {
+                Fail::invalid(
+                    OP,
+                    "color",
+                    format!("{c} is neither FERROCOMM_UNDEFINED (-1) nor in 0..=4294967295"),
+                )
+            })?),
+        };
+        if let Some(sub) = with_comm(OP, comm, |c| Ok(c.split(color, key)?))? {
+            // SAFETY: as above.
+            unsafe { put(newcomm, register(sub)) };
+        }
+        Ok(())
+    })
+}
+
+/// Makes a communicator of the ranks `ranks[0..n]` of `comm`, numbered in the order given
+/// (`MPI_Comm_create_group`, `torch.distributed.new_group`): only the listed ranks call it,
+/// each with the same list, and it sends no messages.
+///
+/// Members must create groups of the same list in the same order (groups of different lists
+/// may be created in any order). Does not block.
+///
+/// Ownership: `*newcomm` is a new handle owned by the caller (`ferrocomm_comm_free`); NULL on
+/// failure.
+///
+/// Thread safety: one thread per communicator (`BUSY` otherwise).
+///
+/// Errors: `INVALID_HANDLE`, `INVALID_ARGUMENT` (`newcomm` NULL, `ranks` NULL, `n` 0, a rank
+/// out of range or repeated, this rank not in the list), `BUSY`.
+///
+/// # Safety
+/// `ranks` must point to `n` readable `size_t`; `newcomm` must be NULL or valid for writing
+/// one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ferrocomm_comm_create_group(
+    comm: *mut ferrocomm_comm_t,
+    ranks: *const usize,
+    n: usize,
+    newcomm: *mut *mut ferrocomm_comm_t,
+) -> ferrocomm_result {
+    const OP: &str = "ferrocomm_comm_create_group";
+    boundary(OP, || {
+        out_ptr(OP, "newcomm", newcomm)?;
+        // SAFETY: checked non-null; valid for writes by the caller's contract.
+        unsafe { put(newcomm, ptr::null_mut()) };
+        if n > 0 && ranks.is_null() {
+            return Err(Fail::invalid(OP, "ranks", format!("NULL with n = {n}")));
+        }
+        if n > isize::MAX as usize / std::mem::size_of::<usize>() {
+            return Err(Fail::invalid(
+                OP,
+                "n",
+                format!("{n} ranks do not fit in memory"),
+            ));
+        }
+        let list: &[usize] = if n == 0 {
+            &[]
+        } else {
+            // SAFETY: `n` readable entries by the caller's contract.
+            unsafe { std::slice::from_raw_parts(ranks, n) }
+        };
+        let sub = with_comm(OP, comm, |c| Ok(c.new_group(list)?))?;
+        // SAFETY: as above.
+        unsafe { put(newcomm, register(sub)) };
         Ok(())
     })
 }

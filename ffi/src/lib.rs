@@ -18,6 +18,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+mod collective;
 mod comm;
 mod error;
 mod handle;
@@ -26,14 +27,17 @@ mod request;
 mod sampler;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_coll;
 mod types;
 
+pub use collective::*;
 pub use comm::*;
 pub use error::{ferrocomm_last_error, ferrocomm_result, ferrocomm_strerror};
 pub use p2p::*;
 pub use request::*;
 pub use sampler::*;
-pub use types::{ferrocomm_dtype, ferrocomm_status_t};
+pub use types::{ferrocomm_dtype, ferrocomm_op, ferrocomm_status_t};
 
 use error::boundary;
 

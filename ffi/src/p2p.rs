@@ -217,7 +217,7 @@ pub unsafe extern "C" fn ferrocomm_isend(
             Ok(unsafe { c.isend_raw(SendBuf::new(bytes), dst, tag)? })
         })?;
         // SAFETY: as above.
-        unsafe { put(request, register(Pending::new(raw, dt, false))) };
+        unsafe { put(request, register(Pending::p2p(raw, dt, false))) };
         Ok(())
     })
 }
@@ -263,7 +263,7 @@ pub unsafe extern "C" fn ferrocomm_irecv(
             Ok(unsafe { c.irecv_raw(RecvBuf::new(bytes), src, tag)? })
         })?;
         // SAFETY: as above.
-        unsafe { put(request, register(Pending::new(raw, dt, true))) };
+        unsafe { put(request, register(Pending::p2p(raw, dt, true))) };
         Ok(())
     })
 }

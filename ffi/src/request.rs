@@ -6,6 +6,7 @@ use std::sync::Arc;
 use ferrocomm_rs::{DType, Error, RawRequest, Status};
 use parking_lot::Mutex;
 
+use crate::collective::CollPending;
 use crate::error::{Fail, boundary, ferrocomm_result};
 use crate::handle::{self, Kind, Object};
 use crate::types::{ferrocomm_status_t, out_ptr, put};
@@ -20,30 +21,64 @@ pub struct ferrocomm_request_t {
 }
 
 /// The operation behind a request handle.
-pub(crate) struct Pending {
-    raw: RawRequest,
-    /// Element type of the buffer, to check that a received message is whole elements.
-    dtype: DType,
-    /// A receive (whose message size is checked against the element type).
-    recv: bool,
+pub(crate) enum Pending {
+    /// A point-to-point transfer.
+    P2p {
+        raw: RawRequest,
+        /// Element type of the buffer, to check that a received message is whole elements.
+        dtype: DType,
+        /// A receive (whose message size is checked against the element type).
+        recv: bool,
+    },
+    /// A non-blocking collective (None once finished by `poll`).
+    Coll(Option<Box<dyn CollPending>>),
+}
+
+/// What a finished collective reports: no peer or tag, the bytes written to the output.
+fn coll_status(bytes: usize) -> ferrocomm_status_t {
+    ferrocomm_status_t {
+        source: usize::MAX,
+        bytes,
+        tag: 0,
+        error: ferrocomm_result::FERROCOMM_OK as u32,
+    }
 }
 
 impl Pending {
-    pub(crate) fn new(raw: RawRequest, dtype: DType, recv: bool) -> Pending {
-        Pending { raw, dtype, recv }
-    }
-
-    /// The status of a finished operation, refusing a received message that is not a whole
-    /// number of elements (as `Communicator::recv` does).
-    fn finish(&self, op: &str, st: Status) -> Result<Status, Fail> {
-        check_whole(op, self.recv, self.dtype, st)
+    pub(crate) fn p2p(raw: RawRequest, dtype: DType, recv: bool) -> Pending {
+        Pending::P2p { raw, dtype, recv }
     }
 
     /// Waits for completion.
-    fn wait(self, op: &str) -> Result<Status, Fail> {
-        let (recv, dtype) = (self.recv, self.dtype);
-        let st = self.raw.wait()?;
-        check_whole(op, recv, dtype, st)
+    fn wait(self, op: &str) -> Result<ferrocomm_status_t, Fail> {
+        match self {
+            Pending::P2p { raw, dtype, recv } => {
+                let st = raw.wait()?;
+                Ok(ferrocomm_status_t::ok(&check_whole(op, recv, dtype, st)?))
+            }
+            Pending::Coll(Some(c)) => Ok(coll_status(c.finish()?)),
+            Pending::Coll(None) => Err(Fail::Handle(format!("{op}: the request already ended"))),
+        }
+    }
+
+    /// Completes the operation if it has finished (`None`: still in flight).
+    fn poll(&mut self, op: &str) -> Option<Result<ferrocomm_status_t, Fail>> {
+        match self {
+            Pending::P2p { raw, dtype, recv } => match raw.test() {
+                Ok(None) => None,
+                Ok(Some(st)) => {
+                    Some(check_whole(op, *recv, *dtype, st).map(|st| ferrocomm_status_t::ok(&st)))
+                }
+                Err(e) => Some(Err(e.into())),
+            },
+            Pending::Coll(slot) => {
+                if slot.as_ref().is_some_and(|c| !c.done()) {
+                    return None;
+                }
+                let c = slot.take()?;
+                Some(c.finish().map(coll_status))
+            }
+        }
     }
 }
 
@@ -96,12 +131,13 @@ fn already_done(h: usize) -> Fail {
 }
 
 /// Unregisters `h` and waits for its operation.
-fn wait_one(op: &str, cell: Arc<ReqCell>, h: usize) -> Result<Status, Fail> {
+fn wait_one(op: &str, cell: Arc<ReqCell>, h: usize) -> Result<ferrocomm_status_t, Fail> {
     let pending = cell.inner.lock().take().ok_or_else(|| already_done(h))?;
     pending.wait(op)
 }
 
-/// Waits for a request to complete (`MPI_Wait`) and releases it.
+/// Waits for a request to complete (`MPI_Wait`) and releases it. For a non-blocking
+/// collective, this is the call that copies the result into the output buffer.
 ///
 /// Blocking: until the operation is complete (its buffer may then be reused), or fails
 /// after `FERROCOMM_OP_TIMEOUT`. `status` (may be NULL) receives the sender, tag and size
@@ -130,7 +166,7 @@ pub unsafe extern "C" fn ferrocomm_wait(
         let cell = cell_of(handle::remove(h, Kind::Request)?)?;
         let r = wait_one(OP, cell, h);
         let st = match &r {
-            Ok(st) => ferrocomm_status_t::ok(st),
+            Ok(st) => *st,
             Err(f) => ferrocomm_status_t::failed(f.code()),
         };
         // SAFETY: NULL or valid for writes by the caller's contract.
@@ -143,8 +179,8 @@ pub unsafe extern "C" fn ferrocomm_wait(
 /// transports once so that polling in a loop makes progress.
 ///
 /// Sets `*done` to 1 when the operation has ended, successfully or not: the handle is then
-/// released (invalid afterwards), `status` (may be NULL) is filled, and the result is the
-/// operation's. Sets `*done` to 0 when it is still in flight: the handle stays valid and
+/// released (invalid afterwards), `status` (may be NULL) is filled, a collective's result is
+/// copied into its output buffer, and the result is the operation's. Sets `*done` to 0 when it is still in flight: the handle stays valid and
 /// the result is `FERROCOMM_OK`.
 ///
 /// Thread safety: any thread; `BUSY` when another thread is testing the same request at
@@ -173,21 +209,17 @@ pub unsafe extern "C" fn ferrocomm_test(
             ))
         })?;
         let pending = slot.as_mut().ok_or_else(|| already_done(h))?;
-        let r = match pending.raw.test() {
-            Ok(None) => {
-                // SAFETY: checked non-null; valid for writes by the caller's contract.
-                unsafe { put(done, 0) };
-                return Ok(());
-            }
-            Ok(Some(st)) => pending.finish(OP, st),
-            Err(e) => Err(e.into()),
+        let Some(r) = pending.poll(OP) else {
+            // SAFETY: checked non-null; valid for writes by the caller's contract.
+            unsafe { put(done, 0) };
+            return Ok(());
         };
         *slot = None;
         drop(slot);
         // Another thread may have started waiting for it meanwhile; it then finds it empty.
         let _ = handle::remove(h, Kind::Request);
         let st = match &r {
-            Ok(st) => ferrocomm_status_t::ok(st),
+            Ok(st) => *st,
             Err(f) => ferrocomm_status_t::failed(f.code()),
         };
         // SAFETY: `done` checked non-null, `status` NULL or valid, by the caller's contract.
@@ -253,7 +285,7 @@ pub unsafe extern "C" fn ferrocomm_waitall(
         let mut first: Option<(usize, Fail)> = None;
         for (i, (cell, &h)) in cells.into_iter().zip(&hs).enumerate() {
             let st = match wait_one(OP, cell, h) {
-                Ok(st) => ferrocomm_status_t::ok(&st),
+                Ok(st) => st,
                 Err(f) => {
                     let st = ferrocomm_status_t::failed(f.code());
                     first.get_or_insert((i, f));
@@ -276,7 +308,9 @@ pub unsafe extern "C" fn ferrocomm_waitall(
 /// Releases a request without waiting for its result (`MPI_Request_free`, `MPI_Cancel`):
 /// a receive that no message has matched yet is withdrawn at once; a transfer already in
 /// flight is waited for (up to `FERROCOMM_OP_TIMEOUT`) so that the buffer is not used after
-/// this returns.
+/// this returns. A non-blocking collective is not cancelled (the other ranks expect it): it
+/// runs to its end on the worker thread, its result is discarded and its output buffer is
+/// never written; this call does not wait for it.
 ///
 /// Ownership: consumes the handle; a second free returns `INVALID_HANDLE`.
 ///

@@ -15,11 +15,11 @@ use crate::*;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> MutexGuard<'static, ()> {
+pub(crate) fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn last() -> String {
+pub(crate) fn last() -> String {
     // SAFETY: always a valid NUL-terminated string.
     unsafe { CStr::from_ptr(ferrocomm_last_error()) }
         .to_string_lossy()
@@ -27,12 +27,12 @@ fn last() -> String {
 }
 
 #[track_caller]
-fn ok(r: ferrocomm_result) {
+pub(crate) fn ok(r: ferrocomm_result) {
     assert_eq!(r, FERROCOMM_OK, "{}", last());
 }
 
 #[track_caller]
-fn fails(r: ferrocomm_result, code: ferrocomm_result, needle: &str) {
+pub(crate) fn fails(r: ferrocomm_result, code: ferrocomm_result, needle: &str) {
     assert_eq!(r, code, "{}", last());
     let msg = last();
     assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
@@ -45,7 +45,7 @@ const LIMIT: Duration = Duration::from_secs(90);
 /// `ferrocomm_init_url` (a file store, TCP between the ranks); frees each communicator afterwards. A rank that panics frees its
 /// communicator first (so its peers see it leave instead of waiting for it), and a watchdog
 /// aborts every communicator after [`LIMIT`]: a bug fails the test instead of hanging it.
-fn world(n: usize, f: impl Fn(usize, *mut ferrocomm_comm_t) + Sync) {
+pub(crate) fn world(n: usize, f: impl Fn(usize, *mut ferrocomm_comm_t) + Sync) {
     // A file store: no port to pick, so no race with other programs for one.
     let dir = tempfile::tempdir().expect("a temporary directory");
     let url = CString::new(format!("file://{}/store", dir.path().display())).unwrap();

@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 
-use ferrocomm_rs::{DType, Source, Status, Tag};
+use ferrocomm_rs::{DType, ReduceOp, Source, Status, Tag};
 
 use crate::error::{Fail, ferrocomm_result};
 
@@ -97,6 +97,71 @@ pub(crate) fn dtype(op: &str, code: u32) -> Result<DType, Fail> {
         })
 }
 
+/// Reduction operations of the collectives that combine values. Functions take the
+/// operation as a plain `uint32_t` holding one of these values and refuse anything else with
+/// `FERROCOMM_ERR_INVALID_ARGUMENT`. The values are fixed and the same as NCCL's
+/// (`ncclSum` .. `ncclAvg`).
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ferrocomm_op {
+    /// Sum (wrapping for integer types).
+    FERROCOMM_SUM = 0,
+    /// Product (wrapping for integer types).
+    FERROCOMM_PROD = 1,
+    /// Maximum (NaN if any operand is NaN).
+    FERROCOMM_MAX = 2,
+    /// Minimum (NaN if any operand is NaN).
+    FERROCOMM_MIN = 3,
+    /// Sum divided by the number of ranks; floating-point types only (an integer type gives
+    /// `FERROCOMM_ERR_INVALID_ARGUMENT`).
+    FERROCOMM_AVG = 4,
+}
+
+impl ferrocomm_op {
+    /// Every operation, in code order.
+    pub(crate) const ALL: [ferrocomm_op; 5] = {
+        use ferrocomm_op::*;
+        [
+            FERROCOMM_SUM,
+            FERROCOMM_PROD,
+            FERROCOMM_MAX,
+            FERROCOMM_MIN,
+            FERROCOMM_AVG,
+        ]
+    };
+
+    /// The Rust operation.
+    pub(crate) fn rust(self) -> ReduceOp {
+        use ferrocomm_op::*;
+        match self {
+            FERROCOMM_SUM => ReduceOp::Sum,
+            FERROCOMM_PROD => ReduceOp::Prod,
+            FERROCOMM_MAX => ReduceOp::Max,
+            FERROCOMM_MIN => ReduceOp::Min,
+            FERROCOMM_AVG => ReduceOp::Avg,
+        }
+    }
+}
+
+/// Validates an operation given as an integer, and that it applies to `dt` (avg: floating
+/// point only).
+pub(crate) fn reduce_op(op: &str, code: u32, dt: DType) -> Result<ReduceOp, Fail> {
+    let r = ferrocomm_op::ALL
+        .iter()
+        .find(|o| **o as u32 == code)
+        .map(|o| o.rust())
+        .ok_or_else(|| {
+            Fail::invalid(
+                op,
+                "op",
+                format!("{code} is not a ferrocomm_op (0..=4, FERROCOMM_SUM..FERROCOMM_AVG)"),
+            )
+        })?;
+    r.check(dt, op)?;
+    Ok(r)
+}
+
 /// Runs `$body` with `$T` bound to the Rust type of the `DType` `$dt`; returns an
 /// invalid-argument error of `$op` from the enclosing function for a type it does not know.
 macro_rules! with_dtype {
@@ -168,11 +233,13 @@ pub(crate) use with_dtype;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ferrocomm_status_t {
-    /// The sender's rank in the communicator (for a receive), the destination (for a send).
+    /// The sender's rank in the communicator (for a receive), the destination (for a send);
+    /// `SIZE_MAX` for a collective.
     pub source: usize,
-    /// Bytes received (or sent). Divide by the data type's size for elements.
+    /// Bytes received (or sent); for a collective, the bytes written into this rank's
+    /// output buffer. Divide by the data type's size for elements.
     pub bytes: usize,
-    /// The message's tag.
+    /// The message's tag (0 for a collective).
     pub tag: u32,
     /// How this operation ended (`FERROCOMM_OK` or an error code): lets
     /// `ferrocomm_waitall` report each request.
@@ -227,7 +294,7 @@ pub(crate) fn tag(op: &str, tag: i64) -> Result<Tag, Fail> {
 
 /// The byte length of `count` elements of `dt`, refused when it overflows what a buffer can
 /// be.
-fn byte_len(op: &str, arg: &str, count: usize, dt: DType) -> Result<usize, Fail> {
+pub(crate) fn byte_len(op: &str, arg: &str, count: usize, dt: DType) -> Result<usize, Fail> {
     count
         .checked_mul(dt.size())
         .filter(|&n| n <= isize::MAX as usize)
@@ -240,7 +307,13 @@ fn byte_len(op: &str, arg: &str, count: usize, dt: DType) -> Result<usize, Fail>
         })
 }
 
-fn check_ptr(op: &str, arg: &str, p: *const c_void, count: usize, dt: DType) -> Result<(), Fail> {
+pub(crate) fn check_ptr(
+    op: &str,
+    arg: &str,
+    p: *const c_void,
+    count: usize,
+    dt: DType,
+) -> Result<(), Fail> {
     if count > 0 && p.is_null() {
         return Err(Fail::invalid(
             op,
@@ -343,6 +416,37 @@ mod tests {
             let e = dtype("ferrocomm_send", bad).unwrap_err().to_string();
             assert!(e.contains(&bad.to_string()) && e.contains("dtype"), "{e}");
         }
+    }
+
+    #[test]
+    fn ops_map_one_to_one() {
+        for (i, o) in ferrocomm_op::ALL.iter().enumerate() {
+            assert_eq!(*o as u32, i as u32);
+            assert_eq!(reduce_op("t", i as u32, DType::F32).unwrap(), o.rust());
+            let name = format!("{o:?}").to_lowercase();
+            assert_eq!(format!("ferrocomm_{}", o.rust().name()), name);
+        }
+        let mut all: Vec<_> = ferrocomm_op::ALL.iter().map(|o| o.rust()).collect();
+        all.sort_by_key(|o| *o as u8);
+        all.dedup();
+        assert_eq!(
+            all.len(),
+            ReduceOp::ALL.len(),
+            "every Rust operation has a C code"
+        );
+        for bad in [5, 99, u32::MAX] {
+            let e = reduce_op("ferrocomm_allreduce", bad, DType::F32).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("{bad} is not a ferrocomm_op")),
+                "{e}"
+            );
+        }
+        let e = reduce_op("ferrocomm_allreduce", 4, DType::I32).unwrap_err();
+        assert!(
+            e.to_string().contains("avg is defined for floating-point"),
+            "{e}"
+        );
     }
 
     #[test]
