@@ -107,6 +107,25 @@ using Status = ferrocomm_status_t;
 inline constexpr std::int64_t any_source = FERROCOMM_ANY_SOURCE;
 inline constexpr std::int64_t any_tag = FERROCOMM_ANY_TAG;
 
+/// Reduction operations (ferrocomm_op).
+enum class Op : std::uint32_t {
+    sum = FERROCOMM_SUM,
+    prod = FERROCOMM_PROD,
+    max = FERROCOMM_MAX,
+    min = FERROCOMM_MIN,
+    avg = FERROCOMM_AVG, ///< floating-point types only
+};
+
+namespace detail {
+template <class R> auto span_of(R &r) {
+    return std::span(std::ranges::data(r), std::ranges::size(r));
+}
+inline void require(bool ok, const std::string &what) {
+    if (!ok) throw Error(FERROCOMM_ERR_INVALID_ARGUMENT, "invalid argument: " + what);
+}
+template <class S, class R> constexpr bool same_dtype = dtype_v<S> == dtype_v<R>;
+} // namespace detail
+
 /// A non-blocking operation (ferrocomm_request_t). Move-only; its destructor releases it
 /// (ferrocomm_request_free: withdraws a receive nothing matched, else waits).
 class [[nodiscard]] Request {
@@ -266,6 +285,191 @@ class Communicator {
         ferrocomm_request_t *h = nullptr;
         check(ferrocomm_irecv(h_, s.data(), s.size(), dtype_v<R>, src, tag, &h));
         return Request(h);
+    }
+
+    // ---- collectives (ferrocomm_allreduce ...; every rank calls them in the same order) --
+
+    /// Reduces `buf` over every rank, in place (ferrocomm_allreduce with
+    /// FERROCOMM_IN_PLACE).
+    template <MutableBuffer R> void all_reduce(R &buf, Op op = Op::sum) const {
+        auto b = detail::span_of(buf);
+        check(ferrocomm_allreduce(h_, FERROCOMM_IN_PLACE, b.data(), b.size(), dtype_v<R>,
+                                  std::uint32_t(op)));
+    }
+    /// Reduces `send` over every rank into `recv` (same length).
+    template <Buffer S, MutableBuffer R>
+        requires detail::same_dtype<S, R>
+    void all_reduce(const S &send, R &recv, Op op = Op::sum) const {
+        auto s = detail::span_of(send);
+        auto r = detail::span_of(recv);
+        detail::require(s.size() == r.size(), "all_reduce: recv must be as long as send");
+        check(ferrocomm_allreduce(h_, s.data(), r.data(), s.size(), dtype_v<R>,
+                                  std::uint32_t(op)));
+    }
+    /// Copies the root's `buf` to every rank (ferrocomm_broadcast).
+    template <MutableBuffer R> void broadcast(R &buf, std::size_t root) const {
+        auto b = detail::span_of(buf);
+        check(ferrocomm_broadcast(h_, b.data(), b.size(), dtype_v<R>, root));
+    }
+    /// Reduces every rank's `send` into the root's `recv` (ignored elsewhere; may be empty).
+    template <Buffer S, MutableBuffer R>
+        requires detail::same_dtype<S, R>
+    void reduce(const S &send, R &recv, Op op, std::size_t root) const {
+        auto s = detail::span_of(send);
+        auto r = detail::span_of(recv);
+        detail::require(rank() != root || r.size() == s.size(),
+                        "reduce: recv must be as long as send at the root");
+        check(ferrocomm_reduce(h_, s.data(), r.data(), s.size(), dtype_v<R>, std::uint32_t(op),
+                               root));
+    }
+    /// In-place reduce: `buf` is the contribution, and at the root the result.
+    template <MutableBuffer R> void reduce(R &buf, Op op, std::size_t root) const {
+        auto b = detail::span_of(buf);
+        check(ferrocomm_reduce(h_, FERROCOMM_IN_PLACE, b.data(), b.size(), dtype_v<R>,
+                               std::uint32_t(op), root));
+    }
+    /// Gathers every rank's `send` into every rank's `recv` (size() blocks).
+    template <Buffer S, MutableBuffer R>
+        requires detail::same_dtype<S, R>
+    void all_gather(const S &send, R &recv) const {
+        auto s = detail::span_of(send);
+        auto r = detail::span_of(recv);
+        detail::require(r.size() == s.size() * size(),
+                        "all_gather: recv must hold size() blocks of send's length");
+        check(ferrocomm_allgather(h_, s.data(), r.data(), s.size(), dtype_v<R>));
+    }
+    /// In-place all_gather: `buf` holds size() blocks, this rank's already in place.
+    template <MutableBuffer R> void all_gather(R &buf) const {
+        auto b = detail::span_of(buf);
+        detail::require(b.size() % size() == 0, "all_gather: buf must hold size() blocks");
+        check(ferrocomm_allgather(h_, FERROCOMM_IN_PLACE, b.data(), b.size() / size(),
+                                  dtype_v<R>));
+    }
+    /// Reduces every rank's `send` (size() blocks) and leaves block rank() in `recv`.
+    template <Buffer S, MutableBuffer R>
+        requires detail::same_dtype<S, R>
+    void reduce_scatter(const S &send, R &recv, Op op = Op::sum) const {
+        auto s = detail::span_of(send);
+        auto r = detail::span_of(recv);
+        detail::require(s.size() == r.size() * size(),
+                        "reduce_scatter: send must hold size() blocks of recv's length");
+        check(ferrocomm_reduce_scatter(h_, s.data(), r.data(), r.size(), dtype_v<R>,
+                                       std::uint32_t(op)));
+    }
+    /// Gathers every rank's `send` into the root's `recv` (size() blocks; ignored elsewhere).
+    template <Buffer S, MutableBuffer R>
+        requires detail::same_dtype<S, R>
+    void gather(const S &send, R &recv, std::size_t root) const {
+        auto s = detail::span_of(send);
+        auto r = detail::span_of(recv);
+        detail::require(rank() != root || r.size() == s.size() * size(),
+                        "gather: recv must hold size() blocks of send's length at the root");
+        check(ferrocomm_gather(h_, s.data(), r.data(), s.size(), dtype_v<R>, root));
+    }
+    /// Sends block i of the root's `send` (size() blocks; ignored elsewhere) to rank i's
+    /// `recv`.
+    template <Buffer S, MutableBuffer R>
+        requires detail::same_dtype<S, R>
+    void scatter(const S &send, R &recv, std::size_t root) const {
+        auto s = detail::span_of(send);
+        auto r = detail::span_of(recv);
+        detail::require(rank() != root || s.size() == r.size() * size(),
+                        "scatter: send must hold size() blocks of recv's length at the root");
+        check(ferrocomm_scatter(h_, s.data(), r.data(), r.size(), dtype_v<R>, root));
+    }
+    /// Sends block j of `send` to rank j, which stores it as block rank() of `recv`.
+    template <Buffer S, MutableBuffer R>
+        requires detail::same_dtype<S, R>
+    void all_to_all(const S &send, R &recv) const {
+        auto s = detail::span_of(send);
+        auto r = detail::span_of(recv);
+        detail::require(s.size() == r.size() && s.size() % size() == 0,
+                        "all_to_all: send and recv must hold size() equal blocks");
+        check(ferrocomm_alltoall(h_, s.data(), r.data(), s.size() / size(), dtype_v<R>));
+    }
+    /// All-reduces many buffers of one type at once, packed into buckets
+    /// (ferrocomm_allreduce_many; bucket_bytes 0: 25 MiB).
+    template <Element T>
+    void all_reduce_many(std::span<const std::span<T>> bufs, Op op = Op::sum,
+                         std::size_t bucket_bytes = 0) const {
+        std::vector<void *> ptrs;
+        std::vector<std::size_t> counts;
+        for (auto b : bufs) {
+            ptrs.push_back(b.data());
+            counts.push_back(b.size());
+        }
+        check(ferrocomm_allreduce_many(h_, ptrs.data(), counts.data(), ptrs.size(),
+                                       dtype_of<std::remove_cv_t<T>>::value, std::uint32_t(op),
+                                       bucket_bytes));
+    }
+
+    // ---- non-blocking collectives: the result lands in the buffer when the Request
+    // completes (wait/test/wait_all); do not touch the buffer until then. A Request destroyed
+    // before completion lets the collective finish but never writes the buffer.
+
+    /// Starts an in-place all_reduce of `buf` (ferrocomm_iallreduce).
+    template <MutableBuffer R> Request iall_reduce(R &buf, Op op = Op::sum) const {
+        auto b = detail::span_of(buf);
+        ferrocomm_request_t *h = nullptr;
+        check(ferrocomm_iallreduce(h_, FERROCOMM_IN_PLACE, b.data(), b.size(), dtype_v<R>,
+                                   std::uint32_t(op), &h));
+        return Request(h);
+    }
+    /// Starts an all_reduce of `send` into `recv` (send is copied at once).
+    template <Buffer S, MutableBuffer R>
+        requires detail::same_dtype<S, R>
+    Request iall_reduce(const S &send, R &recv, Op op = Op::sum) const {
+        auto s = detail::span_of(send);
+        auto r = detail::span_of(recv);
+        detail::require(s.size() == r.size(), "iall_reduce: recv must be as long as send");
+        ferrocomm_request_t *h = nullptr;
+        check(ferrocomm_iallreduce(h_, s.data(), r.data(), s.size(), dtype_v<R>,
+                                   std::uint32_t(op), &h));
+        return Request(h);
+    }
+    /// Starts a broadcast of the root's `buf` (ferrocomm_ibroadcast).
+    template <MutableBuffer R> Request ibroadcast(R &buf, std::size_t root) const {
+        auto b = detail::span_of(buf);
+        ferrocomm_request_t *h = nullptr;
+        check(ferrocomm_ibroadcast(h_, b.data(), b.size(), dtype_v<R>, root, &h));
+        return Request(h);
+    }
+    /// Starts an all_gather of `send` into `recv` (ferrocomm_iallgather).
+    template <Buffer S, MutableBuffer R>
+        requires detail::same_dtype<S, R>
+    Request iall_gather(const S &send, R &recv) const {
+        auto s = detail::span_of(send);
+        auto r = detail::span_of(recv);
+        detail::require(r.size() == s.size() * size(),
+                        "iall_gather: recv must hold size() blocks of send's length");
+        ferrocomm_request_t *h = nullptr;
+        check(ferrocomm_iallgather(h_, s.data(), r.data(), s.size(), dtype_v<R>, &h));
+        return Request(h);
+    }
+    /// Starts a barrier (ferrocomm_ibarrier).
+    Request ibarrier() const {
+        ferrocomm_request_t *h = nullptr;
+        check(ferrocomm_ibarrier(h_, &h));
+        return Request(h);
+    }
+
+    // ---- sub-communicators ----
+
+    /// Splits by color (ferrocomm_comm_split); nothing for a rank passing std::nullopt.
+    std::optional<Communicator> split(std::optional<std::uint32_t> color,
+                                      std::int64_t key = 0) const {
+        ferrocomm_comm_t *h = nullptr;
+        check(ferrocomm_comm_split(h_, color ? std::int64_t(*color) : FERROCOMM_UNDEFINED, key,
+                                   &h));
+        if (!h) return std::nullopt;
+        return Communicator(h);
+    }
+    /// A communicator of some ranks, numbered in the order given (ferrocomm_comm_create_group;
+    /// only the members call it).
+    Communicator create_group(std::span<const std::size_t> ranks) const {
+        ferrocomm_comm_t *h = nullptr;
+        check(ferrocomm_comm_create_group(h_, ranks.data(), ranks.size(), &h));
+        return Communicator(h);
     }
 
     /// The C handle (still owned by this Communicator).

@@ -25,6 +25,11 @@ import numpy as np
 __all__ = [
     "ANY_SOURCE",
     "ANY_TAG",
+    "AVG",
+    "MAX",
+    "MIN",
+    "PROD",
+    "SUM",
     "Communicator",
     "Error",
     "Request",
@@ -69,6 +74,15 @@ _DTYPES = {
     np.dtype(np.float32): F32,
     np.dtype(np.float64): F64,
 }
+
+# ferrocomm_op codes (ferrocomm.h); methods also take the names "sum", "prod", ...
+SUM, PROD, MAX, MIN, AVG = range(5)
+_OPS = {"sum": SUM, "prod": PROD, "max": MAX, "min": MIN, "avg": AVG}
+
+# FERROCOMM_IN_PLACE: the address 1.
+_IN_PLACE = 1
+# FERROCOMM_UNDEFINED: the color of a rank that joins no communicator in split().
+UNDEFINED = -1
 
 SAMPLER_NO_SHUFFLE = 1
 SAMPLER_DROP_LAST = 2
@@ -163,6 +177,21 @@ _SIGNATURES = {
     "ferrocomm_test": ([_p, ctypes.POINTER(ctypes.c_int), _PST], _u32),
     "ferrocomm_waitall": ([_sz, _PP, _PST], _u32),
     "ferrocomm_request_free": ([_p], _u32),
+    "ferrocomm_allreduce": ([_p, _p, _p, _sz, _u32, _u32], _u32),
+    "ferrocomm_iallreduce": ([_p, _p, _p, _sz, _u32, _u32, _PP], _u32),
+    "ferrocomm_broadcast": ([_p, _p, _sz, _u32, _sz], _u32),
+    "ferrocomm_ibroadcast": ([_p, _p, _sz, _u32, _sz, _PP], _u32),
+    "ferrocomm_reduce": ([_p, _p, _p, _sz, _u32, _u32, _sz], _u32),
+    "ferrocomm_allgather": ([_p, _p, _p, _sz, _u32], _u32),
+    "ferrocomm_iallgather": ([_p, _p, _p, _sz, _u32, _PP], _u32),
+    "ferrocomm_reduce_scatter": ([_p, _p, _p, _sz, _u32, _u32], _u32),
+    "ferrocomm_gather": ([_p, _p, _p, _sz, _u32, _sz], _u32),
+    "ferrocomm_scatter": ([_p, _p, _p, _sz, _u32, _sz], _u32),
+    "ferrocomm_alltoall": ([_p, _p, _p, _sz, _u32], _u32),
+    "ferrocomm_ibarrier": ([_p, _PP], _u32),
+    "ferrocomm_allreduce_many": ([_p, _PP, _PSZ, _sz, _u32, _u32, _sz], _u32),
+    "ferrocomm_comm_split": ([_p, _i64, _i64, _PP], _u32),
+    "ferrocomm_comm_create_group": ([_p, _PSZ, _sz, _PP], _u32),
     "ferrocomm_sampler_indices": (
         [_u64, _u64, _u64, _u64, _u64, _u32, ctypes.POINTER(_u64), _sz, _PSZ],
         _u32,
@@ -225,10 +254,25 @@ def _buffer(arr, dtype, writable):
     return arr.ctypes.data, arr.size, _dtype_code(arr, dtype)
 
 
+def _op(op):
+    if isinstance(op, str):
+        code = _OPS.get(op.lower())
+        if code is None:
+            raise ValueError(f"unknown reduction {op!r} (sum, prod, max, min, avg)")
+        return code
+    return int(op)
+
+
+def _same(a, b, what):
+    if a[2] != b[2]:
+        raise TypeError(f"{what}: both arrays must have one element type")
+
+
 class Request:
-    """A non-blocking send or receive. Keeps its array alive until it has finished; a
-    request that is garbage collected unfinished is released (a receive nothing matched is
-    withdrawn, a transfer in flight is waited for)."""
+    """A non-blocking send, receive or collective. Keeps its arrays alive until it has
+    finished; a request that is garbage collected unfinished is released (a receive nothing
+    matched is withdrawn, a transfer in flight is waited for, a collective finishes without
+    writing its output array)."""
 
     def __init__(self, handle, array):
         self._h = handle
@@ -385,6 +429,181 @@ class Communicator:
         h = _p()
         _check(_lib.ferrocomm_irecv(self._h, p, n, d, src, tag, ctypes.byref(h)))
         return Request(h.value, array)
+
+    # ---- collectives: every rank calls the same ones in the same order ----
+
+    def all_reduce(self, array, op="sum", out=None, dtype=None):
+        """Reduces `array` over every rank with `op` ("sum", "prod", "max", "min", "avg");
+        in place unless `out` (same shape and type) is given. Returns the result array."""
+        s = _buffer(array, dtype, out is None)
+        if out is None:
+            _check(_lib.ferrocomm_allreduce(self._h, _IN_PLACE, s[0], s[1], s[2], _op(op)))
+            return array
+        r = _buffer(out, dtype, True)
+        _same(s, r, "all_reduce")
+        if r[1] != s[1]:
+            raise ValueError("all_reduce: out must be as long as array")
+        _check(_lib.ferrocomm_allreduce(self._h, s[0], r[0], s[1], s[2], _op(op)))
+        return out
+
+    def iall_reduce(self, array, op="sum", out=None, dtype=None):
+        """Starts all_reduce; the result is in `out` (or `array`, in place) once the
+        returned Request has finished. Do not touch that array until then."""
+        s = _buffer(array, dtype, out is None)
+        h = _p()
+        if out is None:
+            _check(
+                _lib.ferrocomm_iallreduce(
+                    self._h, _IN_PLACE, s[0], s[1], s[2], _op(op), ctypes.byref(h)
+                )
+            )
+            return Request(h.value, array)
+        r = _buffer(out, dtype, True)
+        _same(s, r, "iall_reduce")
+        if r[1] != s[1]:
+            raise ValueError("iall_reduce: out must be as long as array")
+        _check(
+            _lib.ferrocomm_iallreduce(self._h, s[0], r[0], s[1], s[2], _op(op), ctypes.byref(h))
+        )
+        return Request(h.value, (array, out))
+
+    def broadcast(self, array, root=0, dtype=None):
+        """Copies the root's `array` into every rank's `array`."""
+        p, n, d = _buffer(array, dtype, True)
+        _check(_lib.ferrocomm_broadcast(self._h, p, n, d, root))
+        return array
+
+    def ibroadcast(self, array, root=0, dtype=None):
+        """Starts broadcast; read `array` after the Request has finished."""
+        p, n, d = _buffer(array, dtype, True)
+        h = _p()
+        _check(_lib.ferrocomm_ibroadcast(self._h, p, n, d, root, ctypes.byref(h)))
+        return Request(h.value, array)
+
+    def reduce(self, array, op="sum", root=0, out=None, dtype=None):
+        """Reduces every rank's `array` into the root's `out` (in place in `array` when
+        `out` is None). Returns the result at the root, None elsewhere."""
+        s = _buffer(array, dtype, out is None)
+        if out is None:
+            _check(_lib.ferrocomm_reduce(self._h, _IN_PLACE, s[0], s[1], s[2], _op(op), root))
+            return array if self.rank == root else None
+        r = _buffer(out, dtype, True)
+        _same(s, r, "reduce")
+        _check(_lib.ferrocomm_reduce(self._h, s[0], r[0], s[1], s[2], _op(op), root))
+        return out if self.rank == root else None
+
+    def all_gather(self, array, out=None, dtype=None):
+        """Gathers every rank's `array` into `out` (size * len(array) elements, allocated
+        when None) in rank order; returns `out`."""
+        s = _buffer(array, dtype, False)
+        if out is None:
+            out = np.empty(self.size * array.size, dtype=array.dtype)
+        r = _buffer(out, dtype, True)
+        _same(s, r, "all_gather")
+        _check(_lib.ferrocomm_allgather(self._h, s[0], r[0], s[1], s[2]))
+        return out
+
+    def iall_gather(self, array, out, dtype=None):
+        """Starts all_gather into `out`; read it after the Request has finished."""
+        s = _buffer(array, dtype, False)
+        r = _buffer(out, dtype, True)
+        _same(s, r, "iall_gather")
+        h = _p()
+        _check(_lib.ferrocomm_iallgather(self._h, s[0], r[0], s[1], s[2], ctypes.byref(h)))
+        return Request(h.value, (array, out))
+
+    def reduce_scatter(self, array, op="sum", out=None, dtype=None):
+        """Reduces every rank's `array` (size equal blocks) and returns block `rank` of the
+        result (in `out` when given)."""
+        s = _buffer(array, dtype, False)
+        if out is None:
+            out = np.empty(array.size // max(self.size, 1), dtype=array.dtype)
+        r = _buffer(out, dtype, True)
+        _same(s, r, "reduce_scatter")
+        if r[1] * self.size != s[1]:
+            raise ValueError("reduce_scatter: array must hold size blocks of out's length")
+        _check(_lib.ferrocomm_reduce_scatter(self._h, s[0], r[0], r[1], s[2], _op(op)))
+        return out
+
+    def gather(self, array, root=0, out=None, dtype=None):
+        """Gathers every rank's `array` into the root's `out` (allocated when None);
+        returns it at the root, None elsewhere."""
+        s = _buffer(array, dtype, False)
+        if self.rank == root:
+            if out is None:
+                out = np.empty(self.size * array.size, dtype=array.dtype)
+            r = _buffer(out, dtype, True)
+            _same(s, r, "gather")
+            rp = r[0]
+        else:
+            rp = None
+        _check(_lib.ferrocomm_gather(self._h, s[0], rp, s[1], s[2], root))
+        return out if self.rank == root else None
+
+    def scatter(self, array, out, root=0, dtype=None):
+        """Sends block i of the root's `array` (size blocks of len(out); ignored elsewhere,
+        may be None) to rank i's `out`; returns `out`."""
+        r = _buffer(out, dtype, True)
+        sp = None
+        if self.rank == root:
+            s = _buffer(array, dtype, False)
+            _same(s, r, "scatter")
+            sp = s[0]
+        _check(_lib.ferrocomm_scatter(self._h, sp, r[0], r[1], r[2], root))
+        return out
+
+    def all_to_all(self, array, out=None, dtype=None):
+        """Sends block j of `array` (size equal blocks) to rank j, which stores it as block
+        `rank` of `out` (allocated when None); returns `out`."""
+        s = _buffer(array, dtype, False)
+        if out is None:
+            out = np.empty_like(array)
+        r = _buffer(out, dtype, True)
+        _same(s, r, "all_to_all")
+        if r[1] != s[1] or s[1] % self.size:
+            raise ValueError("all_to_all: array and out must hold size equal blocks")
+        _check(_lib.ferrocomm_alltoall(self._h, s[0], r[0], s[1] // self.size, s[2]))
+        return out
+
+    def ibarrier(self):
+        """Starts a barrier; the Request finishes when every rank has started it."""
+        h = _p()
+        _check(_lib.ferrocomm_ibarrier(self._h, ctypes.byref(h)))
+        return Request(h.value, None)
+
+    def all_reduce_many(self, arrays, op="sum", bucket_bytes=0):
+        """All-reduces many arrays of one element type in place, packed into buckets of at
+        most `bucket_bytes` (0: 25 MiB), as data-parallel training reduces gradients."""
+        arrays = list(arrays)
+        bufs = [_buffer(a, None, True) for a in arrays]
+        if len({b[2] for b in bufs}) > 1:
+            raise TypeError("all_reduce_many: all arrays must have one element type")
+        d = bufs[0][2] if bufs else F32
+        ptrs = (_p * len(bufs))(*[b[0] for b in bufs])
+        counts = (_sz * len(bufs))(*[b[1] for b in bufs])
+        _check(
+            _lib.ferrocomm_allreduce_many(
+                self._h, ptrs, counts, len(bufs), d, _op(op), bucket_bytes
+            )
+        )
+        return arrays
+
+    # ---- sub-communicators ----
+
+    def split(self, color, key=0):
+        """Splits by color (MPI_Comm_split): a Communicator of the ranks with the same
+        color, ordered by key; None for color None. Every rank calls it."""
+        h = _p()
+        c = UNDEFINED if color is None else color
+        _check(_lib.ferrocomm_comm_split(self._h, c, key, ctypes.byref(h)))
+        return Communicator(h.value) if h.value else None
+
+    def create_group(self, ranks):
+        """A Communicator of `ranks` (numbered in that order); only they call it."""
+        arr = (_sz * len(ranks))(*ranks)
+        h = _p()
+        _check(_lib.ferrocomm_comm_create_group(self._h, arr, len(ranks), ctypes.byref(h)))
+        return Communicator(h.value)
 
     def close(self):
         """Releases the communicator (also done when it is garbage collected)."""

@@ -118,6 +118,70 @@ class OneRank(unittest.TestCase):
         self.assertEqual(lib.ferrocomm_comm_rank(h, ctypes.byref(v)), ferrocomm.ERR_INVALID_HANDLE)
 
 
+class Collectives(unittest.TestCase):
+    """One rank: every collective's result is its own input, which checks the plumbing
+    (pointers, counts, types, in place, requests); 3 ranks run in ffi/examples."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory()
+        cls.comm = ferrocomm.Communicator.init(f"file://{cls.dir.name}/store", 1, 0)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.comm.close()
+        cls.dir.cleanup()
+
+    def test_collectives_of_one_rank(self):
+        c = self.comm
+        x = np.arange(12, dtype=np.float32)
+        np.testing.assert_array_equal(c.all_reduce(x.copy(), "avg"), x)
+        np.testing.assert_array_equal(c.all_reduce(x, ferrocomm.MAX, out=np.empty_like(x)), x)
+        np.testing.assert_array_equal(c.broadcast(x.copy(), 0), x)
+        np.testing.assert_array_equal(c.reduce(x.copy(), "sum", 0), x)
+        np.testing.assert_array_equal(c.all_gather(x), x)
+        np.testing.assert_array_equal(c.reduce_scatter(x), x)
+        np.testing.assert_array_equal(c.gather(x, 0), x)
+        np.testing.assert_array_equal(c.scatter(x, np.empty_like(x), 0), x)
+        np.testing.assert_array_equal(c.all_to_all(x), x)
+        y = x.copy()
+        r = c.iall_reduce(y, "sum")
+        self.assertEqual(r.wait().bytes, x.nbytes)
+        np.testing.assert_array_equal(y, x)
+        out = np.zeros_like(x)
+        reqs = [c.iall_gather(x, out), c.ibroadcast(y, 0), c.ibarrier()]
+        ferrocomm.waitall(reqs)
+        np.testing.assert_array_equal(out, x)
+        a, b = np.ones(5, dtype=np.float64), np.full(3, 2.0)
+        c.all_reduce_many([a, b], "sum", bucket_bytes=16)
+        np.testing.assert_array_equal(a, 1.0)
+        np.testing.assert_array_equal(b, 2.0)
+        sub = c.split(0, key=5)
+        self.assertEqual((sub.rank, sub.size), (0, 1))
+        sub.close()
+        self.assertIsNone(c.split(None))
+        g = c.create_group([0])
+        self.assertEqual(g.size, 1)
+        g.close()
+
+    def test_collective_errors(self):
+        c = self.comm
+        with self.assertRaises(ferrocomm.Error) as e:
+            c.all_reduce(np.arange(4, dtype=np.int32), "avg")
+        self.assertEqual(e.exception.code, ferrocomm.ERR_INVALID_ARGUMENT)
+        self.assertIn("avg is defined for floating-point", e.exception.message)
+        with self.assertRaises(ferrocomm.Error) as e:
+            c.broadcast(np.zeros(3), root=1)
+        self.assertIn("root", e.exception.message)
+        with self.assertRaises(ferrocomm.Error) as e:
+            c.all_reduce(np.zeros(3), op=9)
+        self.assertIn("9 is not a ferrocomm_op", e.exception.message)
+        with self.assertRaises(ValueError):
+            c.all_reduce(np.zeros(3), op="mean")
+        with self.assertRaises(TypeError):
+            c.all_reduce(np.zeros(3), out=np.zeros(3, dtype=np.float32))
+
+
 class Sampler(unittest.TestCase):
     def test_shards(self):
         shards = [ferrocomm.sampler_indices(10, 4, r, shuffle=False) for r in range(4)]
