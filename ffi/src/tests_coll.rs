@@ -807,3 +807,42 @@ fn collective_argument_errors() {
     assert_eq!(comm::live(), 0);
     assert_eq!(request::live(), 0);
 }
+
+#[test]
+fn mismatched_collectives_are_an_error_code_not_mixed_data() {
+    let _g = serial();
+    let codes = std::sync::Mutex::new(Vec::new());
+    world(2, |me, comm| {
+        // Rank 0 reduces 8 elements, rank 1 reduces 9: every rank fails (in this call, or in
+        // the next barrier), at least one with COLLECTIVE_MISMATCH, and the communicator
+        // stays failed.
+        let mut v = vec![1f32; 8 + me];
+        // SAFETY: `v` holds 8 + me f32.
+        let mut r = unsafe {
+            ferrocomm_allreduce(
+                comm,
+                IP,
+                v.as_mut_ptr().cast(),
+                v.len(),
+                FERROCOMM_F32 as u32,
+                0,
+            )
+        };
+        for _ in 0..3 {
+            if r != FERROCOMM_OK {
+                break;
+            }
+            r = ferrocomm_barrier(comm);
+        }
+        assert_ne!(r, FERROCOMM_OK, "a mismatch must fail");
+        assert_ne!(ferrocomm_barrier(comm), FERROCOMM_OK, "sticky");
+        codes.lock().unwrap().push((r, crate::tests::last()));
+    });
+    let codes = codes.into_inner().unwrap();
+    assert!(
+        codes
+            .iter()
+            .any(|(c, m)| *c == FERROCOMM_ERR_COLLECTIVE_MISMATCH && m.contains("count")),
+        "{codes:?}"
+    );
+}
