@@ -313,65 +313,30 @@ fn credits_many_small_messages() {
     );
 }
 
-/// Ring all-reduce (reduce-scatter then all-gather, written here over p2p) of `data`.
-fn ring_all_reduce(c: &Communicator, data: &mut [f64]) {
-    let (me, n) = (c.rank(), c.size());
-    let (len, chunk) = (data.len(), data.len().div_ceil(n));
-    let range = |k: usize| (k * chunk).min(len)..((k + 1) * chunk).min(len);
-    let (right, left) = ((me + 1) % n, (me + n - 1) % n);
-    let mut tmp = vec![0f64; chunk];
-    for step in 0..n - 1 {
-        let send_k = (me + n - step) % n;
-        let recv_k = (me + n - step - 1) % n;
-        let out = data[range(send_k)].to_vec();
-        let r = range(recv_k);
-        c.sendrecv(&out, right, 11, &mut tmp[..r.len()], left, 11u32)
-            .unwrap();
-        for (d, t) in data[r].iter_mut().zip(&tmp) {
-            *d += t;
-        }
-    }
-    for step in 0..n - 1 {
-        let send_k = (me + 1 + n - step) % n;
-        let recv_k = (me + n - step) % n;
-        let out = data[range(send_k)].to_vec();
-        let r = range(recv_k);
-        c.sendrecv(&out, right, 12, &mut tmp[..r.len()], left, 12u32)
-            .unwrap();
-        data[r.clone()].copy_from_slice(&tmp[..r.len()]);
-    }
-}
-
-/// Binomial-tree broadcast from `root` over p2p.
-fn broadcast(c: &Communicator, buf: &mut [u8], root: usize) {
-    let (me, n) = (c.rank(), c.size());
-    let rel = (me + n - root) % n;
-    let mut mask = 1;
-    while mask < n {
-        if rel & mask != 0 {
-            let src = (rel - mask + root) % n;
-            c.recv(buf, src, 21u32).unwrap();
-            break;
-        }
-        mask <<= 1;
-    }
-    mask >>= 1;
-    while mask > 0 {
-        if rel + mask < n {
-            c.send(buf, (rel + mask + root) % n, 21).unwrap();
-        }
-        mask >>= 1;
-    }
-}
-
+/// The library's all_reduce (every algorithm forced in turn, and the automatic choice) and
+/// broadcast over verbs, results checked exactly.
 fn collectives_body(c: &Communicator) {
+    use ferrocomm::{AllReduceAlgo, AllReduceOptions, ReduceOp};
     let (me, n) = (c.rank(), c.size());
-    for len in [1usize, 10, 3 * 100_000 + 7] {
-        let mut data: Vec<f64> = (0..len).map(|i| (me * 1000 + i % 997) as f64).collect();
-        ring_all_reduce(c, &mut data);
-        for (i, x) in data.iter().enumerate() {
-            let want: f64 = (0..n).map(|r| (r * 1000 + i % 997) as f64).sum();
-            assert_eq!(*x, want, "all_reduce of {len} at {i}");
+    let algos = [
+        None,
+        Some(AllReduceAlgo::Ring),
+        Some(AllReduceAlgo::HalvingDoubling),
+        Some(AllReduceAlgo::RecursiveDoubling),
+    ];
+    for algo in algos {
+        for len in [1usize, 10, 3 * 100_000 + 7] {
+            let mut data: Vec<f64> = (0..len).map(|i| (me * 1000 + i % 997) as f64).collect();
+            match algo {
+                None => c.all_reduce(&mut data, ReduceOp::Sum).unwrap(),
+                Some(a) => c
+                    .all_reduce_with(&mut data, ReduceOp::Sum, &AllReduceOptions::algo(a))
+                    .unwrap(),
+            }
+            for (i, x) in data.iter().enumerate() {
+                let want: f64 = (0..n).map(|r| (r * 1000 + i % 997) as f64).sum();
+                assert_eq!(*x, want, "all_reduce ({algo:?}) of {len} at {i}");
+            }
         }
     }
     for (root, len) in [(0usize, 100usize), (n - 1, 1 << 20), (1, 8192 + 1)] {
@@ -381,7 +346,7 @@ fn collectives_body(c: &Communicator) {
         } else {
             vec![0; len]
         };
-        broadcast(c, &mut buf, root);
+        c.broadcast(&mut buf, root).unwrap();
         assert!(buf == want, "broadcast of {len} from {root}");
     }
 }
