@@ -846,3 +846,57 @@ fn mismatched_collectives_are_an_error_code_not_mixed_data() {
         "{codes:?}"
     );
 }
+
+#[test]
+fn collective_requests_outlive_their_communicator_and_mix_with_p2p_in_waitall() {
+    let _g = serial();
+    world(2, |me, comm| {
+        let other = 1 - me;
+        let mut dup = null_mut();
+        let mut v = vec![me as f64 + 1.0; 1000];
+        let out = [me as u32; 4];
+        let mut inp = [9u32; 4];
+        let mut reqs = [null_mut(); 3];
+        // SAFETY: every buffer outlives its request (all are waited for below).
+        unsafe {
+            ok(ferrocomm_comm_dup(comm, &mut dup));
+            ok(ferrocomm_iallreduce(
+                dup,
+                IP,
+                v.as_mut_ptr().cast(),
+                v.len(),
+                FERROCOMM_F64 as u32,
+                FERROCOMM_SUM as u32,
+                &mut reqs[0],
+            ));
+            // Freeing the communicator lets its started collective finish; the request
+            // stays valid and still delivers the result.
+            ok(ferrocomm_comm_free(dup));
+            ok(ferrocomm_irecv(
+                comm,
+                inp.as_mut_ptr().cast(),
+                4,
+                FERROCOMM_U32 as u32,
+                other as i64,
+                7,
+                &mut reqs[1],
+            ));
+            ok(ferrocomm_isend(
+                comm,
+                out.as_ptr().cast(),
+                4,
+                FERROCOMM_U32 as u32,
+                other,
+                7,
+                &mut reqs[2],
+            ));
+            let mut sts = [ferrocomm_status_t::failed(FERROCOMM_ERR_IO); 3];
+            ok(ferrocomm_waitall(3, reqs.as_ptr(), sts.as_mut_ptr()));
+            assert_eq!((sts[0].source, sts[0].bytes), (usize::MAX, 8000));
+            assert_eq!((sts[1].source, sts[1].tag, sts[1].bytes), (other, 7, 16));
+        }
+        assert!(v.iter().all(|&x| x == 3.0));
+        assert_eq!(inp, [other as u32; 4]);
+    });
+    assert_eq!(request::live(), 0);
+}
