@@ -20,9 +20,9 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{Proc, count, ferrorun, free_port, num, records};
+use ferrocomm::auth::{self, Channel, ClientHandshake, Secret};
 use ferrocomm::rendezvous::protocol::{self, Request};
 use ferrocomm::rendezvous::{Store, TcpStore};
-use ferrocomm::auth::{self, Channel, ClientHandshake, Secret};
 use ferrocomm::wire::{Envelope, FrameHeader, FrameKind, HELLO_LEN, Hello, HelloKind, job_hash};
 
 #[test]
@@ -64,8 +64,8 @@ const SECRET: &str = "bad-input-test-secret";
 
 /// Runs the client's side of the authentication handshake on `s` with [`SECRET`].
 fn authenticate(s: &mut TcpStream, channel: Channel) {
-    let (hs, init) = ClientHandshake::start(&Secret::new(SECRET).expect("secret"), channel)
-        .expect("handshake");
+    let (hs, init) =
+        ClientHandshake::start(&Secret::new(SECRET).expect("secret"), channel).expect("handshake");
     s.write_all(&init).expect("send init");
     let mut challenge = [0u8; auth::CHALLENGE_LEN];
     s.set_read_timeout(Some(CLOSE_WITHIN)).expect("timeout");

@@ -104,7 +104,11 @@ struct Target {
 
 fn check_frame(b: &[u8]) {
     if let Ok(h) = FrameHeader::decode(b, MAX_EAGER, MAX_MESSAGE) {
-        assert_eq!(&h.encode()[..], &b[..h.encode().len()], "re-encoding differs");
+        assert_eq!(
+            &h.encode()[..],
+            &b[..h.encode().len()],
+            "re-encoding differs"
+        );
         assert!(match h.kind {
             FrameKind::Eager => h.len <= MAX_EAGER,
             FrameKind::Rts | FrameKind::Data => h.len <= MAX_MESSAGE,

@@ -141,8 +141,8 @@ fn store_refuses_a_replayed_handshake() {
     let proxy_addr = proxy.local_addr().unwrap();
     let recorded = recording_proxy(proxy, srv.local_addr());
     {
-        let c =
-            TcpStore::connect_secure(&proxy_addr.to_string(), LONG, LONG, Some(key.clone())).unwrap();
+        let c = TcpStore::connect_secure(&proxy_addr.to_string(), LONG, LONG, Some(key.clone()))
+            .unwrap();
         c.set("k", b"evil").unwrap();
         c.delete("k").unwrap();
     }
@@ -192,9 +192,16 @@ fn store_drops_a_half_open_handshake_after_the_deadline() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = read_to_close(&mut slow, LONG);
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
     // The server still serves.
-    client(&srv, Some(secret("k"))).unwrap().set("a", b"b").unwrap();
+    client(&srv, Some(secret("k")))
+        .unwrap()
+        .set("a", b"b")
+        .unwrap();
 }
 
 #[test]
@@ -231,7 +238,10 @@ fn store_caps_connections_and_refuses_huge_lengths() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let _ = s.write_all(b"more");
-    assert_eq!(client(&srv, None).unwrap().try_get("x").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(
+        client(&srv, None).unwrap().try_get("x").unwrap(),
+        Some(b"1".to_vec())
+    );
 }
 
 /// A two-rank job of threads over TCP with `secret`; `attack` runs while both ranks wait,
@@ -271,8 +281,9 @@ fn job_under_attack(key: &str, attack: impl FnOnce(SocketAddr, &Secret)) {
         })
         .collect();
     gate.wait();
-    let store = TcpStore::connect_secure(&format!("127.0.0.1:{port}"), LONG, LONG, Some(key.clone()))
-        .unwrap();
+    let store =
+        TcpStore::connect_secure(&format!("127.0.0.1:{port}"), LONG, LONG, Some(key.clone()))
+            .unwrap();
     let raw = store.get("job/security/peers", LONG).unwrap();
     let peers: Vec<PeerInfo> = serde_json::from_slice(&raw).unwrap();
     let addr: SocketAddr = peers[1].addrs["tcp"].parse().unwrap();

@@ -30,6 +30,13 @@
 //! | job id | [`InitOptions::job_id`] | `FERROCOMM_JOB_ID`, else `TORCHELASTIC_RUN_ID` | `default` |
 //! | host identity | [`InitOptions::host_id`] | `FERROCOMM_HOST_ID` | [`host::host_id`] |
 //! | store hosted elsewhere | [`InitOptions::store_external`] | `FERROCOMM_STORE_EXTERNAL=1` | no |
+//! | job secret | [`InitOptions::secret`] | `FERROCOMM_SECRET` | none: connections are not authenticated (see [`crate::auth`]) |
+//! | transport listen address | [`InitOptions::bind_addr`] | `FERROCOMM_SOCKET_IFADDR` | the interface that routes towards the master (loopback for a loopback master) |
+//!
+//! The process that hosts the store listens on the master address itself, not on every
+//! interface (a master host name that resolves to loopback only on its own machine is the
+//! exception, logged), caps its connections (`FERROCOMM_STORE_MAX_CLIENTS`) and, with a
+//! secret, drops connections that do not authenticate within `FERROCOMM_HANDSHAKE_TIMEOUT`.
 //!
 //! The rank variables are read as families: torchrun's (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `LOCAL_WORLD_SIZE`, `NODE_RANK`) when `RANK` or `WORLD_SIZE` is set, else Slurm's
