@@ -244,8 +244,10 @@ fn store_caps_connections_and_refuses_huge_lengths() {
     );
 }
 
-/// A two-rank job of threads over TCP with `secret`; `attack` runs while both ranks wait,
-/// given rank 1's transport address; afterwards the ranks exchange a message.
+/// A two-rank job of threads over TCP with `secret`; `attack` runs, given rank 1's
+/// transport address, while rank 1 waits in a receive (so its transport makes progress:
+/// it accepts and judges the attacker's connections); then rank 0 sends and both pass a
+/// barrier.
 fn job_under_attack(key: &str, attack: impl FnOnce(SocketAddr, &Secret)) {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -255,9 +257,10 @@ fn job_under_attack(key: &str, attack: impl FnOnce(SocketAddr, &Secret)) {
     let key = secret(key);
     let url = format!("tcp://127.0.0.1:{port}");
     let gate = Arc::new(Barrier::new(3));
+    let done = Arc::new(Barrier::new(2));
     let ranks: Vec<_> = (0..2)
         .map(|r| {
-            let (url, key, gate) = (url.clone(), key.clone(), gate.clone());
+            let (url, key, gate, done) = (url.clone(), key.clone(), gate.clone(), done.clone());
             std::thread::spawn(move || -> ferrocomm::Result<()> {
                 let comm = InitOptions::new()
                     .init_method(&url)
@@ -268,9 +271,9 @@ fn job_under_attack(key: &str, attack: impl FnOnce(SocketAddr, &Secret)) {
                     .secret(key)
                     .init()?;
                 gate.wait();
-                gate.wait();
                 let mut got = [0u64; 4];
                 if r == 0 {
+                    done.wait();
                     comm.send(&[7u64, 8, 9, 10], 1, 3)?;
                 } else {
                     comm.recv(&mut got, Source::Rank(0), Tag::Value(3))?;
@@ -288,7 +291,7 @@ fn job_under_attack(key: &str, attack: impl FnOnce(SocketAddr, &Secret)) {
     let peers: Vec<PeerInfo> = serde_json::from_slice(&raw).unwrap();
     let addr: SocketAddr = peers[1].addrs["tcp"].parse().unwrap();
     attack(addr, &key);
-    gate.wait();
+    done.wait();
     for r in ranks {
         r.join().unwrap().unwrap();
     }
