@@ -20,9 +20,10 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{Proc, count, ferrorun, free_port, num, records};
+use ferrocomm::auth::{self, Channel, ClientHandshake, Secret};
 use ferrocomm::rendezvous::protocol::{self, Request};
 use ferrocomm::rendezvous::{Store, TcpStore};
-use ferrocomm::wire::{Envelope, FrameHeader, FrameKind, Hello, HelloKind, job_hash};
+use ferrocomm::wire::{Envelope, FrameHeader, FrameKind, HELLO_LEN, Hello, HelloKind, job_hash};
 
 #[test]
 fn rank_entry_point() {
@@ -56,11 +57,32 @@ fn header(kind: FrameKind, len: u64, id: u64) -> Vec<u8> {
     .to_vec()
 }
 
+/// The job secret these tests give `ferrorun`: the impostors below know it (insiders), so
+/// what they test is what a rank does with bad bytes *after* authentication. Strangers
+/// without it are covered by tests/security.rs (and the garbage cases here).
+const SECRET: &str = "bad-input-test-secret";
+
+/// Runs the client's side of the authentication handshake on `s` with [`SECRET`].
+fn authenticate(s: &mut TcpStream, channel: Channel) {
+    let (hs, init) =
+        ClientHandshake::start(&Secret::new(SECRET).expect("secret"), channel).expect("handshake");
+    s.write_all(&init).expect("send init");
+    let mut challenge = [0u8; auth::CHALLENGE_LEN];
+    s.set_read_timeout(Some(CLOSE_WITHIN)).expect("timeout");
+    s.read_exact(&mut challenge).expect("challenge");
+    s.write_all(&hs.answer(&challenge).expect("the job's challenge verifies"))
+        .expect("send proof");
+}
+
 /// Connects to `addr` and writes `bytes` (a refused write is fine: the other side may
-/// already have closed).
+/// already have closed). Bytes that start with a whole transport hello are sent by an
+/// insider: the connection authenticates with [`SECRET`] first.
 fn connect_and_send(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    if bytes.len() >= HELLO_LEN && Hello::decode(bytes).is_ok() {
+        authenticate(&mut s, Channel::Transport);
+    }
     if !bytes.is_empty() {
         let _ = s.write_all(bytes);
     }
@@ -123,7 +145,10 @@ fn strangers_on_a_transport_port_are_refused_and_the_job_goes_on() {
         ferrorun(
             &["--nproc-per-node", "3", "--tag-output"],
             "loop",
-            &[(common::STOP_FILE, stop.to_str().expect("utf-8 path"))],
+            &[
+                (common::STOP_FILE, stop.to_str().expect("utf-8 path")),
+                ("FERROCOMM_SECRET", SECRET),
+            ],
         ),
     );
     job.wait_for("3 ranks looping", |o| count(o, "LOOPING") == 3);
@@ -210,15 +235,15 @@ fn strangers_on_a_transport_port_are_refused_and_the_job_goes_on() {
         .filter(|l| l.starts_with("[rank 1]") && l.contains("refused a transport connection"))
         .collect();
     for why in [
-        "not a ferrocomm handshake",
+        "it did not authenticate",
         "it belongs to another job",
         "it has world size 4, this job 3",
         "it claims rank 9",
         "it claims rank 1",
         "rank 0 is already connected",
         "rank 2 is already connected",
-        "closed before saying hello",
-        "no hello within",
+        "closed during the handshake",
+        "handshake not completed within",
     ] {
         assert!(
             refusals.iter().any(|l| l.contains(why)),
@@ -228,7 +253,7 @@ fn strangers_on_a_transport_port_are_refused_and_the_job_goes_on() {
     assert!(
         refusals
             .iter()
-            .filter(|l| l.contains("no hello within"))
+            .filter(|l| l.contains("handshake not completed within"))
             .count()
             >= 101,
         "every silent connection was dropped: {f:?}"
@@ -258,6 +283,7 @@ fn an_impostor_breaks_only_the_pair_it_claims() {
             "loop",
             &[
                 (common::STOP_FILE, stop.to_str().expect("utf-8 path")),
+                ("FERROCOMM_SECRET", SECRET),
                 (common::MSG_BYTES, "262144"),
                 (common::FAR, "3"),
                 // Ranks at distance 3 from a failed one wait on a pair that never
@@ -397,7 +423,7 @@ fn garbage_on_the_store_port_does_not_stop_the_job() {
                     &port,
                 ],
                 "ring",
-                &[],
+                &[("FERROCOMM_SECRET", SECRET)],
             ),
         )
     };
@@ -426,9 +452,22 @@ fn garbage_on_the_store_port_does_not_stop_the_job() {
     // These two stay open while the job starts and runs.
     let stalled = connect_and_send(store, &set[..set.len() - 1]);
     let silent = connect_and_send(store, &[]);
-    let mut raw = connect_and_send(store, &set);
+    // A valid request without authentication: refused, with a reply that says so.
+    let mut stranger = connect_and_send(store, &set);
+    assert!(store_answers(&mut stranger), "the refusal is answered");
+    assert_closed("a request without authentication", &mut stranger);
+    // An authenticated raw request is served.
+    let mut raw = connect_and_send(store, &[]);
+    authenticate(&mut raw, Channel::Store);
+    raw.write_all(&set).expect("send");
     assert!(store_answers(&mut raw), "a raw valid request is served");
-    let client = TcpStore::connect(&store.to_string(), Duration::from_secs(10)).expect("client");
+    let client = TcpStore::connect_secure(
+        &store.to_string(),
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+        Some(Secret::new(SECRET).expect("secret")),
+    )
+    .expect("client");
     assert_eq!(
         client
             .get("itest/key", Duration::from_secs(10))

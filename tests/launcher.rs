@@ -783,3 +783,95 @@ fn ranks_die_when_ferrorun_is_killed() {
     // PR_SET_PDEATHSIG: the ranks get SIGKILL when their launcher dies.
     assert_all_gone(dir.path());
 }
+
+#[test]
+fn max_restarts_restarts_the_group_with_a_counter_and_a_secret() {
+    // Rank 1 fails on the first attempt only; every attempt prints what it was given.
+    let prog = "echo \"ATTEMPT rank=$RANK count=$FERROCOMM_RESTART_COUNT \
+                torch=$TORCHELASTIC_RESTART_COUNT max=$TORCHELASTIC_MAX_RESTARTS \
+                secret=$FERROCOMM_SECRET\"; \
+                if [ \"$FERROCOMM_RESTART_COUNT\" = 0 ] && [ \"$RANK\" = 1 ]; then exit 4; fi";
+    let f = run(&[
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        prog,
+    ]);
+    assert_eq!(f.code(), Some(0), "{f:?}");
+    assert!(f.elapsed < QUICK, "took {:?}", f.elapsed);
+    assert!(
+        f.stderr.contains("rank 1") && f.stderr.contains("restarting the group (restart 1 of 3)"),
+        "{f:?}"
+    );
+    let attempts: Vec<&str> = f
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("ATTEMPT"))
+        .collect();
+    for count in ["0", "1"] {
+        for rank in ["0", "1"] {
+            assert!(
+                attempts
+                    .iter()
+                    .any(|l| l.contains(&format!("rank={rank} count={count} torch={count} max=3"))),
+                "rank {rank} ran attempt {count}: {f:?}"
+            );
+        }
+    }
+    assert!(!attempts.iter().any(|l| l.contains("count=2")), "{f:?}");
+    // A random per-job secret (64 hex digits), the same for every rank of an attempt.
+    let secrets: BTreeSet<&str> = attempts
+        .iter()
+        .filter_map(|l| l.split("secret=").nth(1))
+        .collect();
+    assert_eq!(secrets.len(), 1, "{f:?}");
+    let s = secrets.into_iter().next().unwrap_or_default();
+    assert!(
+        s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn exhausting_max_restarts_fails_naming_the_rank() {
+    let f = run(&[
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo ATTEMPT $FERROCOMM_RESTART_COUNT; if [ \"$RANK\" = 1 ]; then exit 6; fi; sleep 600",
+    ]);
+    assert_eq!(f.code(), Some(6), "{f:?}");
+    assert!(f.elapsed < QUICK, "took {:?}", f.elapsed);
+    assert!(
+        f.stderr.contains("ferrorun: rank 1 (local rank 1, pid ")
+            && f.stderr.contains("exited with status 6")
+            && f.stderr.contains("giving up after 2 restart(s)"),
+        "{f:?}"
+    );
+    assert_eq!(f.stdout.matches("ATTEMPT 2").count(), 2, "{f:?}");
+    assert_eq!(f.stdout.matches("ATTEMPT 3").count(), 0, "{f:?}");
+}
+
+#[test]
+fn max_restarts_needs_a_single_node() {
+    let f = run(&[
+        "--nnodes",
+        "2",
+        "--master-port",
+        "1",
+        "--max-restarts",
+        "1",
+        "--",
+        "true",
+    ]);
+    assert_ne!(f.code(), Some(0), "{f:?}");
+    assert!(f.stderr.contains("--max-restarts"), "{f:?}");
+}

@@ -72,6 +72,17 @@ struct Cli {
     )]
     grace_period: Duration,
 
+    /// Restart the whole group up to N times when a rank fails (like torchrun's); each
+    /// attempt gets a fresh store and `FERROCOMM_RESTART_COUNT` (and
+    /// `TORCHELASTIC_RESTART_COUNT`) = 0, 1, ... Single-node jobs only.
+    #[arg(
+        long = "max-restarts",
+        alias = "max_restarts",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    max_restarts: usize,
+
     /// The program every rank runs (not through Python: give `python3 train.py` where
     /// torchrun takes `train.py`). Everything after it is passed to it; `--` before it is
     /// optional.
@@ -125,6 +136,7 @@ fn configure(cli: Cli) -> ferrocomm::Result<LaunchConfig> {
     cfg.master_port = cli.master_port;
     cfg.tag_output = cli.tag_output;
     cfg.grace_period = cli.grace_period;
+    cfg.max_restarts = cli.max_restarts;
     cfg.apply_env()?;
     Ok(cfg)
 }

@@ -37,15 +37,12 @@ fn transport_choice(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Transport
     .map(|c| c.unwrap_or(TransportChoice::Auto))
 }
 
-/// The address this rank's TCP listener binds to: `FERROCOMM_SOCKET_IFADDR` if set, else
-/// the interface that routes to the master, else (file://) the address of the hostname.
-fn listen_ip(plan: &Plan, lookup: &dyn Fn(&str) -> Option<String>) -> Result<IpAddr> {
-    if let Some(ip) = config::parse_var(
-        lookup,
-        "FERROCOMM_SOCKET_IFADDR",
-        "an IP address of this host",
-        |v| v.parse::<IpAddr>().ok(),
-    )? {
+/// The address this rank's TCP listener binds to: [`InitOptions::bind_addr`] or
+/// `FERROCOMM_SOCKET_IFADDR` if set, else the interface that routes to the master (loopback
+/// for a loopback master), else (file://) the address of the hostname. Never the wildcard
+/// address unless the user names it.
+fn listen_ip(plan: &Plan) -> Result<IpAddr> {
+    if let Some(ip) = plan.bind_addr {
         return Ok(ip);
     }
     if let Some(master) = plan.master_ip() {
@@ -76,17 +73,21 @@ impl InitOptions {
         // Every setting is checked before joining: a malformed one fails this process at
         // once, instead of after the other ranks have waited for it in the rendezvous (or
         // in the first barrier, where they would see it as a lost peer).
-        let tcp_cfg = TcpConfig::from_env()?;
+        let mut tcp_cfg = TcpConfig::from_env()?;
+        tcp_cfg.secret = plan.secret.clone();
         CommConfig::from_env(1)?;
-        let ip = listen_ip(&plan, lookup)?;
-        let listener = tcp::bind(ip).map_err(|e| match lookup("FERROCOMM_SOCKET_IFADDR") {
+        let ip = listen_ip(&plan)?;
+        let listener = tcp::bind(ip).map_err(|e| match plan.bind_addr {
             // The address came from the user: say which setting to fix.
-            Some(v) if !v.trim().is_empty() => Error::config(
-                "FERROCOMM_SOCKET_IFADDR",
-                v,
+            Some(v) => Error::config(
+                match lookup("FERROCOMM_SOCKET_IFADDR") {
+                    Some(s) if !s.trim().is_empty() => "FERROCOMM_SOCKET_IFADDR",
+                    _ => "InitOptions::bind_addr",
+                },
+                v.to_string(),
                 format!("cannot listen on it (is it an address of this host?): {e}"),
             ),
-            _ => e,
+            None => e,
         })?;
         let addr = listener
             .local_addr()

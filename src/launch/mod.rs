@@ -79,7 +79,7 @@ mod ranks;
 mod sys;
 
 use std::ffi::OsString;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,7 +88,7 @@ pub use sys::Termination;
 
 use crate::error::{Error, IoContext, Result};
 use crate::rendezvous::Store;
-use crate::rendezvous::tcp_store::{TcpStore, TcpStoreServer};
+use crate::rendezvous::tcp_store::{ServerConfig, TcpStore, TcpStoreServer};
 use node::{Agreement, Link, NodePlan};
 use ranks::{RankSpec, Ranks};
 use sys::SignalPipe;
@@ -139,6 +139,9 @@ pub struct LaunchConfig {
     pub program: OsString,
     /// Its arguments.
     pub args: Vec<OsString>,
+    /// How many times the whole group is restarted after a rank fails (`--max-restarts`,
+    /// like torchrun's); 0: fail at the first failure. Single-node jobs only.
+    pub max_restarts: usize,
 }
 
 impl LaunchConfig {
@@ -157,6 +160,7 @@ impl LaunchConfig {
             log_interval: DEFAULT_LOG_INTERVAL,
             program: program.into(),
             args,
+            max_restarts: 0,
         }
     }
 
@@ -206,6 +210,15 @@ impl LaunchConfig {
         }
         if self.master_addr.is_empty() {
             return Err(Error::invalid(OP, "--master-addr", "must not be empty"));
+        }
+        if self.max_restarts > 0 && self.nnodes > 1 {
+            return Err(Error::invalid(
+                OP,
+                "--max-restarts",
+                "restarts are implemented for single-node jobs (--nnodes 1) only: restarting \
+                 the group of several nodes needs every node to agree, which this launcher \
+                 does not do",
+            ));
         }
         if self.program.is_empty() {
             return Err(Error::invalid(OP, "PROGRAM", "no program to run was given"));
@@ -376,10 +389,68 @@ pub fn run(cfg: &LaunchConfig) -> Result<Outcome> {
         }
         pending_signal
     };
+    let secret = job_secret(cfg)?;
+    let mut restart = 0;
+    loop {
+        let outcome = attempt(cfg, &signals, &mut interrupted, restart, secret.as_ref())?;
+        match &outcome {
+            Outcome::RankFailed { rank, how, .. } if restart < cfg.max_restarts => {
+                restart += 1;
+                tracing::warn!(
+                    "rank {rank} {how}; restarting the group (restart {restart} of {})",
+                    cfg.max_restarts
+                );
+            }
+            Outcome::RankFailed { .. } if cfg.max_restarts > 0 => {
+                tracing::warn!(
+                    "giving up after {} restart(s) (--max-restarts {})",
+                    restart,
+                    cfg.max_restarts
+                );
+                return Ok(outcome);
+            }
+            _ => return Ok(outcome),
+        }
+    }
+}
 
+/// The job secret the ranks and the store use: `FERROCOMM_SECRET` if the user set it, else
+/// a fresh random one on a single node. Several nodes cannot agree on a random secret
+/// without a trusted channel, so there the user must set the same one on every node (or
+/// run unauthenticated, which is logged).
+fn job_secret(cfg: &LaunchConfig) -> Result<Option<String>> {
+    if let Some(s) = std::env::var(crate::auth::SECRET_ENV)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+    {
+        return Ok(Some(s));
+    }
+    if cfg.nnodes > 1 {
+        tracing::warn!(
+            "{} nodes and no {}: connections are not authenticated; set the same {} on every \
+             node to authenticate them",
+            cfg.nnodes,
+            crate::auth::SECRET_ENV,
+            crate::auth::SECRET_ENV
+        );
+        return Ok(None);
+    }
+    crate::auth::Secret::generate_hex().map(Some)
+}
+
+/// One attempt at running the group: a fresh store, the ranks, their supervision.
+fn attempt(
+    cfg: &LaunchConfig,
+    signals: &SignalPipe,
+    interrupted: &mut impl FnMut() -> Option<i32>,
+    restart: usize,
+    secret: Option<&String>,
+) -> Result<Outcome> {
+    let secret_key = secret.map(crate::auth::Secret::new).transpose()?;
     // The store: hosted here on node 0, reached by every launcher as a client.
     let server = if cfg.node_rank == 0 {
-        Some(host_store(cfg)?)
+        Some(host_store(cfg, secret_key.clone())?)
     } else {
         None
     };
@@ -395,9 +466,9 @@ pub fn run(cfg: &LaunchConfig) -> Result<Outcome> {
         }
     };
     let store_addr = join_host_port(&cfg.master_addr, port);
-    let store: Arc<dyn Store> = match connect_store(&store_addr, cfg, &mut interrupted)? {
+    let store: Arc<dyn Store> = match connect_store(&store_addr, cfg, secret_key, interrupted)? {
         Some(s) => Arc::new(s),
-        None => return Ok(interrupted_outcome(&mut interrupted)),
+        None => return Ok(interrupted_outcome(interrupted)),
     };
     if cfg.node_rank == 0 {
         node::publish_job_id(&*store, &node::new_job_id()?)?;
@@ -409,7 +480,7 @@ pub fn run(cfg: &LaunchConfig) -> Result<Outcome> {
         cfg.nproc_per_node,
         cfg.rendezvous_timeout,
         cfg.log_interval,
-        &mut interrupted,
+        &mut *interrupted,
     )? {
         Agreement::Plan(p) => p,
         Agreement::Interrupted(signal) => return Ok(Outcome::Interrupted { signal }),
@@ -432,14 +503,28 @@ pub fn run(cfg: &LaunchConfig) -> Result<Outcome> {
         None
     };
 
-    let specs = rank_specs(cfg, &plan, port);
+    let mut specs = rank_specs(cfg, &plan, port);
+    for spec in &mut specs {
+        for (k, v) in &mut spec.env {
+            match k.as_str() {
+                "TORCHELASTIC_RESTART_COUNT" => *v = restart.to_string(),
+                "TORCHELASTIC_MAX_RESTARTS" => *v = cfg.max_restarts.to_string(),
+                _ => {}
+            }
+        }
+        spec.env
+            .push(("FERROCOMM_RESTART_COUNT".into(), restart.to_string()));
+        if let Some(s) = secret {
+            spec.env.push((crate::auth::SECRET_ENV.into(), s.clone()));
+        }
+    }
     let mut ranks = match Ranks::spawn(&cfg.program, &cfg.args, specs, cfg.tag_output) {
         Ok(r) => r,
         Err(e) => {
             if let Some(link) = &link {
                 link.fail(1, format!("node {}: {e}", cfg.node_rank));
                 link.done(1);
-                wait_for_link(link, &signals, Some(Duration::from_secs(5)))?;
+                wait_for_link(link, signals, Some(Duration::from_secs(5)))?;
             }
             return Err(e);
         }
@@ -453,7 +538,7 @@ pub fn run(cfg: &LaunchConfig) -> Result<Outcome> {
         plan.world_size
     );
 
-    let mut outcome = supervise(&mut ranks, &signals, link.as_ref(), cfg.grace_period)?;
+    let mut outcome = supervise(&mut ranks, signals, link.as_ref(), cfg.grace_period)?;
     ranks.finish();
 
     if let Some(link) = &link {
@@ -465,7 +550,7 @@ pub fn run(cfg: &LaunchConfig) -> Result<Outcome> {
                 "this node's ranks have ended; keeping the store up for the other nodes"
             );
         }
-        if let Some(signal) = wait_for_link(link, &signals, limit)?
+        if let Some(signal) = wait_for_link(link, signals, limit)?
             && outcome.is_success()
         {
             outcome = Outcome::Interrupted { signal };
@@ -504,16 +589,15 @@ fn join_host_port(host: &str, port: u16) -> String {
 }
 
 /// Binds the job's store on node 0 (see the module docs for which address).
-fn host_store(cfg: &LaunchConfig) -> Result<TcpStoreServer> {
+fn host_store(cfg: &LaunchConfig, secret: Option<crate::auth::Secret>) -> Result<TcpStoreServer> {
     let port = cfg.master_port.unwrap_or(0);
     let host = cfg
         .master_addr
         .trim_start_matches('[')
         .trim_end_matches(']');
+    // The master address itself (see `rendezvous::store_bind_ip`), not every interface.
     let ip = match host.parse::<IpAddr>() {
-        Ok(ip) if ip.is_loopback() || ip.is_unspecified() => ip,
-        Ok(IpAddr::V4(_)) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        Ok(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        Ok(ip) => ip,
         Err(_) => {
             let resolved: Vec<IpAddr> = (host, port)
                 .to_socket_addrs()
@@ -526,22 +610,25 @@ fn host_store(cfg: &LaunchConfig) -> Result<TcpStoreServer> {
                 })?
                 .map(|sa| sa.ip())
                 .collect();
-            let loopback = resolved.iter().copied().find(IpAddr::is_loopback);
-            match loopback {
-                Some(ip) if host.eq_ignore_ascii_case("localhost") => ip,
-                _ if resolved.iter().any(IpAddr::is_ipv4) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                _ if resolved.is_empty() => {
-                    return Err(Error::config(
-                        "--master-addr",
-                        &cfg.master_addr,
-                        "resolves to no address",
-                    ));
-                }
-                _ => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            }
+            let own = |ip: &IpAddr| std::net::TcpListener::bind((*ip, 0)).is_ok();
+            let Some(ip) = resolved
+                .iter()
+                .find(|ip| !ip.is_loopback() && own(ip))
+                .or_else(|| resolved.iter().find(|ip| own(ip)))
+                .copied()
+            else {
+                return Err(Error::config(
+                    "--master-addr",
+                    &cfg.master_addr,
+                    format!("resolves to {resolved:?}, none of them an address of node 0"),
+                ));
+            };
+            crate::rendezvous::store_bind_ip(host, ip)
         }
     };
-    let server = TcpStoreServer::bind(SocketAddr::new(ip, port))?;
+    let mut config = ServerConfig::from_env()?;
+    config.secret = secret;
+    let server = TcpStoreServer::bind_with(SocketAddr::new(ip, port), config)?;
     tracing::debug!("store listening on {}", server.local_addr());
     Ok(server)
 }
@@ -551,6 +638,7 @@ fn host_store(cfg: &LaunchConfig) -> Result<TcpStoreServer> {
 fn connect_store(
     addr: &str,
     cfg: &LaunchConfig,
+    secret: Option<crate::auth::Secret>,
     interrupted: &mut impl FnMut() -> Option<i32>,
 ) -> Result<Option<TcpStore>> {
     let start = Instant::now();
@@ -562,8 +650,9 @@ fn connect_store(
         }
         let now = Instant::now();
         let step = Duration::from_secs(1).min(deadline.saturating_duration_since(now));
-        match TcpStore::connect(addr, step) {
+        match TcpStore::connect_secure(addr, step, cfg.log_interval, secret.clone()) {
             Ok(s) => return Ok(Some(s)),
+            Err(e @ Error::JobMismatch { .. }) => return Err(e),
             Err(e) if Instant::now() >= deadline => {
                 return Err(Error::Timeout {
                     op: "ferrorun: connecting to the store".into(),

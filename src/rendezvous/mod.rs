@@ -30,6 +30,13 @@
 //! | job id | [`InitOptions::job_id`] | `FERROCOMM_JOB_ID`, else `TORCHELASTIC_RUN_ID` | `default` |
 //! | host identity | [`InitOptions::host_id`] | `FERROCOMM_HOST_ID` | [`host::host_id`] |
 //! | store hosted elsewhere | [`InitOptions::store_external`] | `FERROCOMM_STORE_EXTERNAL=1` | no |
+//! | job secret | [`InitOptions::secret`] | `FERROCOMM_SECRET` | none: connections are not authenticated (see [`crate::auth`]) |
+//! | transport listen address | [`InitOptions::bind_addr`] | `FERROCOMM_SOCKET_IFADDR` | the interface that routes towards the master (loopback for a loopback master) |
+//!
+//! The process that hosts the store listens on the master address itself, not on every
+//! interface (a master host name that resolves to loopback only on its own machine is the
+//! exception, logged), caps its connections (`FERROCOMM_STORE_MAX_CLIENTS`) and, with a
+//! secret, drops connections that do not authenticate within `FERROCOMM_HANDSHAKE_TIMEOUT`.
 //!
 //! The rank variables are read as families: torchrun's (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `LOCAL_WORLD_SIZE`, `NODE_RANK`) when `RANK` or `WORLD_SIZE` is set, else Slurm's
@@ -88,6 +95,7 @@ pub use host::{host_id, hostname};
 pub use store::{PrefixStore, Store};
 pub use tcp_store::{ServerConfig, TcpStore, TcpStoreServer};
 
+use crate::auth::Secret;
 use crate::error::{Error, Result};
 
 /// Default time to wait for the other processes of a job.
@@ -217,6 +225,8 @@ pub struct InitOptions {
     host_id: Option<String>,
     store_external: Option<bool>,
     log_interval: Option<Duration>,
+    secret: Option<Secret>,
+    bind_addr: Option<IpAddr>,
 }
 
 /// Reads one environment variable: `None` when unset or blank.
@@ -398,6 +408,23 @@ impl InitOptions {
         self
     }
 
+    /// The job secret that authenticates every connection (see [`crate::auth`]); otherwise
+    /// `FERROCOMM_SECRET`, else none (unauthenticated). Every process of the job must use
+    /// the same secret.
+    pub fn secret(mut self, secret: Secret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+
+    /// The local address the TCP transport listens on (otherwise `FERROCOMM_SOCKET_IFADDR`,
+    /// else the interface that routes towards the master address; a loopback master gives
+    /// loopback). The store, when this process hosts it, listens on the master address
+    /// itself (see the module docs).
+    pub fn bind_addr(mut self, ip: IpAddr) -> Self {
+        self.bind_addr = Some(ip);
+        self
+    }
+
     /// Resolves the options against the process environment (see the module docs).
     pub fn resolve(&self) -> Result<Plan> {
         self.resolve_with(&|name| std::env::var(name).ok())
@@ -479,6 +506,16 @@ impl InitOptions {
                 .clone()
                 .or_else(|| env_str(env, host::HOST_ID_ENV)),
         );
+        let secret = self.secret.clone().or_else(|| Secret::from_lookup(env));
+        let bind_addr = match self.bind_addr {
+            Some(ip) => Some(ip),
+            None => crate::config::parse_var(
+                env,
+                "FERROCOMM_SOCKET_IFADDR",
+                "an IP address of this host",
+                |v| v.parse::<IpAddr>().ok(),
+            )?,
+        };
         let (master_host, master_port) = match &method {
             InitMethod::Tcp { host, port } => (Some(host.clone()), Some(*port)),
             InitMethod::File(_) => (None, None),
@@ -537,6 +574,8 @@ impl InitOptions {
             host_id,
             store_external,
             log_interval,
+            secret,
+            bind_addr,
         })
     }
 }
@@ -572,6 +611,10 @@ pub struct Plan {
     pub store_external: bool,
     /// How often waits log who is missing.
     pub log_interval: Duration,
+    /// The job secret (`None`: connections are not authenticated).
+    pub secret: Option<Secret>,
+    /// The local address to listen on, when the user named one.
+    pub bind_addr: Option<IpAddr>,
 }
 
 /// What a rank tells its peers about itself.
@@ -758,6 +801,29 @@ struct Registration {
     pid: u32,
 }
 
+/// The address a store hosted for master `host` (resolved to the local address `ip`)
+/// listens on: the master address itself, the one address its clients dial, so the store is
+/// not exposed on other interfaces. A host *name* that resolves to loopback on this machine
+/// only (Debian maps the machine's own name to 127.0.1.1) while it is not `localhost` is the
+/// exception: other machines reach this one under its real address, so the store listens on
+/// every interface and says so in the log.
+pub(crate) fn store_bind_ip(host: &str, ip: IpAddr) -> IpAddr {
+    let literal = host.parse::<IpAddr>().is_ok() || host.eq_ignore_ascii_case("localhost");
+    if literal || !ip.is_loopback() {
+        return ip;
+    }
+    let any = match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    tracing::info!(
+        "the master host {host} resolves to {ip} (loopback) on this machine only: the store \
+         listens on {any} so that other machines reach it; give the master as an IP address \
+         to listen on that address alone"
+    );
+    any
+}
+
 fn is_local(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || TcpListener::bind((ip, 0)).is_ok()
 }
@@ -805,7 +871,13 @@ impl Plan {
                 }
             },
         };
-        let Some(ip) = ips.iter().copied().find(|ip| is_local(*ip)) else {
+        // Prefer an address other machines can reach.
+        let local = ips
+            .iter()
+            .copied()
+            .find(|ip| !ip.is_loopback() && is_local(*ip))
+            .or_else(|| ips.iter().copied().find(|ip| is_local(*ip)));
+        let Some(ip) = local else {
             if required {
                 return Err(Error::config(
                     addr_name,
@@ -819,17 +891,7 @@ impl Plan {
             }
             return Ok(None);
         };
-        // A master written as a loopback address (or `localhost`) stays private to this
-        // machine. Anything else is served on every interface, like PyTorch's TCPStore: other
-        // machines may reach this one under another of its addresses, and a host name may
-        // resolve to loopback here only (Debian maps the machine's own name to 127.0.1.1).
-        let literal_loopback = host.eq_ignore_ascii_case("localhost")
-            || host.parse::<IpAddr>().is_ok_and(|a| a.is_loopback());
-        let bind_ip = match ip {
-            ip if literal_loopback || ip.is_unspecified() => ip,
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        };
+        let bind_ip = store_bind_ip(host, ip);
         match TcpListener::bind((bind_ip, port)) {
             Ok(l) => {
                 tracing::info!(
@@ -838,12 +900,13 @@ impl Plan {
                 );
                 // Every rank holds at least one connection, more while several of its threads
                 // use the store at once: scale the default limit for very large jobs.
-                let config = ServerConfig {
-                    max_clients: ServerConfig::default()
+                let mut config = ServerConfig::from_env()?;
+                if crate::config::process_env("FERROCOMM_STORE_MAX_CLIENTS").is_none() {
+                    config.max_clients = config
                         .max_clients
-                        .max(self.world_size.saturating_mul(2).saturating_add(64)),
-                    ..ServerConfig::default()
-                };
+                        .max(self.world_size.saturating_mul(2).saturating_add(64));
+                }
+                config.secret = self.secret.clone();
                 Ok(Some(TcpStoreServer::from_listener(l, config)?))
             }
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !required => {
@@ -886,8 +949,12 @@ impl Plan {
                     (false, Some(0)) => self.host_store(host, port, true)?,
                     (false, None) => self.host_store(host, port, false)?,
                 };
-                let mut client =
-                    TcpStore::connect_with(addr, waiting.remaining(), self.log_interval)?;
+                let mut client = TcpStore::connect_secure(
+                    addr,
+                    waiting.remaining(),
+                    self.log_interval,
+                    self.secret.clone(),
+                )?;
                 client.set_request_timeout(self.timeout);
                 Ok((Arc::new(client), server))
             }

@@ -39,6 +39,7 @@ use super::protocol::{
     self, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN, Request, RequestHeader, Response, ResponseHeader,
 };
 use super::store::Store;
+use crate::auth::{self, Channel, ClientHandshake, Secret, ServerHandshake};
 use crate::error::{Error, IoContext, Result};
 
 /// How often a client that waits for the server to come up logs that it is still waiting,
@@ -58,11 +59,17 @@ const JOIN_WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Client connections served at once; further ones are closed at once with a logged
-    /// refusal. Default 4096.
+    /// refusal. Default 4096 (`FERROCOMM_STORE_MAX_CLIENTS`).
     pub max_clients: usize,
     /// Longest pause allowed in the middle of a request frame (and for writing a response)
     /// before the connection is closed. Default 30 s.
     pub frame_timeout: Duration,
+    /// The job secret: when set, every connection must pass the challenge-response of
+    /// [`crate::auth`] before its first request, and clients without it are refused.
+    pub secret: Option<Secret>,
+    /// How long a new connection may take to authenticate (with a secret) before it is
+    /// dropped with a log line. Default 10 s (`FERROCOMM_HANDSHAKE_TIMEOUT`).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -70,7 +77,37 @@ impl Default for ServerConfig {
         ServerConfig {
             max_clients: 4096,
             frame_timeout: Duration::from_secs(30),
+            secret: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
+    }
+}
+
+/// Default deadline for a connection's authentication handshake (store and transport).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ServerConfig {
+    /// The defaults adjusted by `FERROCOMM_STORE_MAX_CLIENTS`, `FERROCOMM_HANDSHAKE_TIMEOUT`
+    /// (seconds) and `FERROCOMM_SECRET`.
+    pub fn from_env() -> Result<ServerConfig> {
+        Self::from_lookup(&crate::config::process_env)
+    }
+
+    pub(crate) fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<ServerConfig> {
+        let mut cfg = ServerConfig::default();
+        if let Some(n) = crate::config::parse_var(
+            lookup,
+            "FERROCOMM_STORE_MAX_CLIENTS",
+            "a positive number of connections",
+            |v| v.parse::<usize>().ok().filter(|n| *n > 0),
+        )? {
+            cfg.max_clients = n;
+        }
+        if let Some(t) = crate::config::seconds(lookup, "FERROCOMM_HANDSHAKE_TIMEOUT")? {
+            cfg.handshake_timeout = t;
+        }
+        cfg.secret = Secret::from_lookup(lookup);
+        Ok(cfg)
     }
 }
 
@@ -260,6 +297,15 @@ impl Shared {
         stream
             .read_exact(&mut header[1..])
             .map_err(|e| stalled(e, "header"))?;
+        if auth::is_auth_message(&header) {
+            // A client with a secret, and this server has none: say so before closing.
+            let _ = stream.write_all(&auth::no_secret_reply());
+            linger_close(stream);
+            return Err(format!(
+                "authentication failed: the client has a job secret and this store has none ({})",
+                auth::HINT
+            ));
+        }
         let h = RequestHeader::decode(&header).map_err(|e| format!("bad request header: {e}"))?;
         // Bounded: `decode` checked every length against the protocol limits.
         let mut body = vec![0u8; h.body_len()];
@@ -276,6 +322,67 @@ impl Shared {
         Ok(true)
     }
 
+    /// Runs the server's side of the handshake of [`crate::auth`] within the handshake
+    /// deadline; `Err` says why the client is refused.
+    fn authenticate(
+        &self,
+        stream: &mut TcpStream,
+        secret: &Secret,
+    ) -> std::result::Result<(), String> {
+        let limit = self.config.handshake_timeout.max(Duration::from_millis(1));
+        let deadline = Instant::now() + limit;
+        let io = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                format!("no authentication within {limit:?} (half-open handshake dropped)")
+            }
+            io::ErrorKind::UnexpectedEof => {
+                "authentication failed: the client closed the connection during the handshake \
+                 (it does not have this job's secret?)"
+                    .to_string()
+            }
+            _ => format!("authentication failed: {e}"),
+        };
+        // Each read is bounded by what is left of the deadline, so a client trickling bytes
+        // cannot stretch it.
+        let read = |s: &mut TcpStream, buf: &mut [u8]| -> std::result::Result<(), String> {
+            let mut got = 0;
+            while got < buf.len() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io(io::ErrorKind::TimedOut.into()));
+                }
+                s.set_read_timeout(Some(left)).map_err(io)?;
+                match s.read(&mut buf[got..]) {
+                    Ok(0) => return Err(io(io::ErrorKind::UnexpectedEof.into())),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            Ok(())
+        };
+        let mut init = [0u8; auth::INIT_LEN];
+        read(stream, &mut init[..4])?;
+        if !auth::is_auth_message(&init) {
+            let why = format!(
+                "authentication failed: this store requires the job secret and the client sent \
+                 none; {}",
+                auth::HINT
+            );
+            let _ = stream.write_all(&protocol::encode_response(&Response::Refused(why.clone())));
+            linger_close(stream);
+            return Err(why);
+        }
+        read(stream, &mut init[4..])?;
+        let (hs, challenge) = ServerHandshake::challenge(secret, Channel::Store, &init)
+            .map_err(|e| format!("authentication failed: {e}"))?;
+        stream.write_all(&challenge).map_err(io)?;
+        let mut proof = [0u8; auth::PROOF_LEN];
+        read(stream, &mut proof)?;
+        hs.verify(&proof)
+            .map_err(|e| format!("authentication failed: {e}"))
+    }
+
     fn serve(&self, mut stream: TcpStream, peer: SocketAddr) {
         if let Err(e) = stream.set_write_timeout(Some(self.config.frame_timeout)) {
             tracing::warn!(
@@ -283,6 +390,15 @@ impl Shared {
                 self.addr
             );
             return;
+        }
+        if let Some(secret) = &self.config.secret {
+            if let Err(why) = self.authenticate(&mut stream, secret) {
+                if !self.stopping.load(Ordering::Acquire) {
+                    tracing::warn!("store server {}: refusing client {peer}: {why}", self.addr);
+                }
+                return;
+            }
+            tracing::debug!("store server {}: client {peer} authenticated", self.addr);
         }
         loop {
             match self.serve_one(&mut stream) {
@@ -301,6 +417,24 @@ impl Shared {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Ends a connection after a refusal so that the client reads the refusal: closing with
+/// unread input would reset the connection and could discard it. Half-closes, then reads
+/// and drops what the client still sends, for at most a second.
+fn linger_close(stream: &mut TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut sink = [0u8; 4096];
+    while Instant::now() < until {
+        match stream.read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }
@@ -390,6 +524,9 @@ impl TcpStoreServer {
             .spawn(move || accept_loop(&s, poll, listener))
             .ctx(|| format!("store server {addr}: starting the accept thread"))?;
         tracing::debug!("store server listening on {addr}");
+        if shared.config.secret.is_none() {
+            auth::note_unauthenticated("store server");
+        }
         Ok(TcpStoreServer {
             shared,
             waker,
@@ -552,6 +689,8 @@ pub struct TcpStore {
     /// Bounds every request that does not wait by itself.
     io_timeout: Duration,
     idle: Mutex<Vec<TcpStream>>,
+    /// The job secret every new connection authenticates with, if any.
+    secret: Option<Secret>,
 }
 
 impl std::fmt::Debug for TcpStore {
@@ -574,6 +713,60 @@ fn connect_once(addr: &str, per_try: Duration) -> io::Result<TcpStream> {
         }
     }
     Err(last)
+}
+
+/// The client's side of the handshake of [`crate::auth`] on a fresh connection.
+fn client_handshake(
+    s: &mut TcpStream,
+    secret: &Secret,
+    addr: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let failed = |why: String| Error::JobMismatch {
+        store: format!("tcp://{addr}"),
+        detail: format!("authentication failed: {why}; {}", auth::HINT),
+    };
+    let io = |e: io::Error| {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            Error::Timeout {
+                op: format!("authenticating to the store at {addr}"),
+                waited: timeout,
+                detail: "the store did not answer the handshake (is it overloaded or stopped?)"
+                    .into(),
+            }
+        } else {
+            failed(format!("the connection failed during the handshake: {e}"))
+        }
+    };
+    let (hs, init) =
+        ClientHandshake::start(secret, Channel::Store).map_err(|e| failed(e.to_string()))?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    s.write_all(&init).map_err(io)?;
+    let mut challenge = [0u8; auth::CHALLENGE_LEN];
+    s.read_exact(&mut challenge[..RESPONSE_HEADER_LEN])
+        .map_err(io)?;
+    if let Ok(h) = ResponseHeader::decode(&challenge[..RESPONSE_HEADER_LEN]) {
+        // Not a challenge but a reply: the server refuses (over its client limit, or it
+        // wants no authentication from a client like this). Bounded by the header check.
+        let mut body = vec![0u8; h.body_len as usize];
+        s.read_exact(&mut body).map_err(io)?;
+        return Err(match protocol::decode_response_body(&h, &body) {
+            Ok(Response::Refused(m)) => Error::io(
+                format!("store tcp://{addr}: {m}"),
+                io::Error::from(io::ErrorKind::ConnectionRefused),
+            ),
+            _ => failed("the store answered the handshake with a reply".into()),
+        });
+    }
+    s.read_exact(&mut challenge[RESPONSE_HEADER_LEN..])
+        .map_err(io)?;
+    let proof = hs.answer(&challenge).map_err(|e| failed(e.to_string()))?;
+    s.write_all(&proof).map_err(io)?;
+    Ok(())
 }
 
 /// Formats a key list for an error message, at most 20 keys.
@@ -606,6 +799,22 @@ impl TcpStore {
     /// [`set_request_timeout`](Self::set_request_timeout) says otherwise, every later request
     /// that does not wait by itself.
     pub fn connect_with(addr: &str, timeout: Duration, log_interval: Duration) -> Result<TcpStore> {
+        Self::connect_secure(addr, timeout, log_interval, None)
+    }
+
+    /// [`connect_with`](Self::connect_with), authenticating every connection with `secret`
+    /// (see [`crate::auth`]); `None` connects without authentication. Authentication
+    /// failures are not retried: they end in [`Error::JobMismatch`] saying
+    /// "authentication failed".
+    pub fn connect_secure(
+        addr: &str,
+        timeout: Duration,
+        log_interval: Duration,
+        secret: Option<Secret>,
+    ) -> Result<TcpStore> {
+        if secret.is_none() {
+            auth::note_unauthenticated("store client");
+        }
         match addr.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
             }
@@ -628,12 +837,17 @@ impl TcpStore {
             let remaining =
                 deadline.map_or(Duration::from_secs(5), |d| d.saturating_duration_since(now));
             let err = match connect_once(addr, remaining.min(Duration::from_secs(5))) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    let io_timeout = timeout.max(Duration::from_millis(1));
+                    if let Some(secret) = &secret {
+                        client_handshake(&mut s, secret, addr, io_timeout)?;
+                    }
                     tracing::debug!("connected to the store at {addr}");
                     return Ok(TcpStore {
                         addr: addr.to_owned(),
-                        io_timeout: timeout.max(Duration::from_millis(1)),
+                        io_timeout,
                         idle: Mutex::new(vec![s]),
+                        secret,
                     });
                 }
                 Err(e) => e,
@@ -680,12 +894,16 @@ impl TcpStore {
         if let Some(s) = self.idle.lock().pop() {
             return Ok(s);
         }
-        connect_once(&self.addr, self.io_timeout.min(Duration::from_secs(30))).ctx(|| {
+        let mut s = connect_once(&self.addr, self.io_timeout.min(Duration::from_secs(30))).ctx(|| {
             format!(
                 "store tcp://{}: opening another connection (is the process hosting the store still running?)",
                 self.addr
             )
-        })
+        })?;
+        if let Some(secret) = &self.secret {
+            client_handshake(&mut s, secret, &self.addr, self.io_timeout)?;
+        }
+        Ok(s)
     }
 
     fn checkin(&self, s: TcpStream) {

@@ -45,6 +45,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Poll, Token as MioToken};
 
 use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, Waker};
+use crate::auth::{self, Channel, ClientHandshake, Secret, ServerHandshake};
 use crate::error::{Error, IoContext, Result};
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader, FrameKind, HELLO_LEN, Hello, HelloKind};
 
@@ -58,8 +59,12 @@ pub struct TcpConfig {
     pub max_message: u64,
     /// How long an outgoing connection may take to establish.
     pub connect_timeout: Duration,
-    /// How long an accepted connection may take to say hello.
+    /// How long an accepted connection may take to authenticate and say hello before it is
+    /// dropped with a log line. `FERROCOMM_HANDSHAKE_TIMEOUT` (seconds), default 10 s.
     pub handshake_timeout: Duration,
+    /// The job secret: with one, every connection opens with the challenge-response of
+    /// [`crate::auth`] and peers without it are refused. `FERROCOMM_SECRET`.
+    pub secret: Option<Secret>,
     /// `SO_SNDBUF`/`SO_RCVBUF` to request; `None` leaves the kernel's autotuning, which on
     /// Linux grows buffers up to `tcp_wmem`/`tcp_rmem` (4-6 MiB) and is usually best.
     /// `FERROCOMM_SOCKET_BUFFER` (bytes).
@@ -74,12 +79,14 @@ impl Default for TcpConfig {
             connect_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             socket_buffer: None,
+            secret: None,
         }
     }
 }
 
 impl TcpConfig {
-    /// The defaults, adjusted by `FERROCOMM_TCP_EAGER_LIMIT` and `FERROCOMM_SOCKET_BUFFER`.
+    /// The defaults, adjusted by `FERROCOMM_TCP_EAGER_LIMIT`, `FERROCOMM_SOCKET_BUFFER`,
+    /// `FERROCOMM_HANDSHAKE_TIMEOUT` and `FERROCOMM_SECRET`.
     pub fn from_env() -> Result<TcpConfig> {
         Self::from_lookup(&crate::config::process_env)
     }
@@ -90,6 +97,10 @@ impl TcpConfig {
             cfg.eager_limit = n.min(1 << 30);
         }
         cfg.socket_buffer = crate::config::size(lookup, "FERROCOMM_SOCKET_BUFFER")?;
+        if let Some(t) = crate::config::seconds(lookup, "FERROCOMM_HANDSHAKE_TIMEOUT")? {
+            cfg.handshake_timeout = t.max(Duration::from_millis(1));
+        }
+        cfg.secret = Secret::from_lookup(lookup);
         Ok(cfg)
     }
 }
@@ -157,10 +168,14 @@ impl Frame {
 struct Dialing {
     stream: TcpStream,
     connected: bool,
-    hello: [u8; HELLO_LEN],
+    /// What to send next: the authentication `Init`, or (proof and) hello.
+    out: Vec<u8>,
     sent: usize,
-    answer: [u8; HELLO_LEN],
+    /// What to read next: the challenge, or the answer to our hello (its length).
+    answer: Vec<u8>,
     got: usize,
+    /// Waiting for the acceptor's challenge (a job secret is set).
+    auth: Option<ClientHandshake>,
     started: Instant,
 }
 
@@ -204,12 +219,32 @@ impl Conn {
     }
 }
 
+/// How far an accepted connection has come in its handshake.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Reading the first bytes: an authentication `Init` or a hello?
+    Start,
+    /// Reading the `Init`.
+    Init,
+    /// Challenge sent; reading the proof and the hello behind it.
+    Proof,
+    /// Reading a hello that came without authentication.
+    Hello,
+}
+
+/// Bytes an accepted connection may send before our answer, at most.
+const PENDING_BUF: usize = auth::PROOF_LEN + HELLO_LEN;
+
 /// An accepted connection that has not said hello yet.
 struct Pending {
     stream: TcpStream,
     addr: SocketAddr,
-    buf: [u8; HELLO_LEN],
+    buf: [u8; PENDING_BUF],
     got: usize,
+    /// Bytes the current stage reads.
+    want: usize,
+    stage: Stage,
+    auth: Option<ServerHandshake>,
     since: Instant,
     /// Its hello claimed this rank, which is already connected: either the attempt that
     /// rank gave up when we both dialled at once (it closes it at once), or an impostor.
@@ -290,6 +325,9 @@ impl TcpTransport {
                 "peers",
                 format!("{} addresses for a world of {world}", peers.len()),
             ));
+        }
+        if cfg.secret.is_none() {
+            auth::note_unauthenticated("TCP transport");
         }
         let poll = Poll::new().ctx(|| "creating the TCP transport's poller")?;
         let waker = Arc::new(
@@ -428,13 +466,26 @@ impl TcpTransport {
                 Interest::WRITABLE | Interest::READABLE,
             )
             .ctx(|| "registering a TCP connection")?;
+        let (out, answer, auth) = match &self.cfg.secret {
+            Some(secret) => {
+                let (hs, init) = ClientHandshake::start(secret, Channel::Transport)
+                    .map_err(|e| Error::io("starting a handshake", io::Error::other(e)))?;
+                (init.to_vec(), vec![0; auth::CHALLENGE_LEN], Some(hs))
+            }
+            None => (
+                self.hello(HelloKind::Request).to_vec(),
+                vec![0; HELLO_LEN],
+                None,
+            ),
+        };
         self.peers[peer].dialing = Some(Dialing {
             stream,
             connected: false,
-            hello: self.hello(HelloKind::Request),
+            out,
             sent: 0,
-            answer: [0; HELLO_LEN],
+            answer,
             got: 0,
+            auth,
             started: Instant::now(),
         });
         Ok(())
@@ -463,14 +514,53 @@ impl TcpTransport {
                 Err(e) => return Err(format!("connecting to {addr:?} failed: {e}")),
             }
         }
-        while d.sent < HELLO_LEN {
-            match d.stream.write(&d.hello[d.sent..]) {
-                Ok(0) => return Err("connection closed during the handshake".into()),
-                Ok(n) => d.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("sending the handshake failed: {e}")),
+        loop {
+            while d.sent < d.out.len() {
+                match d.stream.write(&d.out[d.sent..]) {
+                    Ok(0) => return Err("connection closed during the handshake".into()),
+                    Ok(n) => d.sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("sending the handshake failed: {e}")),
+                }
             }
+            let Some(hs) = d.auth.as_ref() else { break };
+            while d.got < d.answer.len() {
+                match d.stream.read(&mut d.answer[d.got..]) {
+                    Ok(0) => {
+                        return Err(format!(
+                            "authentication failed: the process at {addr:?} closed the connection \
+                             without a challenge ({} of {} bytes); {}",
+                            d.got,
+                            auth::CHALLENGE_LEN,
+                            auth::HINT
+                        ));
+                    }
+                    Ok(n) => d.got += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("connection failed during the handshake: {e}")),
+                }
+            }
+            let proof = hs.answer(&d.answer).map_err(|e| {
+                format!(
+                    "authentication failed with the process at {addr:?}: {e}; {}",
+                    auth::HINT
+                )
+            })?;
+            let hello = Hello {
+                kind: HelloKind::Request,
+                job: self.job,
+                world: self.world as u32,
+                rank: self.rank as u32,
+                nonce: 0,
+            }
+            .encode();
+            d.out = [&proof[..], &hello[..]].concat();
+            d.sent = 0;
+            d.answer = vec![0; HELLO_LEN];
+            d.got = 0;
+            d.auth = None;
         }
         // Exactly the answer: frames may follow it and belong to the connection.
         while d.got < HELLO_LEN {
@@ -488,8 +578,13 @@ impl TcpTransport {
                 Err(e) => return Err(format!("connection failed during the handshake: {e}")),
             }
         }
-        let answer = Hello::decode(&d.answer)
-            .map_err(|e| format!("answered the handshake with garbage: {e}"))?;
+        let answer = Hello::decode(&d.answer).map_err(|e| match auth::refusal_of(&d.answer) {
+            Some(refusal) => format!(
+                "authentication failed with the process at {addr:?}: {refusal}; {}",
+                auth::HINT
+            ),
+            None => format!("answered the handshake with garbage: {e}"),
+        })?;
         if answer.job != self.job
             || answer.world as usize != self.world
             || answer.rank as usize != peer
@@ -661,8 +756,11 @@ impl TcpTransport {
                     self.pending[slot] = Some(Pending {
                         stream,
                         addr,
-                        buf: [0; HELLO_LEN],
+                        buf: [0; PENDING_BUF],
                         got: 0,
+                        want: auth::HEADER_LEN,
+                        stage: Stage::Start,
+                        auth: None,
                         since: Instant::now(),
                         duplicate_of: None,
                     });
@@ -704,27 +802,102 @@ impl TcpTransport {
             }
             return;
         }
-        // Exactly the hello: the caller sends nothing else before our answer.
-        while pd.got < HELLO_LEN {
-            match pd.stream.read(&mut pd.buf[pd.got..]) {
-                Ok(0) => {
-                    let why = format!(
-                        "closed before saying hello ({} of {HELLO_LEN} bytes)",
-                        pd.got
-                    );
-                    self.refuse(slot, why);
-                    return;
-                }
-                Ok(n) => pd.got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.refuse(slot, format!("read failed: {e}"));
-                    return;
+        // Exactly the handshake: the caller sends nothing else before our answer.
+        let hello_bytes = loop {
+            while pd.got < pd.want {
+                match pd.stream.read(&mut pd.buf[pd.got..pd.want]) {
+                    Ok(0) => {
+                        let why = if pd.stage == Stage::Proof {
+                            "authentication failed: it closed the connection after the \
+                             challenge (it does not have this job's secret?)"
+                                .to_string()
+                        } else {
+                            format!("closed during the handshake ({} bytes)", pd.got)
+                        };
+                        self.refuse(slot, why);
+                        return;
+                    }
+                    Ok(n) => pd.got += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.refuse(slot, format!("read failed: {e}"));
+                        return;
+                    }
                 }
             }
-        }
-        let hello = match Hello::decode(&pd.buf) {
+            match pd.stage {
+                Stage::Start => {
+                    (pd.stage, pd.want) = if auth::is_auth_message(&pd.buf) {
+                        (Stage::Init, auth::INIT_LEN)
+                    } else {
+                        (Stage::Hello, HELLO_LEN)
+                    };
+                }
+                Stage::Init => {
+                    let Some(secret) = &self.cfg.secret else {
+                        let _ = pd.stream.write(&auth::no_secret_reply());
+                        let why = format!(
+                            "authentication failed: it has a job secret and this rank has none; {}",
+                            auth::HINT
+                        );
+                        self.refuse(slot, why);
+                        return;
+                    };
+                    let (hs, challenge) = match ServerHandshake::challenge(
+                        secret,
+                        Channel::Transport,
+                        &pd.buf[..auth::INIT_LEN],
+                    ) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.refuse(slot, format!("authentication failed: {e}"));
+                            return;
+                        }
+                    };
+                    // A fresh socket takes these few bytes at once.
+                    match pd.stream.write(&challenge) {
+                        Ok(n) if n == challenge.len() => {}
+                        other => {
+                            let why = format!("cannot send the challenge: {other:?}");
+                            self.refuse(slot, why);
+                            return;
+                        }
+                    }
+                    pd.auth = Some(hs);
+                    (pd.stage, pd.got, pd.want) = (Stage::Proof, 0, auth::PROOF_LEN + HELLO_LEN);
+                }
+                Stage::Proof => {
+                    let verdict = match &pd.auth {
+                        Some(hs) => hs.verify(&pd.buf[..auth::PROOF_LEN]),
+                        None => Err(auth::AuthError::Malformed("no handshake in progress")),
+                    };
+                    if let Err(e) = verdict {
+                        self.refuse(slot, format!("authentication failed: {e}"));
+                        return;
+                    }
+                    let mut h = [0u8; HELLO_LEN];
+                    h.copy_from_slice(&pd.buf[auth::PROOF_LEN..auth::PROOF_LEN + HELLO_LEN]);
+                    break h;
+                }
+                Stage::Hello => {
+                    if self.cfg.secret.is_some() {
+                        let _ = pd.stream.write(&auth::required_notice());
+                        let why = format!(
+                            "authentication failed: it did not authenticate (it has no job \
+                             secret); {}",
+                            auth::HINT
+                        );
+                        self.refuse(slot, why);
+                        return;
+                    }
+                    let mut h = [0u8; HELLO_LEN];
+                    h.copy_from_slice(&pd.buf[..HELLO_LEN]);
+                    break h;
+                }
+            }
+        };
+        let hello = match Hello::decode(&hello_bytes) {
             Ok(h) => h,
             Err(e) => {
                 self.refuse(slot, format!("not a ferrocomm handshake: {e}"));
@@ -1086,7 +1259,10 @@ impl TcpTransport {
             {
                 let why = match pd.duplicate_of {
                     Some(peer) => format!("rank {peer} is already connected"),
-                    None => format!("no hello within {:?}", self.cfg.handshake_timeout),
+                    None => format!(
+                        "handshake not completed within {:?}; half-open connection dropped",
+                        self.cfg.handshake_timeout
+                    ),
                 };
                 self.refuse(slot, why);
             }

@@ -460,8 +460,13 @@ fn published_tcp(rank: usize) -> String {
     };
     let job = std::env::var("FERROCOMM_JOB_ID").unwrap_or_else(|_| "default".into());
     let read = || -> Result<String, String> {
-        let store = TcpStore::connect(&format!("{host}:{port}"), Duration::from_secs(20))
-            .map_err(|e| e.to_string())?;
+        let store = TcpStore::connect_secure(
+            &format!("{host}:{port}"),
+            Duration::from_secs(20),
+            Duration::from_secs(10),
+            ferrocomm::auth::Secret::from_env(),
+        )
+        .map_err(|e| e.to_string())?;
         let raw = store
             .get(&format!("job/{job}/peers"), Duration::from_secs(20))
             .map_err(|e| e.to_string())?;
