@@ -470,9 +470,9 @@ pub fn train(comm: &Communicator, args: &Args) -> Result<()> {
             if let Some(dir) = &dir
                 && rank == 0
                 && args.ckpt_every > 0
-                && step % args.ckpt_every == 0
+                && step.is_multiple_of(args.ckpt_every)
             {
-                let done = step % per_epoch == 0;
+                let done = step.is_multiple_of(per_epoch);
                 let ck = checkpoint(&model, &specs, &adam, epoch + done as u64)?;
                 dir.save(step, &ck)?;
             }

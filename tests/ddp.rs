@@ -536,7 +536,7 @@ fn finishing_with_unmarked_parameters_names_them_and_can_be_completed() {
         assert!(!msg.contains("head.weight"), "{msg}");
         assert!(r.grad::<f32>(0).is_err(), "the step is still open");
         // Complete the step: it reduces normally.
-        r.mark_ready(2, &vec![2.0f32; 16]).unwrap();
+        r.mark_ready(2, &[2.0f32; 16]).unwrap();
         r.mark_ready(1, &vec![2.0f32; 128]).unwrap();
         r.finish().unwrap();
         (r.grad::<f32>(1).unwrap()[0], r.steps())
