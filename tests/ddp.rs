@@ -617,6 +617,29 @@ fn ranks_with_different_parameters_fail_naming_the_first_difference() {
     }) {
         assert!(msg.contains("#4") && msg.contains("bf16"), "{msg}");
     }
+    // Bucket caps.
+    let out = on_ranks(local(2), |c| {
+        let opts = ReducerOptions::default().bucket_cap_mb(if c.rank() == 1 { 10.0 } else { 25.0 });
+        invalid(&Reducer::new(&c, model_specs(), opts).unwrap_err()).to_string()
+    });
+    for msg in out {
+        assert!(
+            msg.contains("bucket caps") && msg.contains("on rank 1"),
+            "{msg}"
+        );
+    }
+    // A rank whose list is invalid on its own (a name twice) says so; the others do not
+    // wait for it.
+    let out = mismatch(|r, s| {
+        if r == 1 {
+            s[3].name = "fc1.bias".into();
+        }
+    });
+    assert!(out[1].contains("registered twice"), "{}", out[1]);
+    assert!(
+        out[0].contains("parameter #3") && out[2].contains("parameter #3"),
+        "{out:?}"
+    );
     // A missing parameter.
     for msg in mismatch(|r, s| {
         if r == 2 {

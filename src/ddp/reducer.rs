@@ -293,19 +293,35 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// One line per parameter; the fingerprint's input and, on a mismatch, what is compared.
-fn describe_all(params: &[ParamSpec]) -> String {
+/// Starts the line of bucket caps in a description.
+const CAPS: &str = "bucket caps (first, others; bytes): ";
+
+/// One line per parameter, then the bucket caps: the fingerprint's input and, on a
+/// mismatch, what is compared.
+fn describe_all(params: &[ParamSpec], caps: &str) -> String {
     let mut s = String::new();
     for p in params {
         s.push_str(&p.describe());
         s.push('\n');
     }
+    s.push_str(CAPS);
+    s.push_str(caps);
+    s.push('\n');
     s
 }
 
-/// The first difference between rank 0's list and `rank`'s, in words.
+/// The first difference between rank 0's description and `rank`'s, in words.
 fn first_difference(mine: &[String], theirs: &[String], rank: usize) -> String {
-    for (k, (a, b)) in mine.iter().zip(theirs).enumerate() {
+    let split = |l: &[String]| -> (Vec<String>, Option<String>) {
+        match l.split_last() {
+            Some((last, rest)) if last.starts_with(CAPS) => {
+                (rest.to_vec(), Some(last[CAPS.len()..].to_string()))
+            }
+            _ => (l.to_vec(), None),
+        }
+    };
+    let ((mine, my_caps), (theirs, their_caps)) = (split(mine), split(theirs));
+    for (k, (a, b)) in mine.iter().zip(&theirs).enumerate() {
         if a != b {
             return format!("parameter #{k} is {a} on rank 0 but {b} on rank {rank}");
         }
@@ -327,14 +343,20 @@ fn first_difference(mine: &[String], theirs: &[String], rank: usize) -> String {
             mine.len(),
             theirs[mine.len()]
         ),
+        std::cmp::Ordering::Equal if my_caps != their_caps => format!(
+            "the parameters agree, but the bucket caps (first, others, in bytes) are {} on \
+             rank 0 and {} on rank {rank} (ReducerOptions must be the same everywhere)",
+            my_caps.unwrap_or_default(),
+            their_caps.unwrap_or_default()
+        ),
         std::cmp::Ordering::Equal => format!("rank 0 and rank {rank} differ in an unknown way"),
     }
 }
 
 /// Checks that every rank registered the same parameters; on a mismatch every rank returns
 /// the same error naming the first difference.
-fn check_same_params(comm: &Communicator, params: &[ParamSpec]) -> Result<()> {
-    let text = describe_all(params);
+fn check_same_params(comm: &Communicator, params: &[ParamSpec], caps: &str) -> Result<()> {
+    let text = describe_all(params, caps);
     let mut hashes = vec![0u64; comm.size()];
     comm.all_gather(&[fnv1a(text.as_bytes())], &mut hashes)?;
     if hashes.iter().all(|&h| h == hashes[0]) {
@@ -393,32 +415,44 @@ impl Reducer {
         params: Vec<ParamSpec>,
         opts: ReducerOptions,
     ) -> Result<Reducer> {
-        let first_cap = ReducerOptions::cap_bytes(opts.first_bucket_mb, "first_bucket_mb")?;
-        let cap = ReducerOptions::cap_bytes(opts.bucket_cap_mb, "bucket_cap_mb")?;
-        let mut by_name = HashMap::with_capacity(params.len());
-        for (i, p) in params.iter().enumerate() {
-            if !matches!(p.dtype, DType::F32 | DType::F16 | DType::BF16) {
-                return Err(Error::invalid(
-                    "Reducer::new",
-                    "params",
-                    format!(
-                        "parameter {:?} has element type {}; gradients must be f32, f16 or bf16",
-                        p.name, p.dtype
-                    ),
-                ));
+        // Local checks first, but their failure still takes part in the exchange below, so
+        // that the other ranks fail too instead of waiting for this one.
+        let local = (|| -> Result<(usize, usize, HashMap<String, usize>)> {
+            let first_cap = ReducerOptions::cap_bytes(opts.first_bucket_mb, "first_bucket_mb")?;
+            let cap = ReducerOptions::cap_bytes(opts.bucket_cap_mb, "bucket_cap_mb")?;
+            let mut by_name = HashMap::with_capacity(params.len());
+            for (i, p) in params.iter().enumerate() {
+                if !matches!(p.dtype, DType::F32 | DType::F16 | DType::BF16) {
+                    return Err(Error::invalid(
+                        "Reducer::new",
+                        "params",
+                        format!(
+                            "parameter {:?} has element type {}; gradients must be f32, f16 \
+                             or bf16",
+                            p.name, p.dtype
+                        ),
+                    ));
+                }
+                if let Some(j) = by_name.insert(p.name.clone(), i) {
+                    return Err(Error::invalid(
+                        "Reducer::new",
+                        "params",
+                        format!(
+                            "parameter name {:?} is registered twice (#{j} and #{i})",
+                            p.name
+                        ),
+                    ));
+                }
             }
-            if let Some(j) = by_name.insert(p.name.clone(), i) {
-                return Err(Error::invalid(
-                    "Reducer::new",
-                    "params",
-                    format!(
-                        "parameter name {:?} is registered twice (#{j} and #{i})",
-                        p.name
-                    ),
-                ));
-            }
-        }
-        check_same_params(comm, &params)?;
+            Ok((first_cap, cap, by_name))
+        })();
+        let caps = match &local {
+            Ok((first, cap, _)) => format!("{first} {cap}"),
+            Err(e) => format!("invalid: {e}"),
+        };
+        let agreed = check_same_params(comm, &params, &caps);
+        let (first_cap, cap, by_name) = local?;
+        agreed?;
         let sizes: Vec<(DType, usize)> = params.iter().map(|p| (p.dtype, p.numel())).collect();
         let (plans, slots) = buckets::plan(&sizes, first_cap, cap);
         let buckets = plans
@@ -976,6 +1010,18 @@ mod tests {
         assert!(m.contains("only 1") && m.contains("\"b\""), "{m}");
         let m = first_difference(&a[..1], &a, 3);
         assert!(m.contains("rank 3 registers 2"), "{m}");
+        let with = |caps: &str| {
+            let mut l = a.clone();
+            l.push(format!("{CAPS}{caps}"));
+            l
+        };
+        let m = first_difference(&with("1 2"), &with("1 3"), 1);
+        assert!(
+            m.contains("bucket caps") && m.contains("1 3 on rank 1"),
+            "{m}"
+        );
+        let m = first_difference(&with("1 2")[1..], &with("1 2"), 1);
+        assert!(m.contains("parameter #0"), "{m}");
     }
 
     #[test]
