@@ -354,6 +354,100 @@ impl CheckpointDir {
     }
 }
 
+/// What rank 0 announces before the bytes of a broadcast checkpoint.
+const BCAST_NONE: u64 = 0;
+const BCAST_SOME: u64 = 1;
+const BCAST_ERROR: u64 = 2;
+
+impl Checkpoint {
+    /// Sends the checkpoint `root` holds to every rank of `comm` (a collective: every rank
+    /// calls it; only the root's `ckpt` is used). For file systems that are not shared:
+    /// the root reads the file, the others receive it. `ckpt` at the root may be `Ok(None)`
+    /// (no checkpoint: every rank gets `None`) or an error, which every rank then returns
+    /// (the root its own, the others one naming the root's), so no rank waits forever.
+    pub fn broadcast(
+        comm: &crate::Communicator,
+        root: usize,
+        ckpt: Result<Option<&Checkpoint>>,
+    ) -> Result<Option<Checkpoint>> {
+        let is_root = comm.rank() == root;
+        let mut failure = None;
+        let mut bytes = Vec::new();
+        let mut head = [BCAST_NONE, 0];
+        if is_root {
+            match ckpt.and_then(|c| c.map(Checkpoint::to_bytes).transpose()) {
+                Ok(Some(b)) => {
+                    head = [BCAST_SOME, b.len() as u64];
+                    bytes = b;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let msg = e.to_string().into_bytes();
+                    head = [BCAST_ERROR, msg.len() as u64];
+                    bytes = msg;
+                    failure = Some(e);
+                }
+            }
+        }
+        comm.broadcast(&mut head, root)?;
+        let len = usize::try_from(head[1]).map_err(|_| {
+            Error::misbehaved(format!("rank {root}"), "checkpoint length beyond memory")
+        })?;
+        if head[0] == BCAST_NONE {
+            return Ok(None);
+        }
+        bytes.resize(len, 0);
+        comm.broadcast(&mut bytes, root)?;
+        match (head[0], failure) {
+            (_, Some(e)) => Err(e),
+            (BCAST_SOME, None) => {
+                if is_root {
+                    Checkpoint::from_bytes(&bytes, "checkpoint").map(Some)
+                } else {
+                    Checkpoint::from_bytes(&bytes, &format!("checkpoint broadcast by rank {root}"))
+                        .map(Some)
+                }
+            }
+            _ => Err(Error::invalid(
+                "Checkpoint::broadcast",
+                "ckpt",
+                format!(
+                    "rank {root} could not provide the checkpoint: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
+            )),
+        }
+    }
+}
+
+impl CheckpointDir {
+    /// The newest checkpoint, read by rank 0 and broadcast to every rank of `comm` (a
+    /// collective). Use it when the other ranks cannot see rank 0's files; on a shared file
+    /// system [`CheckpointDir::load_latest`] on every rank does the same without traffic.
+    /// Only rank 0 looks at the directory.
+    pub fn load_latest_broadcast(
+        &self,
+        comm: &crate::Communicator,
+    ) -> Result<Option<(u64, Checkpoint)>> {
+        let mine = if comm.rank() == 0 {
+            self.load_latest()
+        } else {
+            Ok(None)
+        };
+        let ck = Checkpoint::broadcast(
+            comm,
+            0,
+            mine.as_ref()
+                .map(|o| o.as_ref().map(|(_, c)| c))
+                .map_err(Clone::clone),
+        )?;
+        match ck {
+            Some(c) => Ok(Some((c.meta_u64("step")?, c))),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
