@@ -2,8 +2,11 @@
 //! collected (ferrocomm-bench, the MPI peers and the physical-limit probes).
 //!
 //! ```text
-//! cargo run --release --example bench_report -- RESULTS.jsonl docs/BENCHMARKS.md
+//! cargo run --release --example bench_report -- RESULTS.jsonl docs/BENCHMARKS.md [ANALYSIS.md]
 //! ```
+//!
+//! `ANALYSIS.md`, when given, is a hand-written reading of the run, included verbatim near
+//! the top under its own heading.
 //!
 //! Plots (SVG) go to `bench/` beside the Markdown file. Every point of a table is the median
 //! over the repetitions of that point; ratios are ferrocomm's figure over the peer's.
@@ -342,9 +345,21 @@ alike.
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [input, md] = args.as_slice() else {
-        eprintln!("usage: bench_report RESULTS.jsonl OUT.md");
-        return ExitCode::from(2);
+    let (input, md, notes) = match args.as_slice() {
+        [input, md] => (input, md, None),
+        [input, md, notes] => (input, md, Some(notes)),
+        _ => {
+            eprintln!("usage: bench_report RESULTS.jsonl OUT.md [ANALYSIS.md]");
+            return ExitCode::from(2);
+        }
+    };
+    let analysis = match notes.map(std::fs::read_to_string) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            eprintln!("bench_report: cannot read the analysis file: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let text = match std::fs::read_to_string(input) {
         Ok(t) => t,
@@ -365,7 +380,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let mut plots_failed = Vec::new();
-    let report = write_report(&data, &dir, &mut plots_failed);
+    let report = write_report(&data, &dir, analysis.as_deref(), &mut plots_failed);
     if let Err(e) = std::fs::write(&md, report) {
         eprintln!("bench_report: cannot write {}: {e}", md.display());
         return ExitCode::FAILURE;
@@ -384,7 +399,7 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn write_report(d: &Data, dir: &Path, failed: &mut Vec<String>) -> String {
+fn write_report(d: &Data, dir: &Path, analysis: Option<&str>, failed: &mut Vec<String>) -> String {
     let mut o = String::new();
     let w = &mut o;
     let _ = writeln!(w, "# ferrocomm beside Open MPI and MPICH\n");
@@ -420,6 +435,14 @@ fn write_report(d: &Data, dir: &Path, failed: &mut Vec<String>) -> String {
         let _ = writeln!(w, "Launch configurations:\n\n```text\n{cfg}\n```\n");
     }
 
+    if let Some(a) = analysis {
+        let _ = writeln!(
+            w,
+            "## Analysis of this run\n\nWritten by hand after the run (`scripts/bench-compare \
+             --analysis FILE`); everything else on this page is generated.\n\n{}\n",
+            a.trim()
+        );
+    }
     key_numbers(d, w);
     allreduce_vs_best(d, w);
     behind(d, w);
