@@ -2,8 +2,11 @@
 //! collected (ferrocomm-bench, the MPI peers and the physical-limit probes).
 //!
 //! ```text
-//! cargo run --release --example bench_report -- RESULTS.jsonl docs/BENCHMARKS.md
+//! cargo run --release --example bench_report -- RESULTS.jsonl docs/BENCHMARKS.md [ANALYSIS.md]
 //! ```
+//!
+//! `ANALYSIS.md`, when given, is a hand-written reading of the run, included verbatim near
+//! the top under its own heading.
 //!
 //! Plots (SVG) go to `bench/` beside the Markdown file. Every point of a table is the median
 //! over the repetitions of that point; ratios are ferrocomm's figure over the peer's.
@@ -328,18 +331,35 @@ nccl-tests' factor: all_reduce 2(n−1)/n, all_gather, reduce_scatter and all_to
 
 Options follow nccl-tests where it has one: `-b`/`-e` (min/max bytes, K/M/G suffixes), `-f`
 (step factor), `-i` (step bytes), `-n` (at most n timed calls), `-w` (warm-up calls), `-d`
-(element type); plus `-T` (seconds per size), `--min-iters`, `--check last|all`, `--json`,
+(element type), `-o` (reduction: sum, prod, min, max; ferrocomm also avg), `-r` (root); plus
+`--algo ring|rhd|rd|auto` (ferrocomm's all_reduce algorithm; the JSON's `algo` names the one
+that ran at each size), `-T` (seconds per size), `--min-iters`, `--check last|all`, `--json`,
 `--transport` (sets `FERROCOMM_TRANSPORT`), `--bind core`. OSU differs in two ways that
 matter when comparing with published OSU numbers: it reports the mean over iterations (we
 report the median, robust to the scheduler stalls of a shared 2-vCPU machine) and its
-collectives put a barrier after every call (ours run back to back, as nccl-tests does).
+collectives put a barrier after every call (ours run back to back, as nccl-tests does). Back to
+back, a small broadcast measures how fast broadcasts can follow each other (the root does not
+wait for the leaves), not one broadcast's latency; that holds for all three implementations
+alike.
 "#;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [input, md] = args.as_slice() else {
-        eprintln!("usage: bench_report RESULTS.jsonl OUT.md");
-        return ExitCode::from(2);
+    let (input, md, notes) = match args.as_slice() {
+        [input, md] => (input, md, None),
+        [input, md, notes] => (input, md, Some(notes)),
+        _ => {
+            eprintln!("usage: bench_report RESULTS.jsonl OUT.md [ANALYSIS.md]");
+            return ExitCode::from(2);
+        }
+    };
+    let analysis = match notes.map(std::fs::read_to_string) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            eprintln!("bench_report: cannot read the analysis file: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let text = match std::fs::read_to_string(input) {
         Ok(t) => t,
@@ -360,7 +380,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let mut plots_failed = Vec::new();
-    let report = write_report(&data, &dir, &mut plots_failed);
+    let report = write_report(&data, &dir, analysis.as_deref(), &mut plots_failed);
     if let Err(e) = std::fs::write(&md, report) {
         eprintln!("bench_report: cannot write {}: {e}", md.display());
         return ExitCode::FAILURE;
@@ -379,7 +399,7 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn write_report(d: &Data, dir: &Path, failed: &mut Vec<String>) -> String {
+fn write_report(d: &Data, dir: &Path, analysis: Option<&str>, failed: &mut Vec<String>) -> String {
     let mut o = String::new();
     let w = &mut o;
     let _ = writeln!(w, "# ferrocomm beside Open MPI and MPICH\n");
@@ -402,6 +422,7 @@ fn write_report(d: &Data, dir: &Path, failed: &mut Vec<String>) -> String {
         ("openmpi", "Open MPI"),
         ("mpich", "MPICH"),
         ("reps", "repetitions per point"),
+        ("narrowed", "what ran"),
         ("duration", "duration of the run"),
         ("steal", "CPU time stolen by the hypervisor during the run"),
     ] {
@@ -414,7 +435,16 @@ fn write_report(d: &Data, dir: &Path, failed: &mut Vec<String>) -> String {
         let _ = writeln!(w, "Launch configurations:\n\n```text\n{cfg}\n```\n");
     }
 
+    if let Some(a) = analysis {
+        let _ = writeln!(
+            w,
+            "## Analysis of this run\n\nWritten by hand after the run (`scripts/bench-compare \
+             --analysis FILE`); everything else on this page is generated.\n\n{}\n",
+            a.trim()
+        );
+    }
     key_numbers(d, w);
+    allreduce_vs_best(d, w);
     behind(d, w);
     physical(d, w);
     plots(d, dir, w, failed);
@@ -479,6 +509,101 @@ fn key_numbers(d: &Data, w: &mut String) {
                 ratio(s[0], s[2])
             );
         }
+    }
+    let _ = writeln!(w);
+}
+
+/// Issue 3's performance targets for all_reduce with 2 ranks over TCP, as ratios to the
+/// best peer of the same run: (bytes, label, whether the metric is a time, bound).
+const TARGETS: [(u64, bool, f64); 3] = [
+    (4, true, 0.9),
+    (1 << 20, false, 1.5),
+    (64 << 20, false, 1.5),
+];
+
+/// all_reduce at every rank count: ferrocomm, both peers, the best peer, and (2 ranks, TCP)
+/// the targets.
+fn allreduce_vs_best(d: &Data, w: &mut String) {
+    let mut rows = Vec::new();
+    let points: [(u64, &str, bool); 6] = [
+        (4, "4 B time, µs", true),
+        (1 << 10, "1 KiB time, µs", true),
+        (64 << 10, "64 KiB busbw, GB/s", false),
+        (1 << 20, "1 MiB busbw, GB/s", false),
+        (16 << 20, "16 MiB busbw, GB/s", false),
+        (64 << 20, "64 MiB busbw, GB/s", false),
+    ];
+    for t in TRANSPORTS {
+        for r in d.ranks_of("allreduce", t) {
+            let k = key("allreduce", t, r);
+            for (bytes, label, is_time) in points {
+                let pick: Pick = if is_time { |p| p.usec } else { |p| p.busbw };
+                let s: Vec<Option<Stat>> = IMPLS.iter().map(|i| d.at(&k, i, bytes, pick)).collect();
+                if s.iter().all(Option::is_none) {
+                    continue;
+                }
+                let best = [s[1], s[2]].into_iter().flatten().map(|x| x.med).fold(
+                    None,
+                    |a: Option<f64>, v| {
+                        Some(match a {
+                            None => v,
+                            Some(a) if is_time => a.min(v),
+                            Some(a) => a.max(v),
+                        })
+                    },
+                );
+                let r_best = match (s[0], best) {
+                    (Some(f), Some(b)) if b > 0.0 => Some(f.med / b),
+                    _ => None,
+                };
+                let target = TARGETS
+                    .iter()
+                    .find(|x| x.0 == bytes && t == "tcp" && r == 2)
+                    .map_or(String::new(), |&(_, time, bound)| {
+                        let met = r_best.map(|x| if time { x <= bound } else { x >= bound });
+                        format!(
+                            "{} {bound:.2}: {}",
+                            if time { "≤" } else { "≥" },
+                            match met {
+                                Some(true) => "met",
+                                Some(false) => "**missed**",
+                                None => "not measured",
+                            }
+                        )
+                    });
+                rows.push(format!(
+                    "| {label} | {t} | {r} | {} | {} | {} | {} | {} | {target} |",
+                    cell_spread(s[0]),
+                    cell_spread(s[1]),
+                    cell_spread(s[2]),
+                    best.map_or("–".into(), num),
+                    r_best.map_or("–".into(), |x| format!("{x:.2}")),
+                ));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "## all_reduce beside the best peer
+"
+    );
+    let _ = writeln!(
+        w,
+        "Median over repetitions (min–max in brackets). \"best peer\" is the faster of Open MPI \
+         and MPICH at that point in this run; the ratio is ferrocomm / best peer (times: below 1 \
+         is better; busbw: above 1 is better). Targets (issue 3, 2 ranks over TCP): busbw at \
+         least 1.5× the best peer at 1 MiB and 64 MiB, 4 B time at most 0.9×.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| metric | transport | ranks | ferrocomm | Open MPI | MPICH | best peer | ferrocomm / best | target |"
+    );
+    let _ = writeln!(w, "|---|---|---:|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let _ = writeln!(w, "{r}");
     }
     let _ = writeln!(w);
 }

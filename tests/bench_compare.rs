@@ -106,6 +106,8 @@ fn quick_comparison_writes_a_report_with_tables_and_plots() {
         "## Plots",
         "## Correspondence with the OSU micro-benchmarks and nccl-tests",
         "### latency, tcp, 2 ranks",
+        "## all_reduce beside the best peer",
+        "### allreduce, tcp, 2 ranks",
     ] {
         assert!(report.contains(section), "no {section:?} in:\n{report}");
     }
@@ -134,6 +136,18 @@ fn quick_comparison_writes_a_report_with_tables_and_plots() {
         );
     }
     let raw = std::fs::read_to_string(bench.join("results.jsonl")).expect("raw results");
+    // ferrocomm's all_reduce ran, was checked, and is plotted beside the peers.
+    assert!(
+        raw.lines().any(|l| l.contains("\"impl\":\"ferrocomm\"")
+            && l.contains("\"op\":\"allreduce\"")
+            && l.contains("\"check\":\"ok\"")),
+        "no checked all_reduce result of ferrocomm in the raw results"
+    );
+    let svg = std::fs::read_to_string(bench.join("allreduce-busbw-tcp-2.svg")).expect("plot");
+    assert!(
+        svg.contains("ferrocomm"),
+        "ferrocomm missing from the all_reduce plot"
+    );
     for imp in ["ferrocomm", "openmpi", "mpich"] {
         assert!(
             raw.lines()

@@ -8,7 +8,8 @@
  *   mpirun -np 2 ./mpi-bench latency -b 1 -e 4M --json --impl openmpi --transport shm
  *
  * Subcommands: latency, bandwidth, bibw, allreduce, broadcast, allgather, reduce-scatter,
- * alltoall, barrier. Per size: barrier; warm-up calls (at most -w, and at most a quarter
+ * alltoall, barrier; --op sum|prod|min|max for allreduce and reduce-scatter (inputs as in
+ * values.rs, so every result is exact). Per size: barrier; warm-up calls (at most -w, and at most a quarter
  * of -T); barrier; timed calls in chunks, each call timed alone with CLOCK_MONOTONIC;
  * after each chunk rank 0 decides the next chunk's length (0: stop) from -n, --min-iters
  * and -T, outside the timed region. Results are checked (a wrong result exits 1). Control
@@ -36,6 +37,9 @@ static const char *const op_cmd[] = { "latency", "bandwidth", "bibw", "allreduce
 static const char *const op_json[] = { "latency", "bandwidth", "bibw", "allreduce", "broadcast",
                                        "allgather", "reduce_scatter", "alltoall", "barrier" };
 
+enum redop { SUM, PROD, MIN, MAX, NREDOPS };
+static const char *const redop_name[] = { "sum", "prod", "min", "max" };
+
 enum dtype { U8, I8, U16, I16, U32, I32, U64, I64, F32, F64, NTYPES };
 static const char *const dtype_name[] = { "u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64" };
 static const size_t dtype_size[] = { 1, 1, 2, 2, 4, 4, 8, 8, 4, 8 };
@@ -47,6 +51,7 @@ typedef struct {
     double time_s;
     int dtype;
     int json, check_all, root;
+    int redop; /* index into redop_name */
     const char *impl, *transport;
 } opts_t;
 
@@ -91,11 +96,42 @@ static unsigned modulus(int n)
     return m < 1 ? 1 : m > 8 ? 8 : m;
 }
 static unsigned input(int rank, size_t i, int n) { return (unsigned)((rank + i * 3) % modulus(n)); }
-static unsigned sum(size_t i, int n)
+/* prod: only every prod_stride(n)-th rank (at most 6) has elements other than 1; element i
+ * of the k-th of them is 2 when bit k of i is set, so products stay at or below 64. */
+static size_t prod_stride(int n)
 {
-    unsigned s = 0;
-    for (int r = 0; r < n; r++) s += input(r, i, n);
-    return s;
+    size_t s = ((size_t)n + 5) / 6;
+    return s < 1 ? 1 : s;
+}
+static unsigned reduce_input(int rank, size_t i, int n)
+{
+    if (o.redop != PROD) return input(rank, i, n);
+    size_t s = prod_stride(n);
+    return 1 + ((size_t)rank % s == 0 && ((i >> ((size_t)rank / s)) & 1));
+}
+/* The exact result of reducing element i over n ranks. */
+static unsigned reduced(size_t i, int n)
+{
+    unsigned acc = reduce_input(0, i, n);
+    for (int r = 1; r < n; r++) {
+        unsigned v = reduce_input(r, i, n);
+        switch (o.redop) {
+        case PROD: acc *= v; break;
+        case MIN: acc = v < acc ? v : acc; break;
+        case MAX: acc = v > acc ? v : acc; break;
+        default: acc += v; break;
+        }
+    }
+    return acc;
+}
+static MPI_Op mpi_op(void)
+{
+    switch (o.redop) {
+    case PROD: return MPI_PROD;
+    case MIN: return MPI_MIN;
+    case MAX: return MPI_MAX;
+    default: return MPI_SUM;
+    }
 }
 
 static void set(void *b, size_t i, unsigned v)
@@ -196,7 +232,7 @@ static double call(void)
         return now() - t0;
     }
     case ALLREDUCE:
-        MPI_Allreduce(k.sbuf, k.rbuf, c, t, MPI_SUM, MPI_COMM_WORLD);
+        MPI_Allreduce(k.sbuf, k.rbuf, c, t, mpi_op(), MPI_COMM_WORLD);
         break;
     case BROADCAST:
         MPI_Bcast(k.rbuf, c, t, o.root, MPI_COMM_WORLD);
@@ -205,7 +241,7 @@ static double call(void)
         MPI_Allgather(k.sbuf, (int)k.chunk, t, k.rbuf, (int)k.chunk, t, MPI_COMM_WORLD);
         break;
     case REDUCE_SCATTER:
-        MPI_Reduce_scatter_block(k.sbuf, k.rbuf, (int)k.chunk, t, MPI_SUM, MPI_COMM_WORLD);
+        MPI_Reduce_scatter_block(k.sbuf, k.rbuf, (int)k.chunk, t, mpi_op(), MPI_COMM_WORLD);
         break;
     case ALLTOALL:
         MPI_Alltoall(k.sbuf, (int)k.chunk, t, k.rbuf, (int)k.chunk, t, MPI_COMM_WORLD);
@@ -253,7 +289,7 @@ static int kcheck(char *why)
         return 0;
     case ALLREDUCE:
         for (i = 0; i < k.count; i++)
-            if (mismatch(k.rbuf, i, sum(i, nranks), "allreduce output", why)) return 1;
+            if (mismatch(k.rbuf, i, reduced(i, nranks), "allreduce output", why)) return 1;
         return 0;
     case BROADCAST:
         for (i = 0; i < k.count; i++)
@@ -265,7 +301,7 @@ static int kcheck(char *why)
         return 0;
     case REDUCE_SCATTER:
         for (i = 0; i < k.chunk; i++)
-            if (mismatch(k.rbuf, i, sum(me * k.chunk + i, nranks), "reduce_scatter output", why)) return 1;
+            if (mismatch(k.rbuf, i, reduced(me * k.chunk + i, nranks), "reduce_scatter output", why)) return 1;
         return 0;
     case ALLTOALL:
         for (i = 0; i < k.count; i++) {
@@ -303,6 +339,10 @@ static void ksetup(size_t count, uint64_t window)
         }
         break;
     case ALLREDUCE:
+        k.sbuf = xalloc(count * esz);
+        k.rbuf = xalloc(count * esz);
+        for (i = 0; i < count; i++) set(k.sbuf, i, reduce_input(me, i, nranks));
+        break;
     case ALLTOALL:
         k.sbuf = xalloc(count * esz);
         k.rbuf = xalloc(count * esz);
@@ -321,7 +361,7 @@ static void ksetup(size_t count, uint64_t window)
     case REDUCE_SCATTER:
         k.sbuf = xalloc(count * esz);
         k.rbuf = xalloc(k.chunk * esz);
-        for (i = 0; i < count; i++) set(k.sbuf, i, input(me, i, nranks));
+        for (i = 0; i < count; i++) set(k.sbuf, i, reduce_input(me, i, nranks));
         break;
     case BARRIER: break;
     }
@@ -441,6 +481,7 @@ static void print_row(uint64_t bytes, size_t count, double usec, double umin, do
                algbw, busbw, (unsigned long long)iters);
         if (o.op == BANDWIDTH || o.op == BIBW) printf(",\"window\":%llu", (unsigned long long)window);
         if (o.op == BROADCAST) printf(",\"root\":%d", o.root);
+        if (o.op == ALLREDUCE || o.op == REDUCE_SCATTER) printf(",\"redop\":\"%s\"", redop_name[o.redop]);
         printf(",\"check\":\"ok\"}\n");
     } else {
         printf("  %12llu %12zu %5s %11.3f %11.3f %11.3f %9.3f %9.3f %8llu %5s\n",
@@ -536,7 +577,7 @@ static void usage(void)
                 "usage: mpi-bench {latency|bandwidth|bibw|allreduce|broadcast|allgather|reduce-scatter|"
                 "alltoall|barrier}\n"
                 "  [-b MIN] [-e MAX] [-f FACTOR] [-i STEP] [-n ITERS] [--min-iters N] [-T SECS] [-w WARMUP]\n"
-                "  [-d TYPE] [-W WINDOW] [--root R] [--check last|all] [--json] [--impl NAME] [--transport NAME]\n");
+                "  [-d TYPE] [-W WINDOW] [-o|--op sum|prod|min|max] [-r|--root R] [--check last|all] [--json] [--impl NAME] [--transport NAME]\n");
 }
 
 int main(int argc, char **argv)
@@ -577,11 +618,12 @@ int main(int argc, char **argv)
         { "time", 1, 0, 'T' },      { "warmup", 1, 0, 'w' },  { "dtype", 1, 0, 'd' },
         { "window", 1, 0, 'W' },    { "root", 1, 0, 'r' },    { "check", 1, 0, 'c' },
         { "json", 0, 0, 'j' },      { "impl", 1, 0, 'I' },    { "transport", 1, 0, 't' },
+        { "op", 1, 0, 'o' },
         { 0, 0, 0, 0 }
     };
     int c;
     optind = 2;
-    while ((c = getopt_long(argc, argv, "b:e:f:i:n:T:w:d:W:", longs, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "b:e:f:i:n:T:w:d:W:o:r:", longs, NULL)) != -1) {
         switch (c) {
         case 'b': if (parse_size(optarg, &o.min_bytes)) goto bad; have_min = 1; break;
         case 'e': if (parse_size(optarg, &o.max_bytes)) goto bad; have_max = 1; break;
@@ -597,6 +639,12 @@ int main(int argc, char **argv)
         case 'j': o.json = 1; break;
         case 'I': o.impl = optarg; break;
         case 't': o.transport = optarg; break;
+        case 'o':
+            o.redop = -1;
+            for (int r = 0; r < NREDOPS; r++)
+                if (!strcmp(optarg, redop_name[r])) o.redop = r;
+            if (o.redop < 0) die("unknown reduction (sum prod min max; MPI has no avg)");
+            break;
         case 'd':
             for (int t = 0; t < NTYPES; t++)
                 if (!strcmp(optarg, dtype_name[t])) o.dtype = t;

@@ -22,8 +22,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferrocomm::{Communicator, DType};
+use ferrocomm::{AllReduceAlgo, AllReduceOptions, Communicator, DType, ReduceOp};
 
+use coll::Which;
 use harness::{Ctl, Limits};
 use output::Row;
 use values::{Val, with_dtype};
@@ -74,6 +75,58 @@ enum Cmd {
     Bibw(#[command(flatten)] StreamArgs),
     /// Back-to-back barriers (osu_barrier); time = mean over ranks of each rank's median.
     Barrier(#[command(flatten)] Common),
+    /// all_reduce, out of place (all_reduce_perf, osu_allreduce); size = the whole buffer,
+    /// busbw = algbw × 2(n-1)/n.
+    Allreduce(#[command(flatten)] AllReduceArgs),
+    /// broadcast from --root, in place (broadcast_perf, osu_bcast); busbw = algbw.
+    Broadcast(#[command(flatten)] RootArgs),
+    /// all_gather (all_gather_perf, osu_allgather); size = the gathered output (n blocks),
+    /// busbw = algbw × (n-1)/n.
+    Allgather(#[command(flatten)] Common),
+    /// reduce_scatter, MPI_Reduce_scatter_block's semantics (reduce_scatter_perf); size = one
+    /// rank's input (n blocks), busbw = algbw × (n-1)/n.
+    ReduceScatter(#[command(flatten)] OpArgs),
+    /// all_to_all (alltoall_perf, osu_alltoall); size = one rank's input (n blocks),
+    /// busbw = algbw × (n-1)/n.
+    Alltoall(#[command(flatten)] Common),
+}
+
+#[derive(Debug, Args)]
+struct OpArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Reduction: sum, prod, min, max, avg (avg: floating-point types only).
+    #[arg(short = 'o', long, default_value = "sum", value_parser = parse_op)]
+    op: ReduceOp,
+}
+
+#[derive(Debug, Args)]
+struct AllReduceArgs {
+    #[command(flatten)]
+    op: OpArgs,
+    /// Algorithm: auto (the library's choice, or FERROCOMM_ALLREDUCE_ALGO when set), ring,
+    /// rhd (recursive halving-doubling) or rd (recursive doubling).
+    #[arg(short = 'a', long, default_value = "auto", value_parser = parse_algo)]
+    algo: AllReduceAlgo,
+}
+
+#[derive(Debug, Args)]
+struct RootArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The root rank.
+    #[arg(short = 'r', long, default_value_t = 0)]
+    root: usize,
+}
+
+fn parse_op(s: &str) -> Result<ReduceOp, String> {
+    ReduceOp::from_name(&s.trim().to_ascii_lowercase())
+        .ok_or_else(|| format!("{s:?} is not a reduction; one of: sum, prod, min, max, avg"))
+}
+
+fn parse_algo(s: &str) -> Result<AllReduceAlgo, String> {
+    AllReduceAlgo::from_name(s)
+        .ok_or_else(|| format!("{s:?} is not an all_reduce algorithm; one of: auto, ring, rhd, rd"))
 }
 
 #[derive(Debug, Args)]
@@ -132,7 +185,7 @@ struct Common {
     warmup: u64,
     /// Element type: u8, i8, u16, i16, u32, i32, u64, i64, f16, bf16, f32, f64. Default:
     /// u8 for point-to-point, f32 for collectives.
-    #[arg(short = 'd', long, value_parser = values::parse_dtype)]
+    #[arg(short = 'd', long = "dtype", value_parser = values::parse_dtype)]
     dtype: Option<DType>,
     /// Transport: sets FERROCOMM_TRANSPORT (auto, tcp, ...) for this process.
     #[arg(long)]
@@ -226,6 +279,7 @@ impl Ctx<'_> {
             window: None,
             algo: None,
             root: None,
+            redop: None,
             check: "ok",
         }
     }
@@ -275,13 +329,29 @@ fn defaults(cmd: &Cmd) -> (u64, u64, DType) {
     match cmd {
         Cmd::Latency(_) | Cmd::Bandwidth(_) | Cmd::Bibw(_) => (1, 4 << 20, DType::U8),
         Cmd::Barrier(_) => (0, 0, DType::U8),
+        _ => (4, 64 << 20, DType::F32),
     }
 }
 
 fn common(cmd: &Cmd) -> &Common {
     match cmd {
-        Cmd::Latency(c) | Cmd::Barrier(c) => c,
+        Cmd::Latency(c) | Cmd::Barrier(c) | Cmd::Allgather(c) | Cmd::Alltoall(c) => c,
         Cmd::Bandwidth(s) | Cmd::Bibw(s) => &s.common,
+        Cmd::Allreduce(a) => &a.op.common,
+        Cmd::ReduceScatter(a) => &a.common,
+        Cmd::Broadcast(a) => &a.common,
+    }
+}
+
+/// The collective a subcommand times, if it is one of the data-moving collectives.
+fn which(cmd: &Cmd) -> Option<Which> {
+    match cmd {
+        Cmd::Allreduce(_) => Some(Which::AllReduce),
+        Cmd::Broadcast(_) => Some(Which::Broadcast),
+        Cmd::Allgather(_) => Some(Which::AllGather),
+        Cmd::ReduceScatter(_) => Some(Which::ReduceScatter),
+        Cmd::Alltoall(_) => Some(Which::AllToAll),
+        Cmd::Latency(_) | Cmd::Bandwidth(_) | Cmd::Bibw(_) | Cmd::Barrier(_) => None,
     }
 }
 
@@ -291,7 +361,52 @@ fn op_name(cmd: &Cmd) -> &'static str {
         Cmd::Bandwidth(_) => "bandwidth",
         Cmd::Bibw(_) => "bibw",
         Cmd::Barrier(_) => "barrier",
+        _ => which(cmd).map_or("?", Which::name),
     }
+}
+
+/// The reduction, all_reduce options and root of a collective subcommand.
+fn coll_params(cmd: &Cmd) -> (ReduceOp, AllReduceOptions, usize) {
+    match cmd {
+        Cmd::Allreduce(a) => (a.op.op, AllReduceOptions::algo(a.algo), 0),
+        Cmd::ReduceScatter(a) => (a.op, AllReduceOptions::default(), 0),
+        Cmd::Broadcast(a) => (ReduceOp::Sum, AllReduceOptions::default(), a.root),
+        _ => (ReduceOp::Sum, AllReduceOptions::default(), 0),
+    }
+}
+
+/// The element count of one point of a sweep: `size` bytes of `dtype`, cut down to a
+/// multiple of the rank count for the operations that cut their buffer into blocks (as
+/// `bench/peers/mpi-bench.c` does).
+fn point_count(cmd: &Cmd, size: u64, dtype: DType, n: usize) -> usize {
+    let count = (size / dtype.size() as u64) as usize;
+    match which(cmd) {
+        Some(w) if w.blocked() => count - count % n.max(1),
+        _ => count,
+    }
+}
+
+/// Checks the options of a collective subcommand against the job, before anything runs.
+fn check_coll_args<T: values::Val>(cmd: &Cmd, dtype: DType, n: usize) -> Result<(), BenchError> {
+    let Some(w) = which(cmd) else {
+        return Ok(());
+    };
+    let (op, _, root) = coll_params(cmd);
+    if w.reduces() {
+        op.check(dtype, w.name())
+            .map_err(|e| BenchError::Usage(format!("--op {op} with --dtype {dtype}: {e}")))?;
+        if values::expected::<T>(op, 0, n).is_none() {
+            return Err(BenchError::Usage(format!(
+                "--op {op} with --dtype {dtype}: this benchmark cannot check that result"
+            )));
+        }
+    }
+    if root >= n {
+        return Err(BenchError::Usage(format!(
+            "--root {root} is out of range for {n} ranks"
+        )));
+    }
+    Ok(())
 }
 
 /// One size of one benchmark; rank 0 gets the row.
@@ -325,6 +440,24 @@ fn point<T: Val>(
             let s = cx.measure(&mut k)?;
             cx.coll_row(row, s)
         }
+        Cmd::Allreduce(_)
+        | Cmd::Broadcast(_)
+        | Cmd::Allgather(_)
+        | Cmd::ReduceScatter(_)
+        | Cmd::Alltoall(_) => {
+            let Some(w) = which(cmd) else {
+                return Ok(None);
+            };
+            let (op, opts, root) = coll_params(cmd);
+            let mut k = coll::Coll::<T>::new(cx.comm, w, count, op, opts, root);
+            let s = cx.measure(&mut k)?;
+            let algo = w.algorithm(cx.comm, count, dtype.size(), &opts);
+            let mut row = row;
+            row.algo = Some(algo.name().to_string());
+            row.root = (w == Which::Broadcast).then_some(root);
+            row.redop = w.reduces().then(|| op.name());
+            cx.coll_row(row, s)
+        }
     }
 }
 
@@ -344,6 +477,8 @@ fn run(cli: &Cli) -> Result<(), BenchError> {
              ferrorun --nproc-per-node 2)"
         )));
     }
+    with_dtype!(dtype, T => check_coll_args::<T>(&cli.cmd, dtype, n),
+        _ => Err(BenchError::Usage(format!("element type {dtype} is not supported here"))))?;
     let ctl = Ctl::new(&comm);
     let transport = if n > 1 {
         comm.transport_to(1)?.to_string()
@@ -360,9 +495,15 @@ fn run(cli: &Cli) -> Result<(), BenchError> {
     let max = opts.max_bytes.unwrap_or(max_default);
     if me == 0 && !opts.json {
         let lim = cx.limits();
+        let extra = match &cli.cmd {
+            Cmd::Allreduce(a) => format!(", op {}, algorithm {}", a.op.op, a.algo),
+            Cmd::ReduceScatter(a) => format!(", op {}", a.op),
+            Cmd::Broadcast(a) => format!(", root {}", a.root),
+            _ => String::new(),
+        };
         output::print_header(
             &format!(
-                "ferrocomm-bench {op}: {n} ranks, transport {}, type {dtype}, warm-up ≤{}, \
+                "ferrocomm-bench {op}: {n} ranks, transport {}{extra}, type {dtype}, warm-up ≤{}, \
                  timed calls {}..{}{}",
                 cx.transport,
                 opts.warmup,
@@ -382,9 +523,9 @@ fn run(cli: &Cli) -> Result<(), BenchError> {
         harness::sizes(min, max, opts.step_factor, opts.step_bytes)
     };
     for size in sweep {
-        let count = (size / dtype.size() as u64) as usize;
+        let count = point_count(&cli.cmd, size, dtype, n);
         let bytes = (count * dtype.size()) as u64;
-        if last == Some(bytes) {
+        if last == Some(bytes) || (count == 0 && which(&cli.cmd).is_some()) {
             continue;
         }
         last = Some(bytes);

@@ -44,12 +44,15 @@ pub struct Row {
     /// Messages in flight per iteration (`bandwidth`, `bibw`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<u64>,
-    /// Algorithm asked for (`allreduce`).
+    /// The algorithm ferrocomm ran (collectives; the library's name, e.g. `ring`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub algo: Option<String>,
     /// Root rank (`broadcast`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root: Option<usize>,
+    /// Reduction (`allreduce`, `reduce_scatter`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redop: Option<&'static str>,
     /// `ok` when the results were verified (a wrong result makes the program fail).
     pub check: &'static str,
 }
@@ -181,6 +184,7 @@ mod tests {
             window: None,
             algo: None,
             root: None,
+            redop: None,
             check: "ok",
         };
         let v: serde_json::Value = serde_json::to_value(&row).unwrap();
