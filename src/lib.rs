@@ -33,6 +33,8 @@ pub mod error;
 pub mod launch;
 mod logging;
 pub mod rendezvous;
+mod sync;
+mod sys;
 pub mod transport;
 pub mod wire;
 

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::fmt;
 
 use super::envelope::Env;
+use super::watch::FdWatcher;
 use crate::error::{Error, Result};
 use crate::transport::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport};
 
@@ -295,10 +296,22 @@ impl Events for Core {
     }
 }
 
+/// How a process with several transports sleeps (see [`Engine::wait`]).
+enum Sleep {
+    /// Every transport has a descriptor: poll them all.
+    Poll(Vec<std::os::fd::RawFd>),
+    /// Sleep in transport `.0`; the watcher wakes it for the others.
+    Host(usize, FdWatcher),
+    /// Take short turns.
+    Turns,
+}
+
 /// The transports and matching state of one process. Not thread-safe by itself: the
 /// communicator layer wraps it in a mutex.
 pub(crate) struct Engine {
     transports: Vec<Box<dyn Transport>>,
+    /// How `wait` sleeps when there are several transports (decided at the first wait).
+    sleep: Option<Sleep>,
     /// Index into `transports` for each world rank (`ROUTE_SELF` for this rank).
     route: Vec<u8>,
     core: Core,
@@ -314,6 +327,7 @@ impl Engine {
         let world = route.len();
         Engine {
             transports,
+            sleep: None,
             route,
             core: Core {
                 me,
@@ -531,18 +545,58 @@ impl Engine {
     }
 
     /// Blocks until a transport may have something to do, at most `timeout`.
+    ///
+    /// With one transport, its own wait. With several (contract point 8 of
+    /// [`crate::transport`]): `poll` on their descriptors when all have one; when exactly one
+    /// has none (shared memory), a sleep in that one while a [`FdWatcher`] thread watches the
+    /// others' descriptors and wakes it; otherwise (never today) short turns on each.
     pub fn wait(&mut self, timeout: std::time::Duration) -> Result<()> {
-        match self.transports.len() {
-            0 => Ok(()),
-            1 => self.transports[0].wait(timeout),
-            // Several transports cannot share one kernel wait; take turns briefly.
-            n => {
-                let slice = (timeout / n as u32).min(std::time::Duration::from_millis(1));
+        if self.transports.len() == 1 {
+            return self.transports[0].wait(timeout);
+        }
+        if self.transports.is_empty() {
+            return Ok(());
+        }
+        if self.sleep.is_none() {
+            self.sleep = Some(self.plan_sleep());
+        }
+        match &self.sleep {
+            Some(Sleep::Poll(fds)) => {
+                crate::sys::poll::readable(fds, timeout)
+                    .map_err(|e| Error::io("waiting on the transports' descriptors", e))?;
+                Ok(())
+            }
+            Some(Sleep::Host(host, watcher)) => {
+                watcher.arm();
+                let r = self.transports[*host].wait(timeout);
+                watcher.disarm();
+                r
+            }
+            _ => {
+                let n = self.transports.len() as u32;
+                let slice = (timeout / n).min(std::time::Duration::from_millis(1));
                 for t in self.transports.iter_mut() {
                     t.wait(slice)?;
                 }
                 Ok(())
             }
+        }
+    }
+
+    fn plan_sleep(&self) -> Sleep {
+        let fds: Vec<_> = self.transports.iter().map(|t| t.wait_fd()).collect();
+        let hosts: Vec<usize> = (0..fds.len()).filter(|&i| fds[i].is_none()).collect();
+        let watched: Vec<_> = fds.iter().flatten().copied().collect();
+        match hosts[..] {
+            [] => Sleep::Poll(watched),
+            [host] => match FdWatcher::start(watched, self.transports[host].waker()) {
+                Ok(w) => Sleep::Host(host, w),
+                Err(e) => {
+                    tracing::warn!("cannot start the descriptor watcher thread: {e}");
+                    Sleep::Turns
+                }
+            },
+            _ => Sleep::Turns,
         }
     }
 

@@ -37,6 +37,7 @@
 mod engine;
 pub(crate) mod envelope;
 mod shared;
+mod watch;
 mod world;
 
 pub(crate) use shared::Shared;
@@ -368,6 +369,74 @@ impl Communicator {
                 Ok(Communicator::from_shared(shared, 0, Arc::clone(&group)))
             })
             .collect()
+    }
+
+    /// `n` communicators of one world whose ranks are threads of this process, connected by
+    /// the shared-memory transport (the same rings, doorbells and single-copy reads as
+    /// between processes). For tests and benchmarks of the shared-memory path without
+    /// starting processes. Settings come from the environment (`FERROCOMM_SHM_*`).
+    pub fn shm_world(n: usize) -> Result<Vec<Communicator>> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static WORLDS: AtomicU64 = AtomicU64::new(0);
+        let job = format!(
+            "shm-world-{}-{}",
+            std::process::id(),
+            WORLDS.fetch_add(1, Ordering::Relaxed)
+        );
+        Self::shm_world_with(n, &job, crate::transport::shm::ShmConfig::from_env()?)
+    }
+
+    /// [`Communicator::shm_world`] with an explicit job name (which names the segments, see
+    /// [`crate::transport::shm::segment_prefix`]) and settings.
+    pub fn shm_world_with(
+        n: usize,
+        job: &str,
+        shm_cfg: crate::transport::shm::ShmConfig,
+    ) -> Result<Vec<Communicator>> {
+        use crate::transport::shm::{LocalPeer, ShmSetup};
+        let cfg = CommConfig::from_env(n)?;
+        let pid = std::process::id();
+        let local: Vec<LocalPeer> = (0..n)
+            .map(|rank| LocalPeer {
+                rank,
+                pid,
+                segment: ShmSetup::name_for(job),
+            })
+            .collect();
+        let setups = (0..n)
+            .map(|r| ShmSetup::create(r, n, local.clone(), shm_cfg.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let transports = setups
+            .into_iter()
+            .map(|s| s.connect(deadline))
+            .collect::<Result<Vec<_>>>()?;
+        for t in &transports {
+            t.wait_attached(deadline)?;
+        }
+        let group = Arc::new(Group::new((0..n).collect(), n));
+        Ok(transports
+            .into_iter()
+            .enumerate()
+            .map(|(r, t)| {
+                let placement = Placement {
+                    local_rank: r,
+                    local_size: n,
+                    node_index: 0,
+                    hostname: String::from("localhost"),
+                };
+                let shared = Shared::new(
+                    r,
+                    n,
+                    vec![Box::new(t)],
+                    vec![0; n],
+                    cfg.clone(),
+                    placement,
+                    Vec::new(),
+                );
+                Communicator::from_shared(shared, 0, Arc::clone(&group))
+            })
+            .collect())
     }
 
     /// A new communicator with the same ranks whose messages never mix with this one's

@@ -9,29 +9,74 @@ use crate::config;
 use crate::error::{Error, Result};
 use crate::rendezvous::{Bootstrap, InitOptions, Plan};
 use crate::transport::Transport;
+use crate::transport::shm::{LocalPeer, ShmConfig, ShmSetup};
 use crate::transport::tcp::{self, TcpConfig, TcpTransport};
 
 /// Which transports a process may use, from `FERROCOMM_TRANSPORT`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TransportChoice {
-    /// The best per pair (today: TCP for every pair).
+    /// The best per pair: shared memory between ranks of one host, TCP between hosts.
     Auto,
     /// TCP for every pair.
     Tcp,
+    /// Shared memory for every pair; fails when ranks are on several hosts.
+    Shm,
 }
 
 fn transport_choice(lookup: &dyn Fn(&str) -> Option<String>) -> Result<TransportChoice> {
     config::parse_var(
         lookup,
         "FERROCOMM_TRANSPORT",
-        "one of: auto, tcp",
+        "one of: auto, tcp, shm",
         |v| match v.to_ascii_lowercase().as_str() {
             "auto" => Some(TransportChoice::Auto),
             "tcp" => Some(TransportChoice::Tcp),
+            "shm" => Some(TransportChoice::Shm),
             _ => None,
         },
     )
     .map(|c| c.unwrap_or(TransportChoice::Auto))
+}
+
+/// The ranks this rank reaches through shared memory (itself included), from the
+/// published host identities, or an error when `FERROCOMM_TRANSPORT=shm` cannot be obeyed.
+fn shm_peers(boot: &Bootstrap, choice: TransportChoice) -> Result<Vec<LocalPeer>> {
+    if choice == TransportChoice::Tcp {
+        return Ok(Vec::new());
+    }
+    let me = boot.me();
+    let mut local = Vec::new();
+    for p in &boot.peers {
+        let same_host = p.host_id == me.host_id;
+        match (p.addrs.get("shm"), same_host) {
+            (Some(name), true) => local.push(LocalPeer {
+                rank: p.rank,
+                pid: p.pid,
+                segment: name.clone(),
+            }),
+            _ if choice == TransportChoice::Shm => {
+                return Err(Error::config(
+                    "FERROCOMM_TRANSPORT",
+                    "shm",
+                    format!(
+                        "rank {} ({}) cannot be reached through shared memory from rank {} \
+                         ({}): {}; use auto (shared memory within a host, TCP between hosts)",
+                        p.rank,
+                        p.hostname,
+                        boot.rank,
+                        me.hostname,
+                        if same_host {
+                            "it did not offer shared memory (FERROCOMM_TRANSPORT differs there?)"
+                        } else {
+                            "it is on another host"
+                        }
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(local)
 }
 
 /// The address this rank's TCP listener binds to: `FERROCOMM_SOCKET_IFADDR` if set, else
@@ -77,9 +122,36 @@ impl InitOptions {
             .map_err(|e| Error::io("reading the TCP listener's address", e))?;
         let mut addrs = BTreeMap::new();
         addrs.insert("tcp".to_string(), addr.to_string());
+        let shm_cfg = ShmConfig::from_env()?;
+        if choice != TransportChoice::Tcp {
+            addrs.insert("shm".to_string(), ShmSetup::name_for(&plan.job_id));
+        }
         let boot = plan.join(addrs)?;
         tracing::debug!(rank = boot.rank, world = boot.world_size, ?choice, %addr, "joined the job");
-
+        let deadline = std::time::Instant::now() + boot.timeout;
+        let local = shm_peers(&boot, choice)?;
+        // u8::MAX: not routed yet (and "self" for this rank, see Engine::new).
+        let mut route = vec![u8::MAX; boot.world_size];
+        let mut transports: Vec<Box<dyn Transport>> = Vec::new();
+        if local.len() > 1 {
+            let setup = ShmSetup::create(boot.rank, boot.world_size, local, shm_cfg)?;
+            let t = setup.connect(deadline)?;
+            t.wait_attached(deadline)?;
+            for &p in t.peers() {
+                route[p] = transports.len() as u8;
+            }
+            transports.push(Box::new(t));
+        }
+        let remote: Vec<usize> = (0..boot.world_size)
+            .filter(|&r| r != boot.rank && route[r] == u8::MAX)
+            .collect();
+        if remote.is_empty() {
+            tracing::debug!(
+                rank = boot.rank,
+                "every peer is on this host: no TCP transport"
+            );
+            return world_from(boot, transports, route);
+        }
         let peers = boot
             .peers
             .iter()
@@ -105,8 +177,10 @@ impl InitOptions {
             peers,
             TcpConfig::from_env()?,
         )?;
-        let transports: Vec<Box<dyn Transport>> = vec![Box::new(tcp)];
-        let route = vec![0u8; boot.world_size];
+        for r in remote {
+            route[r] = transports.len() as u8;
+        }
+        transports.push(Box::new(tcp));
         world_from(boot, transports, route)
     }
 }
@@ -169,6 +243,7 @@ mod tests {
             TransportChoice::Auto
         );
         assert_eq!(transport_choice(&|_| None).unwrap(), TransportChoice::Auto);
+        assert_eq!(transport_choice(&env("shm")).unwrap(), TransportChoice::Shm);
         let err = transport_choice(&env("carrier-pigeon"))
             .unwrap_err()
             .to_string();

@@ -30,9 +30,17 @@
 //! 7. **Waiting is cheap.** [`Transport::wait`] blocks in the kernel (poll, futex) rather
 //!    than spinning, and returns early when [`Transport::waker`]'s function is called from
 //!    another thread.
+//! 8. **Waits combine.** A transport whose readiness shows on a file descriptor (an epoll
+//!    instance, a completion channel) says so with [`Transport::wait_fd`]; the descriptor
+//!    polls readable whenever `progress` may have new work. A process with several
+//!    transports then sleeps in one place: in `poll` on all the descriptors when every
+//!    transport has one, or in the one transport without a descriptor (shared memory's
+//!    futex), woken through its [`Transport::waker`] by a helper thread that polls the
+//!    other transports' descriptors only while that sleep lasts (see `comm::engine`).
 //!
-//! Implementations: [`tcp`] (mio, any two hosts) and [`local`] (threads of one process, for
-//! tests). Shared memory and verbs keep the same contract.
+//! Implementations: [`tcp`] (mio, any two hosts), [`shm`] (rings in shared memory and
+//! single-copy reads, ranks of one host) and [`local`] (threads of one process, for tests).
+//! Verbs keeps the same contract.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +49,7 @@ use crate::error::{Error, Result};
 pub use crate::wire::Envelope;
 
 pub mod local;
+pub mod shm;
 pub mod tcp;
 
 /// Identifies one submitted operation so its completion can be reported.
@@ -203,6 +212,14 @@ pub trait Transport: Send {
 
     /// A function that makes a concurrent or later [`Transport::wait`] return early.
     fn waker(&self) -> Waker;
+
+    /// A descriptor that polls readable whenever [`Transport::progress`] may have work it
+    /// did not have at its last call, for combining waits (contract point 8). `None` (the
+    /// default) when the transport's waiting is not a descriptor (shared memory's futex);
+    /// such a transport must be woken by its [`Transport::waker`].
+    fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 
     /// Gives up on everything in flight: forgets every borrowed buffer at once (the caller
     /// may reuse them as soon as this returns) and closes the connections. Used when the

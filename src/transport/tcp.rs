@@ -1234,6 +1234,13 @@ impl Transport for TcpTransport {
         })
     }
 
+    fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        // Readable while the epoll instance has events ready (the waker's included); polling
+        // it does not consume them.
+        Some(self.poll.as_raw_fd())
+    }
+
     fn abort(&mut self) {
         for peer in 0..self.peers.len() {
             if peer != self.rank {
