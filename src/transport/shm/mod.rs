@@ -78,6 +78,10 @@ pub struct ShmConfig {
     /// Largest piece of a single-copy read done in one `progress` call, so other traffic
     /// interleaves with a long transfer.
     pub cma_chunk: usize,
+    /// Tests only: behave as if the kernel refused every single-copy read with `EPERM`
+    /// (root is never refused), to exercise the detection and the fallback.
+    #[doc(hidden)]
+    pub simulate_cma_refusal: bool,
 }
 
 impl Default for ShmConfig {
@@ -88,6 +92,7 @@ impl Default for ShmConfig {
             cma: true,
             cma_min: 64 << 10,
             cma_chunk: 1 << 20,
+            simulate_cma_refusal: false,
         }
     }
 }
@@ -895,7 +900,12 @@ impl ShmTransport {
         let n = (pull.len - pull.done).min(self.cfg.cma_chunk);
         // SAFETY: `pull.dst` is lent to us until its token is reported (contract point 4).
         let dst = unsafe { &mut pull.dst.as_mut_slice()[pull.done..pull.done + n] };
-        match cma::read(p.pid, pull.addr + pull.done as u64, dst) {
+        let read = if self.cfg.simulate_cma_refusal {
+            Err(std::io::Error::from_raw_os_error(libc::EPERM))
+        } else {
+            cma::read(p.pid, pull.addr + pull.done as u64, dst)
+        };
+        match read {
             Ok(got) if got == n => {
                 p.cma = Cma::Works;
                 pull.done += n;
