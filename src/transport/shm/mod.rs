@@ -30,8 +30,8 @@
 //!
 //! [`Transport::wait`] sleeps on the futex of the rank's doorbell (a shared futex: wakers
 //! are other processes), after announcing the sleep and checking every ring once more.
-//! Writers ring the doorbell only when the reader announced a sleep, so a spinning reader
-//! costs writers one fence and one load. Sleeps are cut into slices of at most 100 ms so
+//! Writers call `futex_wake` only when the reader announced a sleep, so a spinning reader
+//! costs writers one atomic `or` (see [`ring`] for the handshake). Sleeps are cut into slices of at most 100 ms so
 //! that peers' liveness is checked while waiting.
 //!
 //! # Failures
@@ -473,11 +473,11 @@ impl ShmSetup {
     }
 }
 
-/// Wakes the owner of `seg` if it announced a sleep.
+/// Tells the owner of `seg` that something was published; wakes it if it sleeps.
 fn notify(seg: &Segment) {
     let bell = seg.doorbell();
     if bell.notify() {
-        futex::wake(&bell.seq, 1);
+        futex::wake(&bell.state, 1);
     }
 }
 
@@ -1191,24 +1191,17 @@ impl Transport for ShmTransport {
         }
         let seg = Arc::clone(&self.seg);
         let bell = seg.doorbell();
-        let seq = bell.begin_sleep();
-        if bell.take_poke() || self.has_work() {
-            bell.end_sleep();
-            return Ok(());
+        if bell.begin_sleep() && !self.has_work() {
+            let v = ring::Doorbell::sleeping_value();
+            futex::wait(&bell.state, v, timeout.min(LIVENESS_INTERVAL));
         }
-        futex::wait(&bell.seq, seq, timeout.min(LIVENESS_INTERVAL));
         bell.end_sleep();
         Ok(())
     }
 
     fn waker(&self) -> Waker {
         let seg = Arc::clone(&self.seg);
-        Arc::new(move || {
-            let bell = seg.doorbell();
-            if bell.poke() {
-                futex::wake(&bell.seq, 1);
-            }
-        })
+        Arc::new(move || notify(&seg))
     }
 
     fn abort(&mut self) {

@@ -23,13 +23,20 @@
 //!
 //! # Doorbell
 //!
-//! A reader that found nothing to do sleeps on a futex, the doorbell's `seq`. A writer wakes
-//! it only when the reader has announced it sleeps (`sleeping`), so the fast path costs no
-//! system call: the writer publishes, issues a `SeqCst` fence and reads `sleeping`; the
-//! reader sets `sleeping`, issues a `SeqCst` fence and looks at the rings once more before
-//! it sleeps. Of two such fences one comes first, so either the writer sees the sleeper or
-//! the reader sees the data (Dekker). A writer that sees the sleeper bumps `seq` before
-//! waking it, so a reader that had not yet called `futex_wait` returns from it at once.
+//! A reader that found nothing to do sleeps on a futex: the doorbell's `state` word, with a
+//! `SLEEPING` bit (set by the reader) and a `PENDING` bit (set by writers). Every change is
+//! a read-modify-write of that one word, so all of them are totally ordered:
+//!
+//! - a writer, after publishing a record, does `fetch_or(PENDING)` and calls `futex_wake`
+//!   only if it saw `SLEEPING` (no system call while the reader is awake);
+//! - the reader does `swap(SLEEPING)`: if it saw `PENDING`, something was published since
+//!   it last looked and it does not sleep; otherwise it looks at its rings once more and
+//!   sleeps with `futex_wait(state, SLEEPING)`.
+//!
+//! A writer whose `fetch_or` comes after the reader's `swap` sees `SLEEPING` and wakes it
+//! (the futex call either finds the reader queued or makes its wait return at once, since
+//! the word changed); one whose `fetch_or` comes before is seen by the swap, which also
+//! acquires what the writer published. No wake-up is lost, and no fence is needed.
 //!
 //! The protocol is model-checked with loom (`mod loom_tests`) and stress-tested with
 //! threads (`mod tests`).
@@ -86,65 +93,49 @@ impl RingHeader {
     }
 }
 
-/// The futex word a process sleeps on, and its "I am going to sleep" flag. All-zero bytes
-/// are a valid doorbell.
+/// The futex word a process sleeps on. All-zero bytes are a valid doorbell.
 #[repr(C)]
 pub(crate) struct Doorbell {
-    /// The futex word: bumped by every wake-up.
-    pub seq: AtomicU32,
-    /// Non-zero while the owner is (about to be) asleep.
-    pub sleeping: AtomicU32,
-    /// Set by an in-process waker: the owner's next wait returns at once.
-    pub poked: AtomicU32,
+    /// `SLEEPING | PENDING` bits; the futex word.
+    pub state: AtomicU32,
 }
+
+/// The owner sleeps, or is about to.
+const SLEEPING: u32 = 1;
+/// Something was published since the owner last announced a sleep.
+const PENDING: u32 = 2;
 
 impl Doorbell {
     /// A fresh doorbell (tests).
     #[cfg(test)]
     pub(crate) fn new() -> Doorbell {
         Doorbell {
-            seq: AtomicU32::new(0),
-            sleeping: AtomicU32::new(0),
-            poked: AtomicU32::new(0),
+            state: AtomicU32::new(0),
         }
     }
 
-    /// The sleeper's first step: announce the sleep. Returns the `seq` value to pass to
-    /// `futex_wait`. The caller must then look for work once more (every ring it reads) and
-    /// call [`Doorbell::end_sleep`] whether or not it slept.
-    pub(crate) fn begin_sleep(&self) -> u32 {
-        self.sleeping.store(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        self.seq.load(Ordering::SeqCst)
+    /// The sleeper's first step: announce the sleep. Returns `false` when something was
+    /// published meanwhile (do not sleep). Otherwise the caller looks at every ring it reads
+    /// once more and, finding nothing, sleeps in `futex_wait(&state, SLEEPING_VALUE)`
+    /// ([`Doorbell::sleeping_value`]). Either way it calls [`Doorbell::end_sleep`].
+    pub(crate) fn begin_sleep(&self) -> bool {
+        self.state.swap(SLEEPING, Ordering::AcqRel) & PENDING == 0
     }
 
-    /// The sleeper is awake again.
+    /// The value the futex sleeps on.
+    pub(crate) fn sleeping_value() -> u32 {
+        SLEEPING
+    }
+
+    /// The sleeper is awake again (acquires what writers published while it slept).
     pub(crate) fn end_sleep(&self) {
-        self.sleeping.store(0, Ordering::Relaxed);
+        self.state.swap(0, Ordering::AcqRel);
     }
 
-    /// A writer's step after publishing: returns whether the owner sleeps and must be
-    /// woken with `futex_wake` on `seq` (already bumped here).
+    /// A writer's step after publishing (or another thread's request to return from the
+    /// wait): returns whether the owner sleeps and must be woken with `futex_wake`.
     pub(crate) fn notify(&self) -> bool {
-        fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed) == 0 {
-            return false;
-        }
-        self.seq.fetch_add(1, Ordering::SeqCst);
-        true
-    }
-
-    /// Wakes the owner unconditionally (another thread of its process wants the engine):
-    /// returns whether a `futex_wake` is needed.
-    pub(crate) fn poke(&self) -> bool {
-        self.poked.store(1, Ordering::SeqCst);
-        self.seq.fetch_add(1, Ordering::SeqCst);
-        self.sleeping.load(Ordering::SeqCst) != 0
-    }
-
-    /// Consumes a pending poke (the sleeper checks it after [`Doorbell::begin_sleep`]).
-    pub(crate) fn take_poke(&self) -> bool {
-        self.poked.load(Ordering::Relaxed) != 0 && self.poked.swap(0, Ordering::SeqCst) != 0
+        self.state.fetch_or(PENDING, Ordering::AcqRel) & SLEEPING != 0
     }
 }
 
@@ -624,7 +615,7 @@ mod tests {
                     std::thread::yield_now();
                 }
                 if bell.notify() {
-                    crate::sys::futex::wake(&bell.seq, 1);
+                    crate::sys::futex::wake(&bell.state, 1);
                 }
                 if i % 7 == 0 {
                     std::thread::yield_now();
@@ -641,10 +632,10 @@ mod tests {
                 got += 1;
                 continue;
             }
-            let seq = bell.begin_sleep();
-            if !c.has_data(hdr) {
+            if bell.begin_sleep() && !c.has_data(hdr) {
                 let t = std::time::Instant::now();
-                crate::sys::futex::wait(&bell.seq, seq, Duration::from_secs(2));
+                let v = Doorbell::sleeping_value();
+                crate::sys::futex::wait(&bell.state, v, Duration::from_secs(2));
                 // A lost wake-up would show as a sleep to the timeout with data waiting.
                 if t.elapsed() >= Duration::from_secs(2) && c.has_data(hdr) {
                     long_sleeps += 1;
@@ -757,7 +748,8 @@ mod loom_tests {
         });
     }
 
-    /// The doorbell handshake: the sleeper either sees the record or is woken (seq moved).
+    /// The doorbell handshake: a sleeper that would sleep has been seen by the writer, so
+    /// the writer wakes it.
     #[test]
     fn doorbell_sleeper_sees_data_or_is_woken() {
         loom::model(|| {
@@ -769,16 +761,18 @@ mod loom_tests {
                 bell.notify()
             });
             let (hdr, bell) = &*shared;
-            let seq = bell.begin_sleep();
             let mut c = Consumer::new(256);
-            let saw_data = c.has_data(hdr);
-            // Would futex_wait(seq) return at once? Only if seq moved.
-            let seq_moved = bell.seq.load(Ordering::SeqCst) != seq;
-            bell.end_sleep();
+            let sleeps = bell.begin_sleep() && !c.has_data(hdr);
+            // futex_wait(state, SLEEPING) blocks only if the word is still SLEEPING.
+            let blocks = sleeps && bell.state.load(Ordering::SeqCst) == Doorbell::sleeping_value();
             let woke = t.join().unwrap();
-            // If the sleeper missed the data, the writer must have rung (and either the
-            // sleeper sees the new seq now, or the futex wake reaches it later).
-            assert!(saw_data || woke || seq_moved);
+            bell.end_sleep();
+            // A sleeper that missed the data must be woken by the writer.
+            assert!(!blocks || woke);
+            // And after waking, it sees the data.
+            if sleeps {
+                assert!(c.has_data(hdr));
+            }
         });
     }
 

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! 0      SegHeader   magic (written last), slot count, ring capacity, owner pid, attach count
-//! 128    Doorbell    futex word, sleeping flag, poke flag (own cache lines)
+//! 128    Doorbell    futex word (sleeping and pending bits), on its own cache line
 //! 4096   slot 0      RingHeader (3 cache-padded lines) + `cap` bytes of ring data
 //!        slot 1      ...
 //! ```
