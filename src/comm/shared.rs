@@ -30,6 +30,9 @@ struct Follower {
 /// even if a wake-up is lost.
 const MAX_SLEEP: Duration = Duration::from_millis(50);
 
+/// While spinning, the clock is read once every this many idle passes.
+const CLOCK_EVERY: u32 = 16;
+
 /// The engine of a process and its waiting machinery.
 pub(crate) struct Shared {
     engine: Mutex<Engine>,
@@ -248,23 +251,43 @@ impl Shared {
         timeout: Option<Duration>,
     ) -> Option<Result<Done>> {
         let mut busy_at = Instant::now();
+        // Idle passes since the clock was last read: reading it costs as much as a pass,
+        // so while spinning it is read once every CLOCK_EVERY passes.
+        let mut idle = 0u32;
         loop {
             self.apply_abort(&mut eng);
             if let Some(r) = eng.take(id) {
                 self.hand_out(&mut eng);
                 return Some(r);
             }
-            match eng.progress() {
-                Ok(true) => busy_at = Instant::now(),
-                Ok(false) => {}
-                Err(e) => eng.abort(e),
+            let busy = match eng.progress() {
+                Ok(b) => b,
+                Err(e) => {
+                    eng.abort(e);
+                    true
+                }
+            };
+            if busy {
+                // Followers' requests may also have completed.
+                self.hand_out(&mut eng);
+                if let Some(r) = eng.take(id) {
+                    return Some(r);
+                }
+                idle = 0;
+            } else {
+                idle += 1;
             }
-            // Followers' requests may also have completed when they were posted.
-            self.hand_out(&mut eng);
-            if let Some(r) = eng.take(id) {
-                return Some(r);
+            if self.contenders.load(Ordering::SeqCst) > 0 {
+                return None;
+            }
+            if idle % CLOCK_EVERY != 0 && !self.cfg.spin.is_zero() {
+                std::hint::spin_loop();
+                continue;
             }
             let now = Instant::now();
+            if busy {
+                busy_at = now;
+            }
             let waited = now - start;
             if let Some(limit) = timeout
                 && waited >= limit
@@ -272,9 +295,6 @@ impl Shared {
                 let err = self.timed_out(&mut eng, id, waited);
                 self.hand_out(&mut eng);
                 return Some(Err(err));
-            }
-            if self.contenders.load(Ordering::SeqCst) > 0 {
-                return None;
             }
             if now - busy_at < self.cfg.spin {
                 std::hint::spin_loop();

@@ -50,7 +50,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use self::ring::{Consumer, Producer, RECORD_HEADER};
+use self::ring::{Consumer, FIELDS, Producer, RECORD_HEADER};
 use self::segment::Segment;
 use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, Waker};
 use crate::error::{Error, Result};
@@ -171,34 +171,63 @@ impl Rec {
         }
     }
 
-    fn encode(&self, payload: usize) -> [u8; RECORD_HEADER] {
-        let mut h = [0u8; RECORD_HEADER];
-        h[0..4].copy_from_slice(&(payload as u32).to_le_bytes());
-        h[4..8].copy_from_slice(&self.kind.to_le_bytes());
-        h[8..16].copy_from_slice(&self.len.to_le_bytes());
-        h[16..24].copy_from_slice(&self.id.to_le_bytes());
-        h[24..32].copy_from_slice(&self.aux.to_le_bytes());
-        h[32..64].copy_from_slice(&self.env.0);
-        h
+    /// The header fields: kind (byte 0), inline length (byte 1, [`NOT_INLINE`] when the
+    /// payload follows the header), two u64 (`a`, `b`: bytes 4..20) and the envelope
+    /// (bytes 20..52). Eager messages of at most [`INLINE`] bytes travel in `a`/`b` (one
+    /// cache line in all); Rts carries (length, id) and its payload is the sender's address;
+    /// Cts and Done carry the id in `a`; Data (id, offset).
+    fn encode(&self, inline: Option<&[u8]>) -> [u8; FIELDS] {
+        let mut f = [0u8; FIELDS];
+        f[0] = self.kind as u8;
+        f[1] = NOT_INLINE;
+        let (a, b) = match self.kind {
+            RTS => (self.len, self.id),
+            DATA => (self.id, self.aux),
+            _ => (self.id, 0),
+        };
+        f[4..12].copy_from_slice(&a.to_le_bytes());
+        f[12..20].copy_from_slice(&b.to_le_bytes());
+        if let Some(d) = inline {
+            f[1] = d.len() as u8;
+            f[4..4 + d.len()].copy_from_slice(d);
+        }
+        f[20..52].copy_from_slice(&self.env.0);
+        f
     }
 
-    fn decode(h: &[u8; RECORD_HEADER]) -> Rec {
+    /// Decodes the fields of a record with `payload` bytes of payload (Rts: `aux` is read
+    /// from the payload by the caller).
+    fn decode(f: &[u8; FIELDS], payload: usize) -> Rec {
         let u64_at = |i: usize| {
             let mut b = [0u8; 8];
-            b.copy_from_slice(&h[i..i + 8]);
+            b.copy_from_slice(&f[i..i + 8]);
             u64::from_le_bytes(b)
         };
         let mut env = Envelope::default();
-        env.0.copy_from_slice(&h[32..64]);
-        Rec {
-            kind: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
-            len: u64_at(8),
-            id: u64_at(16),
-            aux: u64_at(24),
+        env.0.copy_from_slice(&f[20..52]);
+        let kind = f[0] as u32;
+        let (a, b) = (u64_at(4), u64_at(12));
+        let mut r = Rec {
+            kind,
+            len: payload as u64,
+            id: a,
+            aux: 0,
             env,
+        };
+        match kind {
+            EAGER if f[1] != NOT_INLINE => r.len = f[1] as u64,
+            RTS => (r.len, r.id) = (a, b),
+            DATA => r.aux = b,
+            _ => {}
         }
+        r
     }
 }
+
+/// Largest eager payload carried inside the record header.
+const INLINE: usize = 16;
+/// Header byte 1 when the payload follows the header.
+const NOT_INLINE: u8 = 0xff;
 
 /// A record waiting for ring space.
 enum Out {
@@ -428,9 +457,9 @@ impl ShmSetup {
                 pid: p.pid,
                 proc,
                 out: RingRef::new(&seg, my_slot),
-                prod: Producer::new(self.cfg.ring_size),
+                prod: Producer::new(seg.ring(my_slot).0, self.cfg.ring_size),
                 inn: RingRef::new(&self.seg, slot),
-                cons: Consumer::new(self.cfg.ring_size),
+                cons: Consumer::new(self.seg.ring(slot).0, self.cfg.ring_size),
                 queue: VecDeque::new(),
                 streams: VecDeque::new(),
                 lent: HashMap::new(),
@@ -568,13 +597,8 @@ impl ShmTransport {
             // (contract point 4), which happens only after this write.
             let ok = unsafe {
                 match out {
-                    Out::Eager { env, data, .. } => {
-                        let mut r = Rec::new(EAGER);
-                        r.len = data.len as u64;
-                        r.env = *env;
-                        p.prod.push(hdr, mem, &r.encode(data.len), data.as_slice())
-                    }
-                    Out::Bare(r) => p.prod.push(hdr, mem, &r.encode(0), &[]),
+                    Out::Eager { env, data, .. } => push_eager(&mut p.prod, hdr, mem, env, data),
+                    Out::Bare(r) => push_bare_rec(&mut p.prod, hdr, mem, r),
                 }
             };
             if !ok {
@@ -606,7 +630,7 @@ impl ShmTransport {
             let ok = unsafe {
                 let all = s.data.as_slice();
                 p.prod
-                    .push(hdr, mem, &r.encode(chunk), &all[s.off..s.off + chunk])
+                    .push(hdr, mem, &r.encode(None), &all[s.off..s.off + chunk])
             };
             if !ok {
                 break;
@@ -622,8 +646,7 @@ impl ShmTransport {
             ring::clear_waiting(hdr);
         } else {
             let want = match p.queue.front() {
-                Some(Out::Eager { data, .. }) => ring::record_size(data.len),
-                Some(Out::Bare(_)) => RECORD_HEADER,
+                Some(out) => out.size(),
                 None => ring::record_size(MIN_CHUNK.min(self.cfg.ring_size / 4)),
             };
             if ring::announce_waiting(&mut p.prod, hdr, want) >= want {
@@ -697,11 +720,11 @@ impl ShmTransport {
                 return did;
             }
             // SAFETY: this transport is the only consumer of the ring its peer writes to it.
-            let next = unsafe { p.cons.peek(p.inn.hdr(), &p.inn.mem) };
-            let (h, payload) = match next {
+            let next = unsafe { p.cons.peek(&p.inn.mem) };
+            let (f, payload) = match next {
                 Ok(Some(x)) => x,
                 Ok(None) => {
-                    did |= self.release(peer);
+                    self.release(peer, false);
                     return self.check_closed(peer) || did;
                 }
                 Err(e) => {
@@ -711,8 +734,8 @@ impl ShmTransport {
                 }
             };
             did = true;
-            let r = Rec::decode(&h);
-            if let Err(why) = self.handle(peer, &r, payload, ev) {
+            let r = Rec::decode(&f, payload);
+            if let Err(why) = self.handle(peer, &r, &f, payload, ev) {
                 self.fail(peer, Error::misbehaved(format!("rank {peer}"), why));
                 return true;
             }
@@ -720,19 +743,31 @@ impl ShmTransport {
                 p.cons.consume(payload);
             }
         }
-        self.release(peer);
+        self.release(peer, false);
         did
     }
 
     /// Hands consumed ring space back to `peer` and wakes it if it waits for space.
-    fn release(&mut self, peer: usize) -> bool {
+    ///
+    /// Lazily, unless `now`: publishing `head` and checking whether the producer waits
+    /// needs a full fence, too much for every small message. Space goes back once an eighth
+    /// of the ring is consumed, as soon as the producer is seen waiting, and always before
+    /// this rank sleeps (`wait` calls this with `now`), so a waiting producer is never
+    /// left without it.
+    fn release(&mut self, peer: usize, now: bool) {
         let Some(p) = self.peers.get_mut(peer).and_then(|p| p.as_deref_mut()) else {
-            return false;
+            return;
         };
-        if p.cons.release(p.inn.hdr()) && ring::producer_waits(p.inn.hdr()) {
+        let hdr = p.inn.hdr();
+        let pending = p.cons.unreleased();
+        if pending == 0
+            || !(now || pending >= self.cfg.ring_size / 8 || ring::producer_may_wait(hdr))
+        {
+            return;
+        }
+        if p.cons.release(hdr) && ring::producer_waits(hdr) {
             notify(&p.out.seg);
         }
-        false
     }
 
     /// After the ring from `peer` was found empty: did it close or die?
@@ -746,7 +781,7 @@ impl ShmTransport {
             return false;
         }
         // A close is final only once everything written before it has been read.
-        if p.cons.has_data(hdr) {
+        if p.cons.has_data(&p.inn.mem) {
             return false;
         }
         match state {
@@ -777,6 +812,7 @@ impl ShmTransport {
         &mut self,
         peer: usize,
         r: &Rec,
+        fields: &[u8; FIELDS],
         payload: usize,
         ev: &mut dyn Events,
     ) -> std::result::Result<(), String> {
@@ -788,33 +824,48 @@ impl ShmTransport {
         match r.kind {
             EAGER => {
                 let len = r.len as usize;
-                if len != payload {
+                let inline = fields[1] != NOT_INLINE;
+                if (inline && (len > INLINE || payload != 0)) || (!inline && len != payload) {
                     return Err(format!("eager record of {len} bytes carries {payload}"));
                 }
+                let read = |p: &Peer, dst: &mut [u8]| {
+                    if inline {
+                        dst.copy_from_slice(&fields[4..4 + dst.len()]);
+                    } else {
+                        // SAFETY: this rank is the ring's only consumer and the record is
+                        // published (peeked); `dst` is exactly the payload's length.
+                        unsafe { p.cons.read_payload(&p.inn.mem, 0, dst) };
+                    }
+                };
                 match ev.incoming(peer, &r.env, len) {
                     Placement::Into(buf, token) => {
                         if buf.len < len {
                             return Err(format!("internal: buffer of {} for {len}", buf.len));
                         }
                         // SAFETY: the communicator gave us exclusive use of `buf` (contract
-                        // point 4); this rank is the ring's only consumer and the record is
-                        // published.
-                        unsafe {
-                            p.cons
-                                .read_payload(&p.inn.mem, 0, &mut buf.as_mut_slice()[..len])
-                        };
+                        // point 4), at least `len` bytes.
+                        read(p, unsafe { &mut buf.as_mut_slice()[..len] });
                         ev.recv_done(token);
                     }
                     Placement::Keep => {
                         let mut v = vec![0u8; len];
-                        // SAFETY: as above; `v` is ours.
-                        unsafe { p.cons.read_payload(&p.inn.mem, 0, &mut v) };
+                        read(p, &mut v);
                         ev.stored(peer, r.env, Stored::Bytes(v));
                     }
                     Placement::Discard => {}
                 }
             }
             RTS => {
+                if payload != 8 {
+                    return Err(format!("announcement with {payload} payload bytes"));
+                }
+                let mut addr = [0u8; 8];
+                // SAFETY: only consumer; the 8-byte payload is published with the record.
+                unsafe { p.cons.read_payload(&p.inn.mem, 0, &mut addr) };
+                let r = &Rec {
+                    aux: u64::from_le_bytes(addr),
+                    ..*r
+                };
                 let len = usize::try_from(r.len).map_err(|_| "impossible length")?;
                 if p.kept.contains_key(&r.id) || p.incoming.contains_key(&r.id) {
                     return Err(format!("announced message id {} twice", r.id));
@@ -1008,7 +1059,7 @@ impl ShmTransport {
             }
             let hdr = p.inn.hdr();
             if p.gone
-                || p.cons.has_data(hdr)
+                || p.cons.has_data(&p.inn.mem)
                 || hdr.producer.state.load(Ordering::Acquire) != ring::OPEN
             {
                 return true;
@@ -1016,8 +1067,7 @@ impl ShmTransport {
             if !p.queue.is_empty() || !p.streams.is_empty() {
                 let out = p.out.hdr();
                 let want = match p.queue.front() {
-                    Some(Out::Eager { data, .. }) => ring::record_size(data.len),
-                    Some(Out::Bare(_)) => RECORD_HEADER,
+                    Some(o) => o.size(),
                     None => ring::record_size(MIN_CHUNK.min(self.cfg.ring_size / 4)),
                 };
                 if p.prod.free(out, want) >= want {
@@ -1035,6 +1085,59 @@ impl ShmTransport {
                 p.out.hdr().producer.state.store(state, Ordering::Release);
                 notify(&p.out.seg);
             }
+        }
+    }
+}
+
+/// Writes an eager message (inline in the header when small enough).
+///
+/// # Safety
+/// `prod` is the only producer of the ring (`hdr`, `mem`); `data` is valid.
+unsafe fn push_eager(
+    prod: &mut Producer,
+    hdr: &ring::RingHeader,
+    mem: &ring::RawMem,
+    env: &Envelope,
+    data: &SendBuf,
+) -> bool {
+    let mut r = Rec::new(EAGER);
+    r.env = *env;
+    // SAFETY: the caller guarantees `data` is valid.
+    let bytes = unsafe { data.as_slice() };
+    // SAFETY: single producer (caller).
+    unsafe {
+        if bytes.len() <= INLINE {
+            prod.push(hdr, mem, &r.encode(Some(bytes)), &[])
+        } else {
+            prod.push(hdr, mem, &r.encode(None), bytes)
+        }
+    }
+}
+
+/// Writes a record without user payload (Rts carries the sender's address).
+///
+/// # Safety
+/// `prod` is the only producer of the ring (`hdr`, `mem`).
+unsafe fn push_bare_rec(
+    prod: &mut Producer,
+    hdr: &ring::RingHeader,
+    mem: &ring::RawMem,
+    r: &Rec,
+) -> bool {
+    let addr = r.aux.to_le_bytes();
+    let payload: &[u8] = if r.kind == RTS { &addr } else { &[] };
+    // SAFETY: single producer (caller).
+    unsafe { prod.push(hdr, mem, &r.encode(None), payload) }
+}
+
+impl Out {
+    /// Bytes the record takes in the ring.
+    fn size(&self) -> usize {
+        match self {
+            Out::Eager { data, .. } if data.len <= INLINE => RECORD_HEADER,
+            Out::Eager { data, .. } => ring::record_size(data.len),
+            Out::Bare(r) if r.kind == RTS => ring::record_size(8),
+            Out::Bare(_) => RECORD_HEADER,
         }
     }
 }
@@ -1082,19 +1185,10 @@ impl Transport for ShmTransport {
         let p = self.peer_mut(peer, "send")?;
         if eager {
             if p.queue.is_empty() {
-                let mut r = Rec::new(EAGER);
-                r.len = data.len as u64;
-                r.env = *env;
                 // SAFETY: single producer of our slot in the peer's segment; `data` is valid
                 // now (caller's contract).
-                let pushed = unsafe {
-                    p.prod.push(
-                        p.out.hdr(),
-                        &p.out.mem,
-                        &r.encode(data.len),
-                        data.as_slice(),
-                    )
-                };
+                let pushed =
+                    unsafe { push_eager(&mut p.prod, p.out.hdr(), &p.out.mem, env, &data) };
                 if pushed {
                     notify(&p.out.seg);
                     self.sends_done.push(token);
@@ -1188,6 +1282,10 @@ impl Transport for ShmTransport {
     fn wait(&mut self, timeout: Duration) -> Result<()> {
         if self.checked_at.elapsed() >= LIVENESS_INTERVAL {
             self.check_liveness();
+        }
+        for i in 0..self.order.len() {
+            let peer = self.order[i];
+            self.release(peer, true);
         }
         let seg = Arc::clone(&self.seg);
         let bell = seg.doorbell();

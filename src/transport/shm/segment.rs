@@ -147,6 +147,18 @@ impl Segment {
             cap,
             unlinked: std::sync::atomic::AtomicBool::new(false),
         };
+        // Every ring gets its own random stamp key (see `ring`).
+        let mut seed = [0u8; 8];
+        if getrandom::fill(&mut seed).is_err() {
+            seed = (std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+        }
+        let mut key = u64::from_le_bytes(seed) | 1 << 63;
+        for slot in 0..slots {
+            key = key
+                .wrapping_mul(0x5851_f42d_4c95_7f2d)
+                .wrapping_add(1442695040888963407);
+            seg.ring(slot).0.key.store(key | 1 << 63, Ordering::Relaxed);
+        }
         let h = seg.header();
         h.version.store(VERSION, Ordering::Relaxed);
         h.slots.store(slots as u32, Ordering::Relaxed);
