@@ -280,7 +280,7 @@ impl Shared {
             if self.contenders.load(Ordering::SeqCst) > 0 {
                 return None;
             }
-            if idle % CLOCK_EVERY != 0 && !self.cfg.spin.is_zero() {
+            if !idle.is_multiple_of(CLOCK_EVERY) && !self.cfg.spin.is_zero() {
                 std::hint::spin_loop();
                 continue;
             }
