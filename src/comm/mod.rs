@@ -110,7 +110,9 @@ impl Status {
 #[derive(Clone, Debug)]
 pub struct CommConfig {
     /// How long a waiting thread polls before it sleeps in the kernel. Default 50 µs when
-    /// each rank has a core, 0 when ranks outnumber cores; `FERROCOMM_SPIN_US` overrides.
+    /// each rank has a core, 0 when ranks outnumber cores (the CPUs this process may use; a
+    /// process pinned to one CPU counts the machine's, as launchers pin one rank per core);
+    /// `FERROCOMM_SPIN_US` overrides.
     pub spin: Duration,
     /// How long a blocking operation may wait; `None` waits forever.
     /// `FERROCOMM_OP_TIMEOUT` (seconds, 0 for none), default 1800 s.
@@ -127,7 +129,7 @@ impl CommConfig {
         local_ranks: usize,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<CommConfig> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = cores_for_ranks();
         let spin = match config::parse_var(lookup, "FERROCOMM_SPIN_US", "microseconds", |v| {
             v.parse::<u64>().ok()
         })? {
@@ -141,6 +143,18 @@ impl CommConfig {
             None => Some(Duration::from_secs(1800)),
         };
         Ok(CommConfig { spin, op_timeout })
+    }
+}
+
+/// The CPUs the ranks of this host share, as far as one rank can tell: what this process
+/// may run on (affinity, cgroup quota), except that a mask of a single CPU means a launcher
+/// pinned each rank to its own core (`mpirun --bind-to core`, `taskset -c $LOCAL_RANK`),
+/// which is not oversubscription: then the machine's CPUs count.
+fn cores_for_ranks() -> usize {
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match crate::sys::cpu::affinity() {
+        Some(1) => crate::sys::cpu::online(),
+        _ => usable,
     }
 }
 

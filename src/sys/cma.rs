@@ -42,6 +42,44 @@ pub(crate) fn read(pid: u32, remote: u64, dst: &mut [u8]) -> io::Result<usize> {
     Ok(done)
 }
 
+/// Copies `src` to address `remote` in process `pid` (`process_vm_writev`). Returns the
+/// bytes copied; errors as for [`read`].
+///
+/// Safe for this process: the kernel only reads `src`. What it does to the other process is
+/// the caller's responsibility: the shared-memory transport writes only into a buffer the
+/// receiver lent for exactly this, and only while the receiver has not taken it back (see
+/// the transport's split copies).
+pub(crate) fn write(pid: u32, remote: u64, src: &[u8]) -> io::Result<usize> {
+    let mut done = 0usize;
+    while done < src.len() {
+        let rest = &src[done..];
+        let local = libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        let remote_iov = libc::iovec {
+            iov_base: (remote + done as u64) as usize as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        // SAFETY: `local` describes memory we borrow (`rest`), which the kernel only reads;
+        // `remote_iov` is interpreted and validated in the other process's address space.
+        let n =
+            unsafe { libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote_iov, 1, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -51,5 +89,9 @@ mod tests {
         let n = super::read(std::process::id(), src.as_ptr() as u64, &mut dst).unwrap();
         assert_eq!(n, src.len());
         assert_eq!(src, dst);
+        let mut dst2 = vec![0u8; src.len()];
+        let n = super::write(std::process::id(), dst2.as_mut_ptr() as u64, &src).unwrap();
+        assert_eq!(n, src.len());
+        assert_eq!(src, dst2);
     }
 }

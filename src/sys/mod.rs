@@ -8,6 +8,7 @@
 //! POSIX shared memory, `process_vm_readv`, pidfds).
 
 pub(crate) mod cma;
+pub(crate) mod cpu;
 pub(crate) mod futex;
 pub(crate) mod pidfd;
 pub(crate) mod poll;

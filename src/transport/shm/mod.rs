@@ -78,6 +78,11 @@ pub struct ShmConfig {
     /// Largest piece of a single-copy read done in one `progress` call, so other traffic
     /// interleaves with a long transfer.
     pub cma_chunk: usize,
+    /// Single-copy messages at least this large are split: the receiver reads the first
+    /// half while the sender writes the second half into the receiver's buffer
+    /// (`process_vm_writev`), so both cores copy. `FERROCOMM_SHM_SPLIT_MIN`, default
+    /// 256 KiB; `0` never splits.
+    pub split_min: usize,
     /// Tests only: behave as if the kernel refused every single-copy read with `EPERM`
     /// (root is never refused), to exercise the detection and the fallback.
     #[doc(hidden)]
@@ -92,6 +97,7 @@ impl Default for ShmConfig {
             cma: true,
             cma_min: 64 << 10,
             cma_chunk: 1 << 20,
+            split_min: 256 << 10,
             simulate_cma_refusal: false,
         }
     }
@@ -131,6 +137,9 @@ impl ShmConfig {
         if let Some(n) = crate::config::size(lookup, "FERROCOMM_SHM_CMA_MIN")? {
             cfg.cma_min = n;
         }
+        if let Some(n) = crate::config::size(lookup, "FERROCOMM_SHM_SPLIT_MIN")? {
+            cfg.split_min = if n == 0 { usize::MAX } else { n };
+        }
         Ok(cfg)
     }
 }
@@ -141,6 +150,8 @@ const RTS: u32 = 2;
 const CTS: u32 = 3;
 const DATA: u32 = 4;
 const DONE: u32 = 5;
+const SPLIT: u32 = 6;
+const WROTE: u32 = 7;
 
 /// How often peers' processes are checked while waiting or polling.
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -182,7 +193,7 @@ impl Rec {
         f[1] = NOT_INLINE;
         let (a, b) = match self.kind {
             RTS => (self.len, self.id),
-            DATA => (self.id, self.aux),
+            DATA | SPLIT | WROTE => (self.id, self.aux),
             _ => (self.id, 0),
         };
         f[4..12].copy_from_slice(&a.to_le_bytes());
@@ -217,7 +228,7 @@ impl Rec {
         match kind {
             EAGER if f[1] != NOT_INLINE => r.len = f[1] as u64,
             RTS => (r.len, r.id) = (a, b),
-            DATA => r.aux = b,
+            DATA | SPLIT | WROTE => r.aux = b,
             _ => {}
         }
         r
@@ -265,7 +276,31 @@ struct Pull {
     dst: RecvBuf,
     len: usize,
     done: usize,
+    /// Read `done..end` (the whole message, or the first part of a split one).
+    end: usize,
     token: Token,
+}
+
+/// A split message this rank receives: it reads `..split`, the sender writes `split..`.
+struct SplitIn {
+    dst: RecvBuf,
+    addr: u64,
+    len: usize,
+    split: usize,
+    token: Token,
+    pulled: bool,
+    written: bool,
+}
+
+/// The second half of a split message this rank sends, written into the receiver.
+struct Push {
+    peer: usize,
+    id: u64,
+    /// Local address of the next byte to write.
+    src: u64,
+    /// Remote address it goes to.
+    dst: u64,
+    left: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -332,6 +367,8 @@ struct Peer {
     kept: HashMap<u64, (usize, u64)>,
     /// Streams this rank receives.
     incoming: HashMap<u64, StreamIn>,
+    /// Split copies this rank receives.
+    splits: HashMap<u64, SplitIn>,
     next_id: u64,
     cma: Cma,
     state: State,
@@ -352,6 +389,7 @@ pub struct ShmTransport {
     failures: Vec<(usize, Error)>,
     closed: Vec<usize>,
     pulls: VecDeque<Pull>,
+    pushes: VecDeque<Push>,
     checked_at: Instant,
     polls: u32,
     aborted: bool,
@@ -465,6 +503,7 @@ impl ShmSetup {
                 lent: HashMap::new(),
                 kept: HashMap::new(),
                 incoming: HashMap::new(),
+                splits: HashMap::new(),
                 next_id: 0,
                 cma: if self.cfg.cma {
                     Cma::Unknown
@@ -495,6 +534,7 @@ impl ShmSetup {
             failures: Vec::new(),
             closed: Vec::new(),
             pulls: VecDeque::new(),
+            pushes: VecDeque::new(),
             checked_at: Instant::now(),
             polls: 0,
             aborted: false,
@@ -575,8 +615,10 @@ impl ShmTransport {
             return;
         }
         p.state = State::Failed;
+        take_back_lent(p);
         forget(p);
         self.pulls.retain(|x| x.peer != peer);
+        self.pushes.retain(|x| x.peer != peer);
         self.failures.push((peer, err));
     }
 
@@ -683,7 +725,40 @@ impl ShmTransport {
         let Some(p) = self.peers.get_mut(peer).and_then(|p| p.as_deref_mut()) else {
             return;
         };
-        if len >= self.cfg.cma_min && p.cma != Cma::Refused {
+        if len >= self.cfg.split_min && p.cma == Cma::Works {
+            // Reads are known to work with this peer (a refusal now could not fall back
+            // to streaming once the sender writes its half).
+            let split = (len / 2) & !4095;
+            p.splits.insert(
+                id,
+                SplitIn {
+                    dst,
+                    addr,
+                    len,
+                    split,
+                    token,
+                    pulled: split == 0,
+                    written: false,
+                },
+            );
+            if split > 0 {
+                self.pulls.push_back(Pull {
+                    peer,
+                    id,
+                    addr,
+                    dst,
+                    len,
+                    done: 0,
+                    end: split,
+                    token,
+                });
+            }
+            let mut r = Rec::new(SPLIT);
+            r.id = id;
+            r.aux = dst.ptr as u64;
+            r.len = split as u64;
+            self.push_bare(peer, r);
+        } else if len >= self.cfg.cma_min && p.cma != Cma::Refused {
             self.pulls.push_back(Pull {
                 peer,
                 id,
@@ -691,6 +766,7 @@ impl ShmTransport {
                 dst,
                 len,
                 done: 0,
+                end: len,
                 token,
             });
         } else {
@@ -789,6 +865,7 @@ impl ShmTransport {
                 p.state = State::Closed;
                 forget(p);
                 self.pulls.retain(|x| x.peer != peer);
+                self.pushes.retain(|x| x.peer != peer);
                 self.closed.push(peer);
             }
             ring::ABORTED => {
@@ -909,6 +986,54 @@ impl ShmTransport {
                     .ok_or_else(|| format!("finished message id {} that is not lent", r.id))?;
                 self.sends_done.push(token);
             }
+            SPLIT => {
+                if payload != 8 {
+                    return Err(format!("split request with {payload} payload bytes"));
+                }
+                let mut b = [0u8; 8];
+                // SAFETY: only consumer; the 8-byte payload is published with the record.
+                unsafe { p.cons.read_payload(&p.inn.mem, 0, &mut b) };
+                let split = usize::try_from(u64::from_le_bytes(b)).map_err(|_| "bad split")?;
+                let (data, _) = p
+                    .lent
+                    .get(&r.id)
+                    .ok_or_else(|| format!("split message id {} that is not lent", r.id))?;
+                if split > data.len {
+                    return Err(format!("split at {split} of a {}-byte message", data.len));
+                }
+                self.pushes.push_back(Push {
+                    peer,
+                    id: r.id,
+                    src: data.ptr as u64 + split as u64,
+                    dst: r.aux + split as u64,
+                    left: data.len - split,
+                });
+            }
+            WROTE => {
+                let s = p
+                    .splits
+                    .get_mut(&r.id)
+                    .ok_or_else(|| format!("wrote message id {} that is not split", r.id))?;
+                if r.aux != 0 {
+                    // The sender may not write into us: read its half too.
+                    let (addr, dst, len, split, token) = (s.addr, s.dst, s.len, s.split, s.token);
+                    s.written = true;
+                    s.pulled = false;
+                    self.pulls.push_back(Pull {
+                        peer,
+                        id: r.id,
+                        addr,
+                        dst,
+                        len,
+                        done: split,
+                        end: len,
+                        token,
+                    });
+                } else {
+                    s.written = true;
+                    self.finish_split(peer, r.id, ev);
+                }
+            }
             DATA => {
                 let s = p
                     .incoming
@@ -948,7 +1073,7 @@ impl ShmTransport {
         let Some(p) = self.peers.get_mut(pull.peer).and_then(|p| p.as_deref_mut()) else {
             return true;
         };
-        let n = (pull.len - pull.done).min(self.cfg.cma_chunk);
+        let n = (pull.end - pull.done).min(self.cfg.cma_chunk);
         // SAFETY: `pull.dst` is lent to us until its token is reported (contract point 4).
         let dst = unsafe { &mut pull.dst.as_mut_slice()[pull.done..pull.done + n] };
         let read = if self.cfg.simulate_cma_refusal {
@@ -960,8 +1085,13 @@ impl ShmTransport {
             Ok(got) if got == n => {
                 p.cma = Cma::Works;
                 pull.done += n;
-                if pull.done < pull.len {
+                if pull.done < pull.end {
                     self.pulls.push_front(pull);
+                    return true;
+                }
+                if let Some(s) = p.splits.get_mut(&pull.id) {
+                    s.pulled = true;
+                    self.finish_split(pull.peer, pull.id, ev);
                     return true;
                 }
                 // The data is only good if the sender had not aborted (and so could not
@@ -993,7 +1123,10 @@ impl ShmTransport {
                 );
                 self.fail(pull.peer, err);
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS))
+                    && !p.splits.contains_key(&pull.id) =>
+            {
                 tracing::warn!(
                     rank = self.rank,
                     peer = pull.peer,
@@ -1025,6 +1158,92 @@ impl ShmTransport {
         true
     }
 
+    /// Completes the split message `id` of `peer` once both halves are in.
+    fn finish_split(&mut self, peer: usize, id: u64, ev: &mut dyn Events) {
+        let Some(p) = self.peers.get_mut(peer).and_then(|p| p.as_deref_mut()) else {
+            return;
+        };
+        if !p.splits.get(&id).is_some_and(|s| s.pulled && s.written) {
+            return;
+        }
+        let Some(s) = p.splits.remove(&id) else {
+            return;
+        };
+        if p.inn.hdr().producer.state.load(Ordering::Acquire) == ring::ABORTED {
+            let err = lost(
+                self.rank,
+                peer,
+                "recv",
+                "it aborted during the transfer".into(),
+            );
+            self.fail(peer, err);
+            return;
+        }
+        ev.recv_done(s.token);
+        let mut d = Rec::new(DONE);
+        d.id = id;
+        self.push_bare(peer, d);
+    }
+
+    /// Advances the writes of split messages this rank sends. Returns whether anything
+    /// happened.
+    fn run_pushes(&mut self) -> bool {
+        let Some(mut push) = self.pushes.pop_front() else {
+            return false;
+        };
+        let Some(p) = self.peers.get_mut(push.peer).and_then(|p| p.as_deref_mut()) else {
+            return true;
+        };
+        // The receiver's view: it takes its buffer back only after marking its ring to us
+        // aborted and seeing no write of ours in flight (see `take_back_lent`).
+        let hdr = p.inn.hdr();
+        hdr.remote_writes.fetch_add(1, Ordering::SeqCst);
+        if hdr.producer.state.load(Ordering::SeqCst) != ring::OPEN {
+            hdr.remote_writes.fetch_sub(1, Ordering::SeqCst);
+            return true;
+        }
+        let n = push.left.min(self.cfg.cma_chunk);
+        // SAFETY: the source is our lent send buffer (valid until the receiver's Done,
+        // contract point 4), `n` bytes from `src` lie inside it.
+        let src = unsafe { std::slice::from_raw_parts(push.src as *const u8, n) };
+        let wrote = cma::write(p.pid, push.dst, src);
+        hdr.remote_writes.fetch_sub(1, Ordering::SeqCst);
+        let status = match wrote {
+            Ok(k) if k == n => {
+                push.src += n as u64;
+                push.dst += n as u64;
+                push.left -= n;
+                if push.left > 0 {
+                    self.pushes.push_front(push);
+                    return true;
+                }
+                0
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
+                tracing::debug!(peer = push.peer, "single-copy writes refused ({e})");
+                1
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                p.gone = true;
+                return true;
+            }
+            other => {
+                let why = match other {
+                    Ok(k) => format!("only {k} of {n} bytes could be written into its buffer"),
+                    Err(e) => format!("writing into its buffer failed: {e}"),
+                };
+                let err = lost(self.rank, push.peer, "send", why);
+                self.fail(push.peer, err);
+                return true;
+            }
+        };
+        let mut w = Rec::new(WROTE);
+        w.id = push.id;
+        w.aux = status;
+        self.push_bare(push.peer, w);
+        true
+    }
+
     /// Looks at every peer process; marks the dead ones (drained and reported by the next
     /// poll of their ring).
     fn check_liveness(&mut self) {
@@ -1047,6 +1266,7 @@ impl ShmTransport {
             || !self.failures.is_empty()
             || !self.closed.is_empty()
             || !self.pulls.is_empty()
+            || !self.pushes.is_empty()
         {
             return true;
         }
@@ -1125,7 +1345,12 @@ unsafe fn push_bare_rec(
     r: &Rec,
 ) -> bool {
     let addr = r.aux.to_le_bytes();
-    let payload: &[u8] = if r.kind == RTS { &addr } else { &[] };
+    let split = r.len.to_le_bytes();
+    let payload: &[u8] = match r.kind {
+        RTS => &addr,
+        SPLIT => &split,
+        _ => &[],
+    };
     // SAFETY: single producer (caller).
     unsafe { prod.push(hdr, mem, &r.encode(None), payload) }
 }
@@ -1136,7 +1361,7 @@ impl Out {
         match self {
             Out::Eager { data, .. } if data.len <= INLINE => RECORD_HEADER,
             Out::Eager { data, .. } => ring::record_size(data.len),
-            Out::Bare(r) if r.kind == RTS => ring::record_size(8),
+            Out::Bare(r) if r.kind == RTS || r.kind == SPLIT => ring::record_size(8),
             Out::Bare(_) => RECORD_HEADER,
         }
     }
@@ -1158,6 +1383,32 @@ fn forget(p: &mut Peer) {
     p.lent.clear();
     p.kept.clear();
     p.incoming.clear();
+    p.splits.clear();
+}
+
+/// Before forgetting buffers `p` may be writing into (split copies): tells it to stop (its
+/// view of our ring says aborted) and waits until no write of it is in flight, or it is
+/// gone, for at most two seconds. After that nobody touches those buffers again.
+fn take_back_lent(p: &mut Peer) {
+    if p.splits.is_empty() {
+        return;
+    }
+    let hdr = p.out.hdr();
+    hdr.producer.state.swap(ring::ABORTED, Ordering::SeqCst);
+    let start = Instant::now();
+    while hdr.remote_writes.load(Ordering::SeqCst) != 0 {
+        let alive = p.proc.as_ref().is_none_or(|pr| pr.alive());
+        if !alive || start.elapsed() > Duration::from_secs(2) {
+            if alive {
+                tracing::warn!(
+                    pid = p.pid,
+                    "a peer is still writing into a buffer this rank takes back"
+                );
+            }
+            break;
+        }
+        std::thread::yield_now();
+    }
 }
 
 impl Drop for ShmTransport {
@@ -1264,6 +1515,7 @@ impl Transport for ShmTransport {
             }
         }
         did |= self.run_pulls(ev);
+        did |= self.run_pushes();
         for token in self.sends_done.drain(..) {
             did = true;
             ev.send_done(token);
@@ -1313,10 +1565,12 @@ impl Transport for ShmTransport {
                 && p.state == State::Open
             {
                 p.state = State::Failed;
+                take_back_lent(p);
                 forget(p);
             }
         }
         self.pulls.clear();
+        self.pushes.clear();
         self.sends_done.clear();
         self.failures.clear();
         self.closed.clear();

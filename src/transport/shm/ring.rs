@@ -74,6 +74,10 @@ pub(crate) struct RingHeader {
     pub producer: CachePadded<ProducerState>,
     /// Mixed into every stamp; random, fixed at creation.
     pub key: CachePadded<AtomicU64>,
+    /// Single-copy writes the *consumer* has in progress into the producer's memory (the
+    /// second half of a split copy, see the transport). The producer, before it takes a
+    /// lent buffer back, marks itself aborted and waits for this to drop to zero.
+    pub remote_writes: CachePadded<AtomicU32>,
 }
 
 /// The producer's flags, on their own cache line.
@@ -97,6 +101,7 @@ impl RingHeader {
                 state: AtomicU32::new(OPEN),
             }),
             key: CachePadded::new(AtomicU64::new(0x9e37_79b9_7f4a_7c15)),
+            remote_writes: CachePadded::new(AtomicU32::new(0)),
         }
     }
 }
