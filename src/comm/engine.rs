@@ -412,9 +412,13 @@ impl Engine {
         }
         // SAFETY: forwarded from this function's contract.
         let sent = unsafe { self.transports[route as usize].send(peer, &envelope, data, id) };
-        if let Err(e) = sent {
-            self.release(id);
-            return Err(e);
+        match sent {
+            Ok(crate::transport::Sent::Done) => self.core.send_done(id),
+            Ok(crate::transport::Sent::Pending) => {}
+            Err(e) => {
+                self.release(id);
+                return Err(e);
+            }
         }
         Ok(id)
     }

@@ -178,7 +178,9 @@ impl Shared {
     /// Waits for request `id` (up to `timeout`), driving the transports when no other thread
     /// does.
     pub(crate) fn wait(&self, id: ReqId, timeout: Option<Duration>) -> Result<Done> {
-        let start = Instant::now();
+        // Read lazily: a request that completes within a few progress passes never reads
+        // the clock (a clock read costs about as much as a pass).
+        let mut start: Option<Instant> = None;
         let mut me: Option<Arc<Follower>> = None;
         loop {
             if let Some(f) = &me
@@ -195,7 +197,7 @@ impl Shared {
                         return r;
                     }
                 }
-                if let Some(r) = self.lead(guard, id, start, timeout) {
+                if let Some(r) = self.lead(guard, id, &mut start, timeout) {
                     self.wake_one_follower();
                     return r;
                 }
@@ -216,7 +218,7 @@ impl Shared {
                 me = Some(f);
                 continue;
             };
-            let waited = start.elapsed();
+            let waited = start.get_or_insert_with(Instant::now).elapsed();
             if let Some(limit) = timeout
                 && waited >= limit
             {
@@ -247,13 +249,13 @@ impl Shared {
         &self,
         mut eng: MutexGuard<'_, Engine>,
         id: ReqId,
-        start: Instant,
+        start: &mut Option<Instant>,
         timeout: Option<Duration>,
     ) -> Option<Result<Done>> {
-        let mut busy_at = Instant::now();
-        // Idle passes since the clock was last read: reading it costs as much as a pass,
-        // so while spinning it is read once every CLOCK_EVERY passes.
+        // Idle passes in a row; the clock is read once every CLOCK_EVERY of them, and the
+        // spin is measured from the first read of an idle stretch.
         let mut idle = 0u32;
+        let mut idle_since: Option<Instant> = None;
         loop {
             self.apply_abort(&mut eng);
             if let Some(r) = eng.take(id) {
@@ -274,6 +276,7 @@ impl Shared {
                     return Some(r);
                 }
                 idle = 0;
+                idle_since = None;
             } else {
                 idle += 1;
             }
@@ -285,10 +288,7 @@ impl Shared {
                 continue;
             }
             let now = Instant::now();
-            if busy {
-                busy_at = now;
-            }
-            let waited = now - start;
+            let waited = now - *start.get_or_insert(now);
             if let Some(limit) = timeout
                 && waited >= limit
             {
@@ -296,7 +296,7 @@ impl Shared {
                 self.hand_out(&mut eng);
                 return Some(Err(err));
             }
-            if now - busy_at < self.cfg.spin {
+            if busy || now - *idle_since.get_or_insert(now) < self.cfg.spin {
                 std::hint::spin_loop();
                 continue;
             }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, Waker};
+use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Sent, Stored, Token, Transport, Waker};
 use crate::error::{Error, Result};
 
 struct Message {
@@ -55,7 +55,6 @@ impl LocalHub {
             hub: Arc::clone(self),
             rank,
             batch: VecDeque::new(),
-            sent: Vec::new(),
         }
     }
 }
@@ -66,8 +65,6 @@ pub struct LocalTransport {
     rank: usize,
     /// Messages taken from the mailbox, not yet delivered.
     batch: VecDeque<Message>,
-    /// Sends whose completion is not yet reported.
-    sent: Vec<Token>,
 }
 
 impl Drop for LocalTransport {
@@ -86,8 +83,8 @@ impl Transport for LocalTransport {
         peer: usize,
         env: &Envelope,
         data: SendBuf,
-        token: Token,
-    ) -> Result<()> {
+        _token: Token,
+    ) -> Result<Sent> {
         let mailbox = self
             .hub
             .boxes
@@ -113,9 +110,8 @@ impl Transport for LocalTransport {
             });
         }
         mailbox.ready.notify_one();
-        // The payload is copied: the send is done, reported at the next progress.
-        self.sent.push(token);
-        Ok(())
+        // The payload is copied: the send is done.
+        Ok(Sent::Done)
     }
 
     unsafe fn fetch(
@@ -141,10 +137,7 @@ impl Transport for LocalTransport {
             q.poked = false;
             self.batch.extend(q.messages.drain(..));
         }
-        let did = !self.batch.is_empty() || !self.sent.is_empty();
-        for token in self.sent.drain(..) {
-            ev.send_done(token);
-        }
+        let did = !self.batch.is_empty();
         while let Some(m) = self.batch.pop_front() {
             match ev.incoming(m.from, &m.env, m.data.len()) {
                 Placement::Into(buf, token) => {
@@ -183,6 +176,5 @@ impl Transport for LocalTransport {
 
     fn abort(&mut self) {
         self.batch.clear();
-        self.sent.clear();
     }
 }

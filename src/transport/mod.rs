@@ -125,6 +125,15 @@ impl RecvBuf {
     }
 }
 
+/// What [`Transport::send`] did with the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Complete already: the buffer may be reused, and the token is never reported.
+    Done,
+    /// In flight: the token is reported to [`Events::send_done`] when complete.
+    Pending,
+}
+
 /// Where the payload of an announced message goes.
 #[derive(Debug)]
 pub enum Placement {
@@ -177,8 +186,9 @@ pub trait Transport: Send {
     /// Short name for logs and errors (`"tcp"`, `"local"`).
     fn name(&self) -> &'static str;
 
-    /// Queues the message `data` with envelope `env` to `peer`; `token` is reported to
-    /// [`Events::send_done`] when `data` may be reused.
+    /// Queues the message `data` with envelope `env` to `peer`. Returns [`Sent::Done`] when
+    /// `data` may already be reused (it was copied out: `token` is then never reported), or
+    /// [`Sent::Pending`]: `token` is reported to [`Events::send_done`] when it may.
     ///
     /// # Safety
     /// `data` must stay valid and unchanged until `token` is reported done or the peer
@@ -189,7 +199,7 @@ pub trait Transport: Send {
         env: &Envelope,
         data: SendBuf,
         token: Token,
-    ) -> Result<()>;
+    ) -> Result<Sent>;
 
     /// Moves the kept message `handle` of `peer` ([`Stored::Remote`]) into `dst`; reports
     /// `token` to [`Events::recv_done`] when it is there. `dst.len` equals the message length.

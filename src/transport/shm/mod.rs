@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use self::ring::{Consumer, FIELDS, Producer, RECORD_HEADER};
 use self::segment::Segment;
-use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, Waker};
+use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Sent, Stored, Token, Transport, Waker};
 use crate::error::{Error, Result};
 use crate::sync::Ordering;
 use crate::sys::{cma, futex, pidfd::PidFd};
@@ -1431,7 +1431,7 @@ impl Transport for ShmTransport {
         env: &Envelope,
         data: SendBuf,
         token: Token,
-    ) -> Result<()> {
+    ) -> Result<Sent> {
         let eager = data.len <= self.cfg.eager_limit;
         let p = self.peer_mut(peer, "send")?;
         if eager {
@@ -1442,8 +1442,7 @@ impl Transport for ShmTransport {
                     unsafe { push_eager(&mut p.prod, p.out.hdr(), &p.out.mem, env, &data) };
                 if pushed {
                     notify(&p.out.seg);
-                    self.sends_done.push(token);
-                    return Ok(());
+                    return Ok(Sent::Done);
                 }
             }
             p.queue.push_back(Out::Eager {
@@ -1463,7 +1462,7 @@ impl Transport for ShmTransport {
             p.queue.push_back(Out::Bare(r));
         }
         self.flush(peer);
-        Ok(())
+        Ok(Sent::Pending)
     }
 
     unsafe fn fetch(&mut self, peer: usize, handle: u64, dst: RecvBuf, token: Token) -> Result<()> {
