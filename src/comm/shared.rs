@@ -269,9 +269,10 @@ impl Shared {
                     true
                 }
             };
+            // Followers' requests may have completed, here or when they were posted (a
+            // send can complete at once).
+            self.hand_out(&mut eng);
             if busy {
-                // Followers' requests may also have completed.
-                self.hand_out(&mut eng);
                 if let Some(r) = eng.take(id) {
                     return Some(r);
                 }
