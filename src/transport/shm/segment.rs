@@ -61,6 +61,29 @@ pub fn segment_prefix(job_id: &str) -> String {
     format!("ferrocomm-{:016x}-", crate::wire::job_hash(job_id))
 }
 
+/// Removes the names of the segments of job `job_id` created by processes `pids` (that have
+/// ended), and returns how many there were. `ferrorun` calls it for its ranks once they
+/// have exited: a rank killed while it started up (before its peers mapped its segment)
+/// cannot remove its own.
+pub fn remove_segments_of(job_id: &str, pids: &[u32]) -> usize {
+    let prefix = segment_prefix(job_id);
+    let Ok(dir) = std::fs::read_dir(shm::SHM_DIR) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| pids.contains(&p)) && shm::unlink(&format!("/{name}")).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// A fresh, unique segment name for this process in job `job_id`.
 pub(crate) fn new_name(job_id: &str) -> String {
     let mut nonce = [0u8; 4];
@@ -80,9 +103,19 @@ pub(crate) fn new_name(job_id: &str) -> String {
 pub(crate) struct Segment {
     map: Mapping,
     name: String,
+    /// This process created it: its name goes when it is dropped, whatever happened.
+    owner: bool,
     slots: usize,
     cap: usize,
     unlinked: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if self.owner {
+            self.unlink();
+        }
+    }
 }
 
 impl std::fmt::Debug for Segment {
@@ -143,6 +176,7 @@ impl Segment {
         let seg = Segment {
             map,
             name: name.to_string(),
+            owner: true,
             slots,
             cap,
             unlinked: std::sync::atomic::AtomicBool::new(false),
@@ -189,7 +223,13 @@ impl Segment {
                         break m;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Not there yet, or created but not yet sized (the owner's shm_open and
+                // ftruncate are two steps).
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+                    ) => {}
                 Err(e) => {
                     return Err(Error::io(
                         format!("mapping {who}'s shared-memory segment {name}"),
@@ -212,6 +252,7 @@ impl Segment {
         let seg = Segment {
             map,
             name: name.to_string(),
+            owner: false,
             slots,
             cap,
             unlinked: std::sync::atomic::AtomicBool::new(false),
@@ -257,5 +298,44 @@ impl Segment {
     /// How many peers have attached this segment.
     pub(crate) fn attached(&self) -> u32 {
         self.header().attached.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_of_dead_ranks_are_swept_by_pid() {
+        let job = format!("sweep-test-{}", std::process::id());
+        let dead = Segment::create(
+            &format!("/{}4000000001-00000001", segment_prefix(&job)),
+            2,
+            4096,
+        )
+        .unwrap();
+        let alive = Segment::create(
+            &format!("/{}4000000002-00000002", segment_prefix(&job)),
+            2,
+            4096,
+        )
+        .unwrap();
+        // Pretend both owners died without cleaning up: forget the mappings' names.
+        std::mem::forget(dead);
+        assert_eq!(remove_segments_of(&job, &[4_000_000_001]), 1);
+        let left: Vec<String> = std::fs::read_dir(shm::SHM_DIR)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&segment_prefix(&job)))
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].contains("4000000002"));
+        drop(alive);
+        assert_eq!(
+            remove_segments_of(&job, &[4_000_000_002]),
+            0,
+            "the owner removed it"
+        );
     }
 }
