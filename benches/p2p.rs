@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench p2p` (add `-- tcp/latency` to filter). Latency is the half round trip
 //! of a ping-pong; bandwidth streams a window of 64 non-blocking sends and waits for one
-//! acknowledgement. For processes on separate cores and a comparison with Open MPI/MPICH,
+//! acknowledgement; bibw streams a window both ways at once (throughput counts both
+//! directions). The same operations as `ferrocomm-bench latency|bandwidth|bibw`. For processes on separate cores and a comparison with Open MPI/MPICH,
 //! use `ferrocomm-bench` and `scripts/bench-compare`.
 
 use std::time::{Duration, Instant};
@@ -25,6 +26,13 @@ fn responder(c: Communicator) {
         buf.resize(size as usize, 0u8);
         match kind {
             0 => return,
+            3 => {
+                let out = vec![7u8; size as usize];
+                let mut window: Vec<Vec<u8>> = vec![vec![0u8; size as usize]; WINDOW];
+                for _ in 0..iters {
+                    exchange_window(&c, 0, &out, &mut window);
+                }
+            }
             1 => {
                 for _ in 0..iters {
                     c.recv(&mut buf, 0, DATA).expect("ping");
@@ -46,6 +54,20 @@ fn responder(c: Communicator) {
             }
         }
     }
+}
+
+/// One window of `bibw`: `WINDOW` receives from and `WINDOW` sends of `out` to `peer`.
+fn exchange_window(c: &Communicator, peer: usize, out: &[u8], window: &mut [Vec<u8>]) {
+    c.scope(|s| {
+        let mut reqs = Vec::with_capacity(2 * WINDOW);
+        for b in window.iter_mut() {
+            reqs.push(s.irecv(b.as_mut_slice(), peer, DATA).expect("irecv"));
+        }
+        for _ in 0..WINDOW {
+            reqs.push(s.isend(out, peer, DATA).expect("isend"));
+        }
+        s.wait_all(reqs).expect("window");
+    });
 }
 
 fn world(transport: &str) -> Vec<Communicator> {
@@ -104,6 +126,27 @@ fn bench_transport(cr: &mut Criterion, transport: &str) {
                         s.wait_all(reqs).expect("window");
                     });
                     c.recv(&mut ack, 1, ACK).expect("ack");
+                }
+                t.elapsed()
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = cr.benchmark_group(format!("{transport}/bibw"));
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
+    for size in [64usize << 10, 1 << 20] {
+        let out = vec![7u8; size];
+        let mut window: Vec<Vec<u8>> = vec![vec![0u8; size]; WINDOW];
+        g.throughput(Throughput::Bytes((2 * size * WINDOW) as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, &size| {
+            b.iter_custom(|iters| {
+                c.send(&[3u64, iters, size as u64], 1, CTRL)
+                    .expect("command");
+                let t = Instant::now();
+                for _ in 0..iters {
+                    exchange_window(&c, 1, &out, &mut window);
                 }
                 t.elapsed()
             })

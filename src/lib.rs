@@ -28,6 +28,7 @@
 pub mod collective;
 pub mod comm;
 mod config;
+pub mod ddp;
 pub mod element;
 pub mod error;
 pub mod launch;
@@ -38,8 +39,9 @@ mod sys;
 pub mod transport;
 pub mod wire;
 
+pub use collective::{Algorithm, AllReduceAlgo, AllReduceOptions, CollHandle};
 pub use comm::{CommConfig, Communicator, RawRequest, Request, Scope, Source, Status, Tag, init};
-pub use element::{DType, Element};
+pub use element::{DType, Element, ReduceOp};
 pub use error::{Error, Result};
 pub use logging::init_logging;
 pub use rendezvous::InitOptions;

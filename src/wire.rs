@@ -182,13 +182,28 @@ impl FrameHeader {
     }
 }
 
-/// The first bytes on every transport connection: who is calling, for which job.
+/// What a [`Hello`] is: the caller's greeting or the acceptor's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HelloKind {
+    /// The caller introduces itself.
+    Request = 0,
+    /// The acceptor takes the connection: frames may flow both ways.
+    Accept = 1,
+    /// The acceptor refuses it (e.g. both ranks dialled each other at once and the other
+    /// connection is kept).
+    Refuse = 2,
+}
+
+/// The first bytes on every transport connection, each way: who is calling (or answering),
+/// for which job.
 ///
 /// ```text
 /// offset size field
 ///      0    4 magic 0xFC0C4E11
 ///      4    1 version
-///      5    3 reserved (0)
+///      5    1 kind    HelloKind
+///      6    2 reserved (0)
 ///      8    8 job     hash of the job id
 ///     16    4 world   world size
 ///     20    4 rank    the caller's rank
@@ -196,11 +211,13 @@ impl FrameHeader {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
+    /// Greeting or answer.
+    pub kind: HelloKind,
     /// Hash of the job identifier ([`job_hash`]).
     pub job: u64,
     /// World size of the caller's job.
     pub world: u32,
-    /// The caller's rank.
+    /// The sender's rank.
     pub rank: u32,
     /// Authentication nonce (0 when the job has no secret).
     pub nonce: u64,
@@ -212,6 +229,7 @@ impl Hello {
         let mut b = [0u8; HELLO_LEN];
         b[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
         b[4] = VERSION;
+        b[5] = self.kind as u8;
         b[8..16].copy_from_slice(&self.job.to_le_bytes());
         b[16..20].copy_from_slice(&self.world.to_le_bytes());
         b[20..24].copy_from_slice(&self.rank.to_le_bytes());
@@ -234,10 +252,17 @@ impl Hello {
         if b[4] != VERSION {
             return Err(DecodeError::BadVersion(b[4]));
         }
-        if b[5..8] != [0; 3] {
+        let kind = match b[5] {
+            0 => HelloKind::Request,
+            1 => HelloKind::Accept,
+            2 => HelloKind::Refuse,
+            k => return Err(DecodeError::BadKind(k)),
+        };
+        if b[6..8] != [0; 2] {
             return Err(DecodeError::Reserved);
         }
         Ok(Hello {
+            kind,
             job: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
             world: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")),
             rank: u32::from_le_bytes(b[20..24].try_into().expect("4 bytes")),
@@ -329,6 +354,7 @@ mod tests {
     #[test]
     fn hello_round_trips_and_rejects_garbage() {
         let h = Hello {
+            kind: HelloKind::Accept,
             job: job_hash("bert"),
             world: 8,
             rank: 3,

@@ -355,6 +355,70 @@ fn bidirectional_streams_at_once() {
     });
 }
 
+/// Windows of eager messages in both directions at once (the pattern of osu_bibw): the
+/// receives of a window are posted while the peer's previous messages may still be arriving
+/// as unexpected ones, half read. Every message must reach the receive that was posted for
+/// it, in order, and no receive may be left waiting (a hang fails after the watchdog's
+/// limit, by aborting the communicators).
+fn windows_of_eager_messages_both_ways() {
+    const WINDOW: usize = 64;
+    const LEN: usize = (48 << 10) / 4;
+    let comms = match TRANSPORT.with(|t| t.get()) {
+        "tcp" => Communicator::tcp_loopback_world(2).expect("tcp world"),
+        _ => Communicator::local_world(2),
+    };
+    let aborts: Vec<_> = comms.iter().map(Communicator::abort_handle).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        for c in comms {
+            let tx = tx.clone();
+            s.spawn(move || {
+                let (me, peer) = (c.rank(), 1 - c.rank());
+                let r = (|| -> ferrocomm::Result<()> {
+                    for round in 0..40u32 {
+                        let outs: Vec<Vec<u32>> = (0..WINDOW as u32)
+                            .map(|i| vec![(round << 16) | (i << 1) | me as u32; LEN])
+                            .collect();
+                        let mut ins = vec![vec![0u32; LEN]; WINDOW];
+                        c.scope(|s| {
+                            let mut reqs = Vec::new();
+                            for b in ins.iter_mut() {
+                                reqs.push(s.irecv(b.as_mut_slice(), peer, 3u32)?);
+                            }
+                            for o in &outs {
+                                reqs.push(s.isend(o.as_slice(), peer, 3)?);
+                            }
+                            s.wait_all(reqs).map(|_| ())
+                        })?;
+                        for (i, b) in ins.iter().enumerate() {
+                            let want = (round << 16) | ((i as u32) << 1) | peer as u32;
+                            assert!(
+                                b.iter().all(|&x| x == want),
+                                "rank {me} round {round}: receive {i} got {:#x}, expected {want:#x}",
+                                b[0]
+                            );
+                        }
+                    }
+                    c.barrier()
+                })();
+                let _ = tx.send(r);
+            });
+        }
+        drop(tx);
+        for _ in 0..2 {
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(r) => r.expect("rank failed"),
+                Err(_) => {
+                    for a in &aborts {
+                        a.abort("test watchdog: the ranks did not finish in 120 s");
+                    }
+                    panic!("windows of eager messages hung (aborted after 120 s)");
+                }
+            }
+        }
+    });
+}
+
 macro_rules! per_transport {
     ($($name:ident),* $(,)?) => {
         mod local {
@@ -373,6 +437,7 @@ per_transport!(
     large_messages_posted_early_and_late,
     large_message_into_too_small_buffer,
     bidirectional_streams_at_once,
+    windows_of_eager_messages_both_ways,
     ring_pass_of_a_token,
     same_tag_messages_stay_in_order_and_tags_select,
     any_source_and_any_tag,

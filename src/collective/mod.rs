@@ -1,15 +1,119 @@
 //! Collective operations, written once against the communicator's point-to-point layer so
 //! they run over every transport.
 //!
-//! Every collective call takes the communicator's next sequence number and sends its
-//! messages in the communicator's collective context with that number as tag. Each message
-//! also carries the call's fingerprint (operation, element type, count, root): a rank that
-//! receives a message of a different call at the same point of the sequence fails with
-//! [`Error::CollectiveMismatch`] naming both calls, instead of mixing data.
+//! # The collectives
+//!
+//! | call | what every rank ends with | in place (MPI_IN_PLACE) |
+//! |---|---|---|
+//! | [`all_reduce`](Communicator::all_reduce) | the element-wise reduction over all ranks | the usual form; [`all_reduce_into`](Communicator::all_reduce_into) is out of place |
+//! | [`broadcast`](Communicator::broadcast) | the root's buffer | always |
+//! | [`reduce`](Communicator::reduce) | the root: the reduction | [`reduce_in_place`](Communicator::reduce_in_place) |
+//! | [`all_gather`](Communicator::all_gather) | every rank's block, in rank order | [`all_gather_in_place`](Communicator::all_gather_in_place) |
+//! | [`reduce_scatter`](Communicator::reduce_scatter) | block `rank` of the reduction | [`reduce_scatter_in_place`](Communicator::reduce_scatter_in_place) |
+//! | [`gather`](Communicator::gather) | the root: every rank's block | [`gather_in_place`](Communicator::gather_in_place) |
+//! | [`scatter`](Communicator::scatter) | block `rank` of the root's buffer | [`scatter_in_place`](Communicator::scatter_in_place) |
+//! | [`all_to_all`](Communicator::all_to_all) | block `rank` of every rank's buffer | [`all_to_all_in_place`](Communicator::all_to_all_in_place) |
+//! | [`barrier`](Communicator::barrier) | nothing; returns when all have entered | |
+//!
+//! and the asynchronous forms (`iall_reduce`, ...) of [`nonblocking`]. Element types are
+//! those of [`Element`]; reductions are the [`ReduceOp`]s (`avg` for floating-point types
+//! only). Results are bit-identical on every rank, floats included: each element of the
+//! result is computed by one rank and copied to the others, or computed by several ranks
+//! from the same operands in the same order.
+//!
+//! # Algorithms
+//!
+//! Each algorithm is a [`Schedule`](schedule::Schedule) (rounds of sends, receives and
+//! reductions on buffer ranges) built by a function in its own file, whose documentation
+//! gives its cost; one executor ([`exec`]) runs every schedule, cutting large transfers
+//! into pieces and overlapping them, and the cost model ([`cost`]) evaluates the same
+//! schedules for thousands of ranks without moving data. `docs/algorithms.md` compares them.
+//!
+//! | collective | algorithms | rounds | bytes sent per rank |
+//! |---|---|---|---|
+//! | all_reduce | [ring](allreduce_ring) | `2(P-1)` | `2(P-1)/P · n` |
+//! | | [halving-doubling](allreduce_halving_doubling) | `2 log2 P` (+2 if `P` is not a power of two) | `2(P-1)/P · n` (+`n`) |
+//! | | [recursive doubling](allreduce_recursive_doubling) | `log2 P` (+2) | `n log2 P` (+`n`) |
+//! | broadcast | [binomial, scatter + all-gather](broadcast) | `⌈log2 P⌉`; `⌈log2 P⌉ + P - 1` | `n ⌈log2 P⌉` at the root; `≈ 2n` |
+//! | reduce | [binomial, reduce-scatter + gather](reduce) | `⌈log2 P⌉`; `P` | `n`; `≈ n` |
+//! | all_gather | [ring, recursive doubling](all_gather) | `P - 1`; `log2 P` | `(P-1) b` |
+//! | reduce_scatter | [ring, recursive halving](reduce_scatter) | `P - 1`; `log2 P` | `(P-1) b` |
+//! | gather, scatter | [binomial](gather_scatter) | `⌈log2 P⌉` | root: `(P-1) b` |
+//! | all_to_all | [pairwise](all_to_all) | `P - 1` or `P` | `(P-1) b` |
+//! | barrier | [dissemination](barrier) | `⌈log2 P⌉` | `⌈log2 P⌉` one-byte tokens |
+//!
+//! The automatic choices, their thresholds and the overrides (`FERROCOMM_ALLREDUCE_ALGO`,
+//! [`AllReduceOptions`]) are in [`select`].
+//!
+//! # Matching calls, and what happens when ranks disagree
+//!
+//! Every rank of a communicator must make the same collective calls in the same order, with
+//! the same element type, count (per rank's block where the collective has blocks), root,
+//! reduction and algorithm. Every collective call takes the communicator's next sequence
+//! number and sends its messages in the communicator's collective context with that
+//! number as tag; each message also carries the call's *fingerprint* (operation, element
+//! type, count, root, reduction, algorithm). A receive that gets a message of another call
+//! fails with [`Error::CollectiveMismatch`] naming both calls (this rank's and the peer's,
+//! with the sequence number), and the message's bytes are dropped, never mixed into the
+//! result.
+//!
+//! A rank whose collective fails (mismatch, lost peer, timeout, abort) sends a *notice* to
+//! every peer of its schedule: a rank blocked in the same collective then fails at once
+//! with an error that names the first rank's reason, and passes the notice on. So when one
+//! rank dies during an all_reduce, its neighbours see [`Error::PeerLost`] within moments
+//! (a closed connection, or the local transport's close) and the others through notices.
+//! A rank that only sends in a call (two ranks that both believe they are the root of a
+//! broadcast) can finish it before any evidence reaches it: the other call's message is then
+//! found unreceived when a later collective starts on this communicator, and that
+//! collective fails with [`Error::CollectiveMismatch`] naming the earlier calls. Some
+//! mismatches exchange no message at all (rank 0 in `reduce` to itself waits for rank 1,
+//! rank 1 in `broadcast` from rank 0 waits for rank 0): those ranks fail with
+//! [`Error::Timeout`] after the operation timeout (`FERROCOMM_OP_TIMEOUT`: no message of the
+//! collective arrived for that long). No rank ever waits longer than that.
+//!
+//! A failed collective fails the process's engine with its error (like NCCL's
+//! communicator abort): the transports forget every buffer still in flight, so the call can
+//! return without waiting for peers that will never answer, and every later operation of
+//! every communicator of the process returns the same error. Restart the job (or the
+//! process group) after such an error. Invalid arguments ([`Error::InvalidArgument`]) are
+//! found before anything is sent and leave the communicator usable; but the other ranks
+//! are then inside a collective this rank did not enter, and time out unless this rank
+//! makes the call again, correctly.
+//!
+//! # Threads
+//!
+//! A communicator is used by one thread at a time (it is `Send`, not `Sync`). To run
+//! collectives from several threads at once, give each its own communicator
+//! ([`Communicator::dup`], [`Communicator::split`], [`Communicator::new_group`]): each has
+//! its own context and sequence numbers, so their collectives never interfere, and they share
+//! the process's one progress engine. The asynchronous collectives run on a worker thread
+//! with a communicator of its own (see [`nonblocking`]).
 
-use crate::comm::envelope::{Env, KIND_COLL};
-use crate::comm::{Communicator, RawRequest, Source};
-use crate::element::DType;
+pub mod all_gather;
+pub mod all_to_all;
+pub mod allreduce_halving_doubling;
+pub mod allreduce_recursive_doubling;
+pub mod allreduce_ring;
+mod api;
+pub mod barrier;
+pub mod broadcast;
+pub mod cost;
+pub mod exec;
+pub mod gather_scatter;
+pub mod nonblocking;
+pub mod reduce;
+pub mod reduce_scatter;
+pub mod schedule;
+pub mod select;
+
+pub use nonblocking::CollHandle;
+pub use select::{Algorithm, AllReduceAlgo, AllReduceOptions};
+
+use crate::comm::envelope::{
+    Env, KIND_COLL, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_PEER_LOST, NOTICE_TIMEOUT,
+};
+use crate::comm::{Communicator, Done, RawRequest, Source};
+use crate::element::{DType, Element, ReduceOp};
 use crate::error::{Error, Result};
 use crate::transport::{RecvBuf, SendBuf};
 
@@ -18,25 +122,52 @@ use crate::transport::{RecvBuf, SendBuf};
 #[repr(u8)]
 pub(crate) enum CollOp {
     Barrier = 1,
+    AllReduce = 2,
+    Broadcast = 3,
+    Reduce = 4,
+    AllGather = 5,
+    ReduceScatter = 6,
+    Gather = 7,
+    Scatter = 8,
+    AllToAll = 9,
 }
 
 impl CollOp {
     fn name(code: u8) -> &'static str {
         match code {
             1 => "barrier",
+            2 => "all_reduce",
+            3 => "broadcast",
+            4 => "reduce",
+            5 => "all_gather",
+            6 => "reduce_scatter",
+            7 => "gather",
+            8 => "scatter",
+            9 => "all_to_all",
             _ => "unknown collective",
         }
     }
+
+    fn rooted(code: u8) -> bool {
+        matches!(code, 3 | 4 | 7 | 8)
+    }
 }
+
+/// Calls remembered per communicator for late mismatch reports.
+const HISTORY: usize = 32;
+
+/// Blamed-rank value of a notice that blames nobody in particular.
+pub(crate) const BLAME_NONE: u32 = 0xF_FFFF;
 
 /// The identity of one collective call, carried by each of its messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Call {
     pub op: CollOp,
     pub dtype: Option<DType>,
-    pub redop: u8,
+    pub redop: Option<ReduceOp>,
     pub count: u64,
     pub root: u32,
+    pub algo: Option<Algorithm>,
     pub seq: u32,
     pub ctx: u64,
 }
@@ -47,20 +178,55 @@ impl Call {
         comm: &Communicator,
         op: CollOp,
         dtype: Option<DType>,
+        redop: Option<ReduceOp>,
         count: usize,
         root: usize,
+        algo: Option<Algorithm>,
     ) -> Call {
         let seq = comm.coll_seq.get();
         comm.coll_seq.set(seq.wrapping_add(1));
-        Call {
+        let call = Call {
             op,
             dtype,
-            redop: 0,
+            redop,
             count: count as u64,
             root: root as u32,
+            algo,
             seq,
             ctx: comm.ctx + 1,
+        };
+        let mut h = comm.history.borrow_mut();
+        if h.len() == HISTORY {
+            h.pop_front();
         }
+        h.push_back(call.env(0));
+        call
+    }
+
+    /// A mismatch in an earlier call that this rank completed without noticing: a message of
+    /// that call from a peer that this rank never received.
+    pub fn stale(&self, comm: &Communicator) -> Option<(Error, usize)> {
+        let (peer, env) = comm.shared.lock().stale_collective(self.ctx, self.seq)?;
+        let env = Env::decode(&env);
+        let mine = comm
+            .history
+            .borrow()
+            .iter()
+            .find(|e| e.tag == env.tag)
+            .map_or_else(|| String::from("a collective"), Call::describe);
+        let err = Error::CollectiveMismatch {
+            rank: comm.rank(),
+            detail: format!(
+                "call #{} on this rank was {mine}, but {} called {} (a message of it was \
+                 never received here; found when call #{} started); every rank must make the \
+                 same collective calls in the same order with matching arguments",
+                env.tag,
+                Call::who(comm, peer),
+                Call::describe(&env),
+                self.seq,
+            ),
+        };
+        Some((err, peer))
     }
 
     fn env(&self, step: u32) -> Env {
@@ -70,22 +236,41 @@ impl Call {
             kind: KIND_COLL,
             op: self.op as u8,
             dtype: self.dtype.map_or(u8::MAX, |d| d as u8),
-            redop: self.redop,
+            redop: self.redop.map_or(0, |r| r as u8),
             root: self.root,
             count: self.count,
             step,
+            algo: self.algo.map_or(0, Algorithm::code),
         }
     }
 
-    fn describe(op: u8, dtype: u8, count: u64, root: u32) -> String {
-        let dtype = DType::from_code(dtype).map_or("-", |d| d.name());
-        format!(
-            "{}(type {dtype}, count {count}, root {root})",
-            CollOp::name(op)
-        )
+    /// `all_reduce(type f32, count 10, op sum, algorithm rhd)` for a call's fields.
+    fn describe(env: &Env) -> String {
+        let mut parts = Vec::new();
+        if let Some(d) = DType::from_code(env.dtype) {
+            parts.push(format!("type {d}"));
+        }
+        if env.op != CollOp::Barrier as u8 {
+            parts.push(format!("count {}", env.count));
+        }
+        if let Some(r) = ReduceOp::from_code(env.redop) {
+            parts.push(format!("op {r}"));
+        }
+        if CollOp::rooted(env.op) {
+            parts.push(format!("root {}", env.root));
+        }
+        if let Some(a) = Algorithm::from_code(env.algo) {
+            parts.push(format!("algorithm {}", a.name()));
+        }
+        format!("{}({})", CollOp::name(env.op), parts.join(", "))
     }
 
-    /// Starts sending `data` to `dst` as step `step` of this call.
+    /// This call, described.
+    pub fn describe_mine(&self) -> String {
+        format!("{} (call #{})", Call::describe(&self.env(0)), self.seq)
+    }
+
+    /// Starts sending `data` to `dst` as round `step` of this call.
     ///
     /// # Safety
     /// `data` must stay valid and unchanged until the request completes or is dropped.
@@ -100,7 +285,8 @@ impl Call {
         unsafe { comm.isend_ctx(SendBuf::new(data), dst, &self.env(step), "collective send") }
     }
 
-    /// Starts receiving step `step` of this call from `src` into `buf`.
+    /// Starts receiving a message of this call from `src` into `buf`: a message of another
+    /// call completes the request as rejected (see [`Call::rejected`]).
     ///
     /// # Safety
     /// `buf` must stay valid and unused until the request completes or is dropped.
@@ -117,59 +303,156 @@ impl Call {
                 Source::Rank(src),
                 self.ctx,
                 Some(self.seq),
+                Some(self.env(0)),
                 "collective recv",
             )
         }
     }
 
-    /// Waits for a receive of this call and checks the sender made the same call.
-    pub fn finish_recv(&self, comm: &Communicator, req: RawRequest) -> Result<usize> {
-        let (st, env) = req.wait_env()?;
-        let mine = self.env(env.step);
-        if (env.op, env.dtype, env.count, env.root, env.redop)
-            != (mine.op, mine.dtype, mine.count, mine.root, mine.redop)
-        {
-            return Err(Error::CollectiveMismatch {
+    /// Sends `peer` a notice that this rank gave up the call.
+    ///
+    /// # Safety
+    /// None beyond the call's: a notice has no payload. (Unsafe only because it shares the
+    /// raw send path.)
+    pub unsafe fn notice(
+        &self,
+        comm: &Communicator,
+        peer: usize,
+        reason: u32,
+        blamed: u32,
+    ) -> Result<RawRequest> {
+        let env = Env {
+            kind: KIND_NOTICE,
+            step: (reason << 20) | (blamed & BLAME_NONE),
+            ..self.env(0)
+        };
+        // SAFETY: the empty buffer is valid forever.
+        unsafe { comm.isend_ctx(SendBuf::new(&[]), peer, &env, "collective notice") }
+    }
+
+    /// "rank 3" or "rank 3 (world rank 7)" for world rank `w`.
+    fn who(comm: &Communicator, w: usize) -> String {
+        match comm.group.rank_of.get(w) {
+            Some(&r) if r as usize == w => format!("rank {r}"),
+            Some(&r) if r != u32::MAX => format!("rank {r} (world rank {w})"),
+            _ => format!("world rank {w}"),
+        }
+    }
+
+    /// The error for a receive that got another call's message, a notice, or a message of
+    /// the wrong size (`want` bytes expected).
+    pub fn rejected(&self, comm: &Communicator, done: &Done, want: usize) -> Error {
+        let env = Env::decode(&done.env);
+        let mine = self.describe_mine();
+        let src = Call::who(comm, done.peer);
+        let theirs = Call::describe(&env);
+        if env.kind == KIND_NOTICE {
+            let reason = env.step >> 20;
+            let blamed = env.step & BLAME_NONE;
+            let whom = if blamed == BLAME_NONE {
+                String::from("another rank")
+            } else {
+                Call::who(comm, blamed as usize)
+            };
+            return match reason {
+                NOTICE_MISMATCH => Error::CollectiveMismatch {
+                    rank: comm.rank(),
+                    detail: format!(
+                        "{src} gave up {mine} (it called {theirs}) because its call did not \
+                         match that of {whom}; every rank must make the same collective calls \
+                         in the same order with matching arguments"
+                    ),
+                },
+                NOTICE_PEER_LOST => Error::PeerLost {
+                    rank: comm.world_rank(),
+                    peer: if blamed == BLAME_NONE {
+                        done.peer
+                    } else {
+                        blamed as usize
+                    },
+                    op: mine,
+                    detail: format!("{src} gave up the call because it lost {whom}"),
+                },
+                NOTICE_TIMEOUT => Error::PeerLost {
+                    rank: comm.world_rank(),
+                    peer: done.peer,
+                    op: mine,
+                    detail: format!("{src} timed out in the call and gave up"),
+                },
+                _ => Error::PeerLost {
+                    rank: comm.world_rank(),
+                    peer: done.peer,
+                    op: mine,
+                    detail: format!("{src} failed in the call (aborted or broken) and gave up"),
+                },
+            };
+        }
+        if env.kind == KIND_COLL && env.same_call(&self.env(0)) {
+            return Error::CollectiveMismatch {
                 rank: comm.rank(),
                 detail: format!(
-                    "call #{} on this rank is {}, but rank {} called {}; every rank must make the \
-                     same collective calls in the same order with matching arguments",
-                    self.seq,
-                    Call::describe(mine.op, mine.dtype, mine.count, mine.root),
-                    st.source,
-                    Call::describe(env.op, env.dtype, env.count, env.root),
+                    "{src} sent {} bytes for {mine} where this rank expected {want}: the ranks \
+                     cut the data differently (different ferrocomm versions?)",
+                    done.len
                 ),
-            });
+            };
         }
-        Ok(st.bytes)
+        Error::CollectiveMismatch {
+            rank: comm.rank(),
+            detail: format!(
+                "call #{} on this rank is {}, but {src} called {theirs}; every rank must make \
+                 the same collective calls in the same order with matching arguments",
+                self.seq,
+                Call::describe(&self.env(0)),
+            ),
+        }
+    }
+
+    /// Adds the call to errors that name a point-to-point operation.
+    pub fn explain(&self, err: Error) -> Error {
+        let me = self.describe_mine();
+        match err {
+            Error::PeerLost {
+                rank,
+                peer,
+                op,
+                detail,
+            } if !op.starts_with(&me) => Error::PeerLost {
+                rank,
+                peer,
+                op: format!("{}: {op}", self.describe_mine()),
+                detail,
+            },
+            Error::Timeout { op, waited, detail } if !op.starts_with(&me) => Error::Timeout {
+                op: format!("{}: {op}", self.describe_mine()),
+                waited,
+                detail,
+            },
+            other => other,
+        }
     }
 }
 
-impl Communicator {
-    /// Blocks until every rank of the communicator has called `barrier`.
-    ///
-    /// Dissemination algorithm (Hensgen, Finkel and Manber 1988): in round k each rank
-    /// signals rank + 2^k and waits for rank - 2^k; ⌈log2 P⌉ rounds of zero-byte messages.
-    pub fn barrier(&self) -> Result<()> {
-        let call = Call::begin(self, CollOp::Barrier, None, 0, 0);
-        let (n, me) = (self.size(), self.rank());
-        let mut dist = 1;
-        let mut step = 0;
-        while dist < n {
-            let to = (me + dist) % n;
-            let from = (me + n - dist) % n;
-            let mut empty = [0u8; 0];
-            // SAFETY: both buffers outlive the requests, which are waited for (or dropped,
-            // which waits) before this iteration ends.
-            let r = unsafe { call.irecv(self, &mut empty, from)? };
-            // SAFETY: as above.
-            let s = unsafe { call.isend(self, &[], to, step)? };
-            let got = call.finish_recv(self, r);
-            s.wait()?;
-            got?;
-            dist *= 2;
-            step += 1;
-        }
-        Ok(())
+/// `NOTICE_*` reason and blamed world rank for an error that made this rank give up.
+pub(crate) fn notice_reason(err: &Error) -> (u32, u32) {
+    use crate::comm::envelope::NOTICE_OTHER;
+    match err {
+        Error::PeerLost { peer, .. } => (NOTICE_PEER_LOST, (*peer as u32).min(BLAME_NONE)),
+        Error::CollectiveMismatch { .. } => (NOTICE_MISMATCH, BLAME_NONE),
+        Error::Timeout { .. } => (NOTICE_TIMEOUT, BLAME_NONE),
+        _ => (NOTICE_OTHER, BLAME_NONE),
     }
 }
+
+/// Bytes of a slice of elements.
+fn as_bytes<T: Element>(s: &[T]) -> &[u8] {
+    bytemuck::cast_slice(s)
+}
+
+/// Mutable bytes of a slice of elements.
+fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(s)
+}
+
+#[cfg(test)]
+mod tests;

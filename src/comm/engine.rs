@@ -10,14 +10,22 @@
 //! never overtake each other. A message that arrives before its receive is kept in the
 //! unexpected queue (small ones whole, large ones still at the sender, see the transport
 //! contract).
+//!
+//! A kept message takes its place in the unexpected queue as soon as its header arrives,
+//! even while its payload is still being read: a receive posted in the meantime claims it
+//! (and gets the payload when it is complete) instead of waiting for a later message, so a
+//! receive can neither hang on a message that was already on its way nor see messages out
+//! of order.
 
 use std::collections::VecDeque;
 use std::fmt;
 
-use super::envelope::Env;
+use super::envelope::{Env, KIND_COLL, KIND_NOTICE};
 use super::watch::FdWatcher;
 use crate::error::{Error, Result};
-use crate::transport::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport};
+use crate::transport::{
+    Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, WaitFd,
+};
 
 /// Identifies a request: slot index in the low 32 bits, the slot's generation above.
 pub(crate) type ReqId = Token;
@@ -34,6 +42,9 @@ pub(crate) struct Done {
     pub len: usize,
     /// The message's envelope (receives).
     pub env: Envelope,
+    /// A collective receive that got a message of another call (or a notice) instead: its
+    /// payload was dropped and `env` is the offending message's envelope.
+    pub rejected: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -89,12 +100,29 @@ struct PostedRecv {
     tag: Option<u32>,
     buf: RecvBuf,
     req: ReqId,
+    /// For collective receives: the receiver's own call, which the message must match.
+    expect: Option<Env>,
 }
 
 struct Unexpected {
     peer: usize,
     env: Envelope,
-    msg: Stored,
+    /// Length announced by the header.
+    len: usize,
+    /// `None` while the payload is still arriving.
+    msg: Option<Stored>,
+    /// A receive that matched the message while its payload was arriving.
+    claim: Claim,
+}
+
+/// Who takes a kept message once its payload is complete.
+enum Claim {
+    /// Nobody yet: the next matching receive.
+    Open,
+    /// This receive (its request is active; the buffer holds at least `len` bytes).
+    Recv(RecvBuf, ReqId),
+    /// Nobody: a receive matched it but was too small; drop it.
+    Drop,
 }
 
 /// Matching state; receives the transports' events.
@@ -106,7 +134,12 @@ struct Core {
     free: Vec<u32>,
     failed: Vec<Option<Error>>,
     fatal: Option<Error>,
+    /// Notices received lately (sender, envelope): collectives given up by a peer.
+    notices: VecDeque<(usize, Envelope)>,
 }
+
+/// Notices remembered for receives posted after they arrived.
+const MAX_NOTICES: usize = 64;
 
 fn id_of(index: u32, generation: u32) -> ReqId {
     ((generation as u64) << 32) | index as u64
@@ -160,6 +193,7 @@ impl Core {
                         peer: 0,
                         len: 0,
                         env: Envelope::default(),
+                        rejected: false,
                     },
                 });
                 (self.slots.len() - 1) as u32
@@ -181,6 +215,36 @@ impl Core {
     fn peer_error(&self, peer: usize) -> Option<&Error> {
         self.failed.get(peer).and_then(Option::as_ref)
     }
+
+    /// A peer gave up the collective with the notice's context and tag: every collective
+    /// receive of it, posted now or later, completes as rejected with the notice.
+    fn notice(&mut self, peer: usize, env: Envelope) {
+        let (ctx, tag) = Env::key(&env);
+        tracing::debug!(rank = self.me, peer, ctx, tag, "collective notice");
+        let mut hit = Vec::new();
+        self.posted.retain(|p| {
+            let h = p.expect.is_some() && p.ctx == ctx && p.tag == Some(tag);
+            if h {
+                hit.push(p.req);
+            }
+            !h
+        });
+        for id in hit {
+            self.finish(
+                id,
+                Ok(Done {
+                    peer,
+                    len: 0,
+                    env,
+                    rejected: true,
+                }),
+            );
+        }
+        if self.notices.len() == MAX_NOTICES {
+            self.notices.pop_front();
+        }
+        self.notices.push_back((peer, env));
+    }
 }
 
 impl Events for Core {
@@ -188,8 +252,20 @@ impl Events for Core {
         if self.fatal.is_some() {
             return Placement::Discard;
         }
+        if Env::kind_of(env) == KIND_NOTICE {
+            self.notice(peer, *env);
+            return Placement::Discard;
+        }
         let (ctx, tag) = Env::key(env);
         let Some(pos) = self.posted.iter().position(|p| matches(p, peer, ctx, tag)) else {
+            // Its place in the queue is taken now; `stored` fills it in.
+            self.unexpected.push_back(Unexpected {
+                peer,
+                env: *env,
+                len,
+                msg: None,
+                claim: Claim::Open,
+            });
             return Placement::Keep;
         };
         let p = self.posted.remove(pos).expect("position is in range");
@@ -197,19 +273,80 @@ impl Events for Core {
         let Some(slot) = self.slot(p.req) else {
             return Placement::Discard;
         };
+        if let Some(mine) = &p.expect
+            && (p.buf.len < len || !Env::decode(&env).same_call(mine))
+        {
+            slot.state = State::Done(Ok(Done {
+                peer,
+                len,
+                env,
+                rejected: true,
+            }));
+            return Placement::Discard;
+        }
         if p.buf.len < len {
             let err = truncated(&slot.op, p.buf.len, len, peer, tag);
             slot.state = State::Done(Err(err));
             return Placement::Discard;
         }
         slot.state = State::Active;
-        slot.matched = Done { peer, len, env };
+        slot.matched = Done {
+            peer,
+            len,
+            env,
+            rejected: false,
+        };
         Placement::Into(p.buf, p.req)
     }
 
     fn stored(&mut self, peer: usize, env: Envelope, msg: Stored) {
-        if self.fatal.is_none() {
-            self.unexpected.push_back(Unexpected { peer, env, msg });
+        if self.fatal.is_some() {
+            return;
+        }
+        let Some(pos) = self
+            .unexpected
+            .iter()
+            .position(|u| u.peer == peer && u.msg.is_none() && u.env == env)
+        else {
+            // No header seen (a transport that reports whole messages only).
+            let len = match &msg {
+                Stored::Bytes(v) => v.len(),
+                Stored::Remote { len, .. } => *len,
+            };
+            self.unexpected.push_back(Unexpected {
+                peer,
+                env,
+                len,
+                msg: Some(msg),
+                claim: Claim::Open,
+            });
+            return;
+        };
+        let u = &mut self.unexpected[pos];
+        match (&u.claim, msg) {
+            (Claim::Open, msg) => u.msg = Some(msg),
+            (Claim::Recv(buf, id), Stored::Bytes(v)) => {
+                let (buf, id) = (*buf, *id);
+                let done = Done {
+                    peer,
+                    len: v.len(),
+                    env,
+                    rejected: false,
+                };
+                self.unexpected.remove(pos);
+                // SAFETY: the claiming receive is active, so its buffer is still valid and
+                // reserved for this message; it holds at least `len` bytes (checked when it
+                // claimed the message).
+                let dst = unsafe { buf.as_mut_slice() };
+                dst[..v.len()].copy_from_slice(&v);
+                self.finish(id, Ok(done));
+            }
+            (Claim::Drop, Stored::Bytes(_)) => {
+                self.unexpected.remove(pos);
+            }
+            // Still at the sender: `Engine::progress` fetches or discards it (a transport
+            // cannot be called from inside its own events).
+            (_, msg @ Stored::Remote { .. }) => u.msg = Some(msg),
         }
     }
 
@@ -290,28 +427,28 @@ impl Events for Core {
                 s.state = State::Done(Err(for_op(&err, &s.op)));
             }
         }
-        // Large messages still at the dead sender can never be fetched.
+        // Large messages still at the dead sender can never be fetched, nor can payloads
+        // it had not finished sending.
         self.unexpected
-            .retain(|u| !(u.peer == peer && matches!(u.msg, Stored::Remote { .. })));
+            .retain(|u| !(u.peer == peer && matches!(u.msg, None | Some(Stored::Remote { .. }))));
     }
 }
 
-/// How a process with several transports sleeps (see [`Engine::wait`]).
-enum Sleep {
-    /// Every transport has a descriptor: poll them all.
-    Poll(Vec<std::os::fd::RawFd>),
-    /// Sleep in transport `.0`; the watcher wakes it for the others.
-    Host(usize, FdWatcher),
-    /// Take short turns.
-    Turns,
+/// The descriptor watcher of a process whose sleep one transport hosts (see
+/// [`Engine::wait`]).
+enum Watch {
+    /// Started: armed for each hosted sleep.
+    Running(FdWatcher),
+    /// It could not be started: take short turns instead.
+    Failed,
 }
 
 /// The transports and matching state of one process. Not thread-safe by itself: the
 /// communicator layer wraps it in a mutex.
 pub(crate) struct Engine {
     transports: Vec<Box<dyn Transport>>,
-    /// How `wait` sleeps when there are several transports (decided at the first wait).
-    sleep: Option<Sleep>,
+    /// The watcher of a sleep hosted by one transport (started at the first such sleep).
+    watch: Option<Watch>,
     /// Index into `transports` for each world rank (`ROUTE_SELF` for this rank).
     route: Vec<u8>,
     core: Core,
@@ -327,7 +464,7 @@ impl Engine {
         let world = route.len();
         Engine {
             transports,
-            sleep: None,
+            watch: None,
             route,
             core: Core {
                 me,
@@ -337,6 +474,7 @@ impl Engine {
                 free: Vec::new(),
                 failed: vec![None; world],
                 fatal: None,
+                notices: VecDeque::new(),
             },
         }
     }
@@ -400,6 +538,7 @@ impl Engine {
                 peer,
                 len: data.len,
                 env: envelope,
+                rejected: false,
             };
         }
         let route = self.route[peer];
@@ -442,6 +581,10 @@ impl Engine {
     /// Posts a receive of a message with context `ctx` from world rank `src` (any when
     /// `None`) with tag `tag` (any when `None`) into `buf`.
     ///
+    /// With `expect` (a collective's own call), a message of another call, a notice, or a
+    /// message larger than `buf` does not fail the receive: it completes as
+    /// [`Done::rejected`] with that message's envelope, and nothing is written to `buf`.
+    ///
     /// # Safety
     /// `buf` must stay valid and unused by anyone else until the request completes, is
     /// cancelled, abandoned by [`Engine::abort`], or this call returns an error.
@@ -451,6 +594,7 @@ impl Engine {
         src: Option<usize>,
         tag: Option<u32>,
         buf: RecvBuf,
+        expect: Option<Env>,
     ) -> Result<ReqId> {
         self.check_usable()?;
         let op = Op {
@@ -464,10 +608,33 @@ impl Engine {
         {
             self.check_peer(s, &op)?;
         }
+        if expect.is_some()
+            && let Some(t) = tag
+            && let Some(&(peer, env)) = self
+                .core
+                .notices
+                .iter()
+                .find(|(_, e)| Env::key(e) == (ctx, t))
+        {
+            let id = self.core.alloc(State::Active, op);
+            self.core.finish(
+                id,
+                Ok(Done {
+                    peer,
+                    len: 0,
+                    env,
+                    rejected: true,
+                }),
+            );
+            return Ok(id);
+        }
         // Messages that arrived before their sender failed can still be received.
         let pos = self.core.unexpected.iter().position(|u| {
             let (c, t) = Env::key(&u.env);
-            c == ctx && src.is_none_or(|s| s == u.peer) && tag.is_none_or(|x| x == t)
+            matches!(u.claim, Claim::Open)
+                && c == ctx
+                && src.is_none_or(|s| s == u.peer)
+                && tag.is_none_or(|x| x == t)
         });
         let Some(pos) = pos else {
             if let Some(s) = src {
@@ -480,21 +647,82 @@ impl Engine {
                 tag,
                 buf,
                 req: id,
+                expect,
             });
             return Ok(id);
         };
+        if self.core.unexpected[pos].msg.is_none() {
+            // Its payload is still arriving: claim it.
+            let u = &mut self.core.unexpected[pos];
+            let (peer, len, env) = (u.peer, u.len, u.env);
+            if let Some(mine) = &expect
+                && (buf.len < len || !Env::decode(&env).same_call(mine))
+            {
+                // Another call's message: this collective receive is rejected at once and
+                // the message consumed, as when it is already complete.
+                self.core.unexpected[pos].claim = Claim::Drop;
+                let id = self.core.alloc(State::Active, op);
+                self.core.finish(
+                    id,
+                    Ok(Done {
+                        peer,
+                        len,
+                        env,
+                        rejected: true,
+                    }),
+                );
+                return Ok(id);
+            }
+            if buf.len < len {
+                u.claim = Claim::Drop;
+                let (_, t) = Env::key(&env);
+                return Err(truncated(&op, buf.len, len, peer, t));
+            }
+            let id = self.core.alloc(State::Active, op);
+            if let Some(s) = self.core.slot(id) {
+                s.matched = Done {
+                    peer,
+                    len,
+                    env,
+                    rejected: false,
+                };
+            }
+            self.core.unexpected[pos].claim = Claim::Recv(buf, id);
+            return Ok(id);
+        }
         let u = self
             .core
             .unexpected
             .remove(pos)
             .expect("position is in range");
+        let Some(msg) = u.msg else {
+            unreachable!("checked above that the payload is complete")
+        };
         let (_, t) = Env::key(&u.env);
-        let len = match &u.msg {
+        let len = match &msg {
             Stored::Bytes(v) => v.len(),
             Stored::Remote { len, .. } => *len,
         };
+        if let Some(mine) = &expect
+            && (buf.len < len || !Env::decode(&u.env).same_call(mine))
+        {
+            if let Stored::Remote { handle, .. } = msg {
+                self.discard(u.peer, handle);
+            }
+            let id = self.core.alloc(State::Active, op);
+            self.core.finish(
+                id,
+                Ok(Done {
+                    peer: u.peer,
+                    len,
+                    env: u.env,
+                    rejected: true,
+                }),
+            );
+            return Ok(id);
+        }
         if buf.len < len {
-            if let Stored::Remote { handle, .. } = u.msg {
+            if let Stored::Remote { handle, .. } = msg {
                 self.discard(u.peer, handle);
             }
             return Err(truncated(&op, buf.len, len, u.peer, t));
@@ -504,11 +732,12 @@ impl Engine {
             peer: u.peer,
             len,
             env: u.env,
+            rejected: false,
         };
         if let Some(s) = self.core.slot(id) {
             s.matched = done;
         }
-        match u.msg {
+        match msg {
             Stored::Bytes(v) => {
                 // SAFETY: `buf` is valid and ours (caller's contract) and holds `len` bytes.
                 let dst = unsafe { buf.as_mut_slice() };
@@ -545,7 +774,38 @@ impl Engine {
         for t in self.transports.iter_mut() {
             did |= t.progress(&mut self.core)?;
         }
+        self.settle_claims();
         Ok(did)
+    }
+
+    /// Fetches (or discards) large messages that were claimed before the transport reported
+    /// them as stored.
+    fn settle_claims(&mut self) {
+        while let Some(pos) = self.core.unexpected.iter().position(|u| {
+            matches!(u.msg, Some(Stored::Remote { .. })) && !matches!(u.claim, Claim::Open)
+        }) {
+            let Some(u) = self.core.unexpected.remove(pos) else {
+                break;
+            };
+            let Some(Stored::Remote { handle, len }) = u.msg else {
+                continue;
+            };
+            match u.claim {
+                Claim::Recv(buf, id) => {
+                    let route = self.route[u.peer];
+                    let dst = RecvBuf { ptr: buf.ptr, len };
+                    // SAFETY: the claiming receive is active, so its buffer stays valid until
+                    // the transport reports the token; it holds at least `len` bytes.
+                    let fetched =
+                        unsafe { self.transports[route as usize].fetch(u.peer, handle, dst, id) };
+                    if let Err(e) = fetched {
+                        self.core.finish(id, Err(e));
+                    }
+                }
+                Claim::Drop => self.discard(u.peer, handle),
+                Claim::Open => {}
+            }
+        }
     }
 
     /// Blocks until a transport may have something to do, at most `timeout`.
@@ -555,30 +815,39 @@ impl Engine {
     /// has none (shared memory), a sleep in that one while a [`FdWatcher`] thread watches the
     /// others' descriptors and wakes it; otherwise (never today) short turns on each.
     pub fn wait(&mut self, timeout: std::time::Duration) -> Result<()> {
-        if self.transports.len() == 1 {
-            return self.transports[0].wait(timeout);
+        let n = self.transports.len();
+        match n {
+            0 => return Ok(()),
+            1 => return self.transports[0].wait(timeout),
+            _ => {}
         }
-        if self.transports.is_empty() {
-            return Ok(());
+        // Arm every transport's notification; one with work now means no sleep at all.
+        let mut fds = Vec::with_capacity(n);
+        let mut hosts = Vec::new();
+        for (i, t) in self.transports.iter_mut().enumerate() {
+            match t.wait_fd()? {
+                WaitFd::Ready => return Ok(()),
+                WaitFd::Fd(fd) => fds.push(fd),
+                WaitFd::Unsupported => hosts.push(i),
+            }
         }
-        if self.sleep.is_none() {
-            self.sleep = Some(self.plan_sleep());
-        }
-        match &self.sleep {
-            Some(Sleep::Poll(fds)) => {
-                crate::sys::poll::readable(fds, timeout)
+        match hosts[..] {
+            [] => {
+                crate::sys::poll::readable(&fds, timeout)
                     .map_err(|e| Error::io("waiting on the transports' descriptors", e))?;
                 Ok(())
             }
-            Some(Sleep::Host(host, watcher)) => {
+            [host] if self.watcher(host, fds) => {
+                let Some(Watch::Running(watcher)) = &self.watch else {
+                    return Ok(());
+                };
                 watcher.arm();
-                let r = self.transports[*host].wait(timeout);
+                let r = self.transports[host].wait(timeout);
                 watcher.disarm();
                 r
             }
             _ => {
-                let n = self.transports.len() as u32;
-                let slice = (timeout / n).min(std::time::Duration::from_millis(1));
+                let slice = (timeout / n as u32).min(std::time::Duration::from_millis(1));
                 for t in self.transports.iter_mut() {
                     t.wait(slice)?;
                 }
@@ -587,21 +856,20 @@ impl Engine {
         }
     }
 
-    fn plan_sleep(&self) -> Sleep {
-        let fds: Vec<_> = self.transports.iter().map(|t| t.wait_fd()).collect();
-        let hosts: Vec<usize> = (0..fds.len()).filter(|&i| fds[i].is_none()).collect();
-        let watched: Vec<_> = fds.iter().flatten().copied().collect();
-        match hosts[..] {
-            [] => Sleep::Poll(watched),
-            [host] => match FdWatcher::start(watched, self.transports[host].waker()) {
-                Ok(w) => Sleep::Host(host, w),
+    /// Whether the descriptor watcher for a sleep hosted by transport `host` runs (started
+    /// at the first such sleep, watching `fds`: the descriptors stay valid while their
+    /// transports live).
+    fn watcher(&mut self, host: usize, fds: Vec<std::os::fd::RawFd>) -> bool {
+        if self.watch.is_none() {
+            self.watch = Some(match FdWatcher::start(fds, self.transports[host].waker()) {
+                Ok(w) => Watch::Running(w),
                 Err(e) => {
                     tracing::warn!("cannot start the descriptor watcher thread: {e}");
-                    Sleep::Turns
+                    Watch::Failed
                 }
-            },
-            _ => Sleep::Turns,
+            });
         }
+        matches!(self.watch, Some(Watch::Running(_)))
     }
 
     /// The result of `id` if it is complete (the request is then released).
@@ -657,6 +925,18 @@ impl Engine {
             .slot(id)
             .map(|s| s.op.to_string())
             .unwrap_or_default()
+    }
+
+    /// A collective message of context `ctx` kept unreceived although its call (tag) is
+    /// older than `seq`: evidence that the sender's call at that point differed from this
+    /// rank's (this rank completed the call without receiving it). Returns the sender and
+    /// the message's envelope.
+    pub fn stale_collective(&self, ctx: u64, seq: u32) -> Option<(usize, Envelope)> {
+        self.core.unexpected.iter().find_map(|u| {
+            let (c, tag) = Env::key(&u.env);
+            let older = (1..=0x7FFF_FFFF).contains(&seq.wrapping_sub(tag));
+            (c == ctx && older && Env::kind_of(&u.env) == KIND_COLL).then_some((u.peer, u.env))
+        })
     }
 
     /// The sticky error, if the engine has failed for good.

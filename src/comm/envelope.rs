@@ -11,10 +11,18 @@
 //!     15    1 redop  reduction operation code
 //!     16    4 root   root rank of rooted collectives
 //!     20    8 count  element count of the collective call
-//!     28    4 step   algorithm step (collectives), 0 otherwise
+//!     28    3 step   algorithm round (collectives); a notice's reason and blamed rank
+//!     31    1 algo   algorithm code (collectives), 0 otherwise
 //! ```
-//! The collective fields let a receiver compare the sender's call with its own and report a
-//! mismatch naming both calls, instead of silently mixing data.
+//! The collective fields (op, dtype, redop, root, count, algo: the call's *fingerprint*) let
+//! a receiver compare the sender's call with its own and report a mismatch naming both
+//! calls, instead of silently mixing data.
+//!
+//! A *notice* (kind 2) is what a rank sends to the peers of a collective it has given up
+//! (mismatch, lost peer, timeout): it carries the giving-up rank's call in the fingerprint
+//! fields and, in `step`, why ([`NOTICE_MISMATCH`], ...) in the top 4 bits and the rank to
+//! blame in the low 20. The engine fails every receive of that collective (context and tag)
+//! when one arrives, so ranks blocked in the collective learn of the failure at once.
 
 use crate::wire::Envelope;
 
@@ -22,6 +30,19 @@ use crate::wire::Envelope;
 pub(crate) const KIND_P2P: u8 = 0;
 /// See [`KIND_P2P`].
 pub(crate) const KIND_COLL: u8 = 1;
+/// A collective was given up by the sender; see the module documentation.
+pub(crate) const KIND_NOTICE: u8 = 2;
+
+/// Notice reason: the sender saw a collective mismatch.
+pub(crate) const NOTICE_MISMATCH: u32 = 1;
+/// Notice reason: the sender lost a peer.
+pub(crate) const NOTICE_PEER_LOST: u32 = 2;
+/// Notice reason: the sender timed out.
+pub(crate) const NOTICE_TIMEOUT: u32 = 3;
+/// Notice reason: the sender's communicator failed otherwise (aborted, I/O error).
+pub(crate) const NOTICE_OTHER: u32 = 4;
+/// Largest step value (24 bits).
+pub(crate) const STEP_MAX: u32 = 0x00FF_FFFF;
 
 /// The decoded fields of an envelope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -34,7 +55,9 @@ pub(crate) struct Env {
     pub redop: u8,
     pub root: u32,
     pub count: u64,
+    /// 24 bits.
     pub step: u32,
+    pub algo: u8,
 }
 
 impl Env {
@@ -58,7 +81,8 @@ impl Env {
         b[15] = self.redop;
         b[16..20].copy_from_slice(&self.root.to_le_bytes());
         b[20..28].copy_from_slice(&self.count.to_le_bytes());
-        b[28..32].copy_from_slice(&self.step.to_le_bytes());
+        b[28..31].copy_from_slice(&self.step.to_le_bytes()[..3]);
+        b[31] = self.algo;
         Envelope(b)
     }
 
@@ -79,8 +103,25 @@ impl Env {
             redop: b[15],
             root: u32_at(16),
             count: u64_at(20),
-            step: u32_at(28),
+            step: u32::from_le_bytes([b[28], b[29], b[30], 0]),
+            algo: b[31],
         }
+    }
+
+    /// Whether `self` (a received collective message) belongs to the same call as `mine`:
+    /// a collective message (not a notice) with the same fingerprint.
+    pub fn same_call(&self, mine: &Env) -> bool {
+        self.kind == KIND_COLL
+            && (
+                self.op, self.dtype, self.redop, self.root, self.count, self.algo,
+            ) == (
+                mine.op, mine.dtype, mine.redop, mine.root, mine.count, mine.algo,
+            )
+    }
+
+    /// The kind byte of an encoded envelope.
+    pub fn kind_of(e: &Envelope) -> u8 {
+        e.0[12]
     }
 
     /// Context and tag, the two fields receives match on.
@@ -110,10 +151,22 @@ mod tests {
             redop: 1,
             root: 5,
             count: 1 << 40,
-            step: 12,
+            step: 0x00AB_CDEF,
+            algo: 3,
         };
         let enc = e.encode();
         assert_eq!(Env::decode(&enc), e);
         assert_eq!(Env::key(&enc), (e.ctx, 77));
+        assert_eq!(Env::kind_of(&enc), KIND_COLL);
+        let mut other = e;
+        other.step = 1;
+        assert!(other.same_call(&e));
+        other.algo = 1;
+        assert!(!other.same_call(&e));
+        let notice = Env {
+            kind: KIND_NOTICE,
+            ..e
+        };
+        assert!(!notice.same_call(&e));
     }
 }

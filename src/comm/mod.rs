@@ -36,7 +36,9 @@
 
 mod engine;
 pub(crate) mod envelope;
+mod ibverbs_setup;
 mod shared;
+mod split;
 mod watch;
 mod world;
 
@@ -44,7 +46,8 @@ pub(crate) use shared::Shared;
 
 pub use world::init;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +56,9 @@ pub(crate) use engine::Done;
 use engine::ReqId;
 use envelope::Env;
 
+use crate::collective::AllReduceAlgo;
+use crate::collective::exec::ScratchCache;
+use crate::collective::nonblocking::Worker;
 use crate::config;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -117,6 +123,9 @@ pub struct CommConfig {
     /// How long a blocking operation may wait; `None` waits forever.
     /// `FERROCOMM_OP_TIMEOUT` (seconds, 0 for none), default 1800 s.
     pub op_timeout: Option<Duration>,
+    /// The all_reduce algorithm when a call does not choose one:
+    /// `FERROCOMM_ALLREDUCE_ALGO` (`auto`, `ring`, `rhd`, `rd`), default `auto`.
+    pub allreduce_algo: AllReduceAlgo,
 }
 
 impl CommConfig {
@@ -130,9 +139,12 @@ impl CommConfig {
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<CommConfig> {
         let cores = cores_for_ranks();
-        let spin = match config::parse_var(lookup, "FERROCOMM_SPIN_US", "microseconds", |v| {
-            v.parse::<u64>().ok()
-        })? {
+        let spin = match config::parse_var(
+            lookup,
+            "FERROCOMM_SPIN_US",
+            "a whole number of microseconds, e.g. 50 (0: never spin)",
+            |v| v.parse::<u64>().ok(),
+        )? {
             Some(us) => Duration::from_micros(us),
             None if local_ranks > cores => Duration::ZERO,
             None => Duration::from_micros(50),
@@ -142,7 +154,12 @@ impl CommConfig {
             Some(d) => Some(d),
             None => Some(Duration::from_secs(1800)),
         };
-        Ok(CommConfig { spin, op_timeout })
+        let allreduce_algo = AllReduceAlgo::from_lookup(lookup)?;
+        Ok(CommConfig {
+            spin,
+            op_timeout,
+            allreduce_algo,
+        })
     }
 }
 
@@ -199,16 +216,20 @@ impl RawRequest {
         Ok(r?.map(|d| self.group.status(&d)))
     }
 
-    /// Waits and returns the decoded envelope too (collectives check fingerprints).
-    pub(crate) fn wait_env(mut self) -> Result<(Status, Env)> {
-        self.live = false;
-        let d = self.shared.wait(self.id, self.shared.cfg.op_timeout)?;
-        Ok((self.group.status(&d), Env::decode(&d.env)))
-    }
-
     /// Whether the request has not completed yet (as far as `test`/`wait` have seen).
     pub fn is_pending(&self) -> bool {
         self.live
+    }
+
+    /// The engine's id of the request.
+    pub(crate) fn id(&self) -> ReqId {
+        self.id
+    }
+
+    /// Marks the request finished: its result was taken from the engine by other means
+    /// ([`Shared::take_done`]), so dropping it must not touch the engine.
+    pub(crate) fn finished(mut self) {
+        self.live = false;
     }
 }
 
@@ -259,6 +280,14 @@ pub struct Communicator {
     pub(crate) coll_seq: Cell<u32>,
     /// Communicators derived from this one so far (for their context ids).
     pub(crate) children: Cell<u64>,
+    /// Groups made with `new_group` so far, per member list (for their context ids).
+    pub(crate) groups: RefCell<HashMap<u64, u64>>,
+    /// Scratch memory of the collectives, kept between calls.
+    pub(crate) scratch: RefCell<ScratchCache>,
+    /// The worker thread of asynchronous collectives, once started.
+    pub(crate) worker: RefCell<Option<Worker>>,
+    /// The last collective calls (their envelopes), to name them in late mismatch reports.
+    pub(crate) history: RefCell<VecDeque<Env>>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -283,6 +312,10 @@ impl Communicator {
             rank,
             coll_seq: Cell::new(0),
             children: Cell::new(0),
+            groups: RefCell::new(HashMap::new()),
+            scratch: RefCell::new(ScratchCache::default()),
+            worker: RefCell::new(None),
+            history: RefCell::new(VecDeque::new()),
             _not_sync: PhantomData,
         }
     }
@@ -307,9 +340,13 @@ impl Communicator {
     pub fn local_world(n: usize) -> Vec<Communicator> {
         Self::local_world_with(
             n,
-            CommConfig::from_lookup(n, &|_| None).unwrap_or(CommConfig {
-                spin: Duration::ZERO,
-                op_timeout: None,
+            CommConfig::from_env(n).unwrap_or_else(|e| {
+                tracing::warn!("ignoring the environment for a local world: {e}");
+                CommConfig {
+                    spin: Duration::ZERO,
+                    op_timeout: Some(Duration::from_secs(1800)),
+                    allreduce_algo: AllReduceAlgo::Auto,
+                }
             }),
         )
     }
@@ -469,14 +506,26 @@ impl Communicator {
     /// even (a communicator's collectives use `ctx + 1`); 64-bit hashing makes a collision
     /// between two live communicators practically impossible.
     pub(crate) fn child_ctx(&self) -> u64 {
+        let n = self.next_child();
+        mix_ctx(self.ctx, &[n])
+    }
+
+    /// Counts one more derived communicator; returns its number (from 1).
+    pub(crate) fn next_child(&self) -> u64 {
         let n = self.children.get() + 1;
         self.children.set(n);
-        let mut x = self.ctx ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        // splitmix64 finaliser
-        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        x ^= x >> 31;
-        (x & !1).max(2)
+        n
+    }
+
+    /// A communicator over the same ranks for this one's asynchronous collectives. Its
+    /// context depends only on this one's, so every rank derives the same one whenever its
+    /// worker starts.
+    pub(crate) fn async_comm(&self) -> Communicator {
+        Communicator::from_shared(
+            Arc::clone(&self.shared),
+            mix_ctx(self.ctx, &[CTX_ASYNC, 0]),
+            Arc::clone(&self.group),
+        )
     }
 
     /// This process's rank in the communicator, `0..size()`.
@@ -575,6 +624,10 @@ impl Communicator {
         unsafe { self.isend_ctx(data, dst, &Env::p2p(self.ctx, tag), "send") }
     }
 
+    /// Starts a send with a prepared envelope.
+    ///
+    /// # Safety
+    /// As for [`Communicator::isend_raw`].
     pub(crate) unsafe fn isend_ctx(
         &self,
         data: SendBuf,
@@ -599,20 +652,26 @@ impl Communicator {
             Tag::Any => None,
         };
         // SAFETY: forwarded.
-        unsafe { self.irecv_ctx(buf, src, self.ctx, tag, "recv") }
+        unsafe { self.irecv_ctx(buf, src, self.ctx, tag, None, "recv") }
     }
 
+    /// Posts a receive in context `ctx`; with `expect`, a collective receive (see
+    /// `Engine::recv`).
+    ///
+    /// # Safety
+    /// As for [`Communicator::irecv_raw`].
     pub(crate) unsafe fn irecv_ctx(
         &self,
         buf: RecvBuf,
         src: Source,
         ctx: u64,
         tag: Option<u32>,
+        expect: Option<Env>,
         op: &str,
     ) -> Result<RawRequest> {
         let w = self.source_world(src, op)?;
         // SAFETY: as in isend_ctx.
-        let id = unsafe { self.shared.lock().recv(ctx, w, tag, buf)? };
+        let id = unsafe { self.shared.lock().recv(ctx, w, tag, buf, expect)? };
         Ok(self.raw(id))
     }
 
@@ -704,6 +763,27 @@ impl Communicator {
         drop(guard);
         r
     }
+}
+
+/// Domain separators of derived contexts (`mix_ctx`'s first part), so that a split, a group
+/// and an asynchronous worker never derive the same context as a dup.
+pub(crate) const CTX_SPLIT: u64 = 0x5350_4c49_5400_0001;
+/// See [`CTX_SPLIT`].
+pub(crate) const CTX_GROUP: u64 = 0x4752_4f55_5000_0002;
+/// See [`CTX_SPLIT`].
+pub(crate) const CTX_ASYNC: u64 = 0x4153_594e_4300_0003;
+
+/// A context derived from `parent` and `parts` (splitmix64 over each part): even, at
+/// least 2, and for 64-bit values practically never equal to another live context.
+pub(crate) fn mix_ctx(parent: u64, parts: &[u64]) -> u64 {
+    let mut x = parent;
+    for &p in parts {
+        x ^= p.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+    }
+    (x & !1).max(2)
 }
 
 fn check_whole<T: Element>(st: &Status) -> Result<()> {

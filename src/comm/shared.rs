@@ -19,11 +19,27 @@ use super::{CommConfig, Placement};
 use crate::error::{Error, Result};
 use crate::transport::{Transport, Waker};
 
-/// A thread waiting for a request that another thread's progress may complete.
+/// What a waiting thread waits for.
+enum Want {
+    /// Request `id`, whose result it takes.
+    One(ReqId),
+    /// Any of these requests to be done (results stay in the engine).
+    Any(Vec<ReqId>),
+}
+
+/// What a wait ended with.
+enum Got {
+    /// The result of [`Want::One`].
+    Taken(Result<Done>),
+    /// One of [`Want::Any`]'s requests is done.
+    Ready,
+}
+
+/// A thread waiting for requests that another thread's progress may complete.
 struct Follower {
-    id: ReqId,
+    want: Want,
     thread: Thread,
-    result: Mutex<Option<Result<Done>>>,
+    result: Mutex<Option<Got>>,
 }
 
 /// Longest sleep in one transport wait or park, so deadlines and aborts are seen promptly
@@ -147,6 +163,14 @@ impl Shared {
         }
     }
 
+    /// Fails every current and later operation of the engine with `err` (sticky): the
+    /// transports forget every buffer at once and close their connections.
+    pub(crate) fn fail(&self, err: Error) {
+        let mut g = self.lock();
+        g.abort(err);
+        self.hand_out(&mut g);
+    }
+
     /// Fails every current and later operation with [`Error::Aborted`].
     pub(crate) fn abort(&self, reason: &str) {
         *self.abort_reason.lock() = reason.to_string();
@@ -164,9 +188,9 @@ impl Shared {
             return;
         }
         let mut followers = self.followers.lock();
-        followers.retain(|f| match eng.take(f.id) {
-            Some(r) => {
-                *f.result.lock() = Some(r);
+        followers.retain(|f| match Self::check(eng, &f.want) {
+            Some(got) => {
+                *f.result.lock() = Some(got);
                 f.thread.unpark();
                 false
             }
@@ -175,9 +199,49 @@ impl Shared {
         self.n_followers.store(followers.len(), Ordering::SeqCst);
     }
 
+    /// Whether `want` is satisfied (taking the result of a single request).
+    fn check(eng: &mut Engine, want: &Want) -> Option<Got> {
+        match want {
+            Want::One(id) => eng.take(*id).map(Got::Taken),
+            Want::Any(ids) => ids.iter().any(|&id| eng.is_done(id)).then_some(Got::Ready),
+        }
+    }
+
+    /// Waits until at least one of `ids` is done (its result stays in the engine, see
+    /// [`Shared::take_done`]), driving the transports when no other thread does. After
+    /// `timeout` it returns [`Error::Timeout`] naming the first request not done, and
+    /// leaves every request as it is: the caller decides what to do with them.
+    pub(crate) fn wait_any(&self, ids: &[ReqId], timeout: Option<Duration>) -> Result<()> {
+        match self.wait_for(Want::Any(ids.to_vec()), timeout)? {
+            Got::Ready => Ok(()),
+            Got::Taken(r) => r.map(|_| ()),
+        }
+    }
+
+    /// Takes the results of the requests of `ids` that are done, without driving the
+    /// transports; `f` gets the index into `ids` and the result.
+    pub(crate) fn take_done(&self, ids: &[ReqId], mut f: impl FnMut(usize, Result<Done>)) {
+        let mut eng = self.lock();
+        for (i, &id) in ids.iter().enumerate() {
+            if let Some(r) = eng.take(id) {
+                f(i, r);
+            }
+        }
+    }
+
     /// Waits for request `id` (up to `timeout`), driving the transports when no other thread
     /// does.
     pub(crate) fn wait(&self, id: ReqId, timeout: Option<Duration>) -> Result<Done> {
+        match self.wait_for(Want::One(id), timeout)? {
+            Got::Taken(r) => r,
+            Got::Ready => unreachable!("a single-request wait takes its result"),
+        }
+    }
+
+    /// Waits until `want` is satisfied. The outer error is only a timeout of
+    /// [`Want::Any`]; a single request's errors (including its timeout) are inside
+    /// [`Got::Taken`].
+    fn wait_for(&self, want: Want, timeout: Option<Duration>) -> Result<Got> {
         // Read lazily: a request that completes within a few progress passes never reads
         // the clock (a clock read costs about as much as a pass).
         let mut start: Option<Instant> = None;
@@ -186,7 +250,7 @@ impl Shared {
             if let Some(f) = &me
                 && let Some(r) = f.result.lock().take()
             {
-                return r;
+                return Ok(r);
             }
             if let Some(guard) = self.engine.try_lock() {
                 if let Some(f) = me.take() {
@@ -194,10 +258,10 @@ impl Shared {
                     if let Some(r) = f.result.lock().take() {
                         drop(guard);
                         self.wake_one_follower();
-                        return r;
+                        return Ok(r);
                     }
                 }
-                if let Some(r) = self.lead(guard, id, &mut start, timeout) {
+                if let Some(r) = self.lead(guard, &want, &mut start, timeout) {
                     self.wake_one_follower();
                     return r;
                 }
@@ -208,7 +272,7 @@ impl Shared {
                 // Register, then look at the lock once more before sleeping: the leader may
                 // have left in between.
                 let f = Arc::new(Follower {
-                    id,
+                    want: Self::copy_want(&want),
                     thread: std::thread::current(),
                     result: Mutex::new(None),
                 });
@@ -225,15 +289,44 @@ impl Shared {
                 let f = Arc::clone(f);
                 self.unfollow(&f);
                 if let Some(r) = f.result.lock().take() {
-                    return r;
+                    return Ok(r);
                 }
                 let mut g = self.lock();
-                if let Some(r) = g.take(id) {
-                    return r;
+                if let Some(r) = Self::check(&mut g, &want) {
+                    return Ok(r);
                 }
-                return Err(self.timed_out(&mut g, id, waited));
+                return self.expired(&mut g, &want, waited);
             }
             std::thread::park_timeout(MAX_SLEEP);
+        }
+    }
+
+    fn copy_want(want: &Want) -> Want {
+        match want {
+            Want::One(id) => Want::One(*id),
+            Want::Any(ids) => Want::Any(ids.clone()),
+        }
+    }
+
+    /// The outcome of a wait for `want` that ran out of time.
+    fn expired(&self, eng: &mut Engine, want: &Want, waited: Duration) -> Result<Got> {
+        match want {
+            Want::One(id) => Ok(Got::Taken(Err(self.timed_out(eng, *id, waited)))),
+            Want::Any(ids) => {
+                let what = ids
+                    .iter()
+                    .find(|&&id| !eng.is_done(id))
+                    .map(|&id| eng.describe(id))
+                    .unwrap_or_default();
+                Err(Error::Timeout {
+                    op: format!("{what} on rank {}", self.world_rank),
+                    waited,
+                    detail: "the peer may be stopped, stuck in other work, or much slower; \
+                             raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it is only \
+                             slow"
+                        .into(),
+                })
+            }
         }
     }
 
@@ -243,24 +336,24 @@ impl Shared {
         self.n_followers.store(list.len(), Ordering::SeqCst);
     }
 
-    /// Drives the engine until `id` is done (`Some`), or until another thread needs the
-    /// lock (`None`: the caller tries again).
+    /// Drives the engine until `want` is satisfied (`Some`), or until another thread needs
+    /// the lock (`None`: the caller tries again).
     fn lead(
         &self,
         mut eng: MutexGuard<'_, Engine>,
-        id: ReqId,
+        want: &Want,
         start: &mut Option<Instant>,
         timeout: Option<Duration>,
-    ) -> Option<Result<Done>> {
+    ) -> Option<Result<Got>> {
         // Idle passes in a row; the clock is read once every CLOCK_EVERY of them, and the
         // spin is measured from the first read of an idle stretch.
         let mut idle = 0u32;
         let mut idle_since: Option<Instant> = None;
         loop {
             self.apply_abort(&mut eng);
-            if let Some(r) = eng.take(id) {
+            if let Some(r) = Self::check(&mut eng, want) {
                 self.hand_out(&mut eng);
-                return Some(r);
+                return Some(Ok(r));
             }
             let busy = match eng.progress() {
                 Ok(b) => b,
@@ -273,8 +366,8 @@ impl Shared {
             // send can complete at once).
             self.hand_out(&mut eng);
             if busy {
-                if let Some(r) = eng.take(id) {
-                    return Some(r);
+                if let Some(r) = Self::check(&mut eng, want) {
+                    return Some(Ok(r));
                 }
                 idle = 0;
                 idle_since = None;
@@ -293,9 +386,9 @@ impl Shared {
             if let Some(limit) = timeout
                 && waited >= limit
             {
-                let err = self.timed_out(&mut eng, id, waited);
+                let r = self.expired(&mut eng, want, waited);
                 self.hand_out(&mut eng);
-                return Some(Err(err));
+                return Some(r);
             }
             if busy || now - *idle_since.get_or_insert(now) < self.cfg.spin {
                 std::hint::spin_loop();

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
-use super::{CommConfig, Communicator, Group, Placement, Shared};
+use super::{CommConfig, Communicator, Group, Placement, Shared, ibverbs_setup};
 use crate::config;
 use crate::error::{Error, Result};
 use crate::rendezvous::{Bootstrap, InitOptions, Plan};
@@ -15,33 +15,43 @@ use crate::transport::tcp::{self, TcpConfig, TcpTransport};
 /// Which transports a process may use, from `FERROCOMM_TRANSPORT`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TransportChoice {
-    /// The best per pair: shared memory between ranks of one host, TCP between hosts.
+    /// The best per pair: shared memory between ranks of one host, verbs between hosts
+    /// on one fabric, TCP otherwise.
     Auto,
     /// TCP for every pair.
     Tcp,
     /// Shared memory for every pair; fails when ranks are on several hosts.
     Shm,
+    /// Verbs for every pair that has it, same-host pairs included (TCP for the rest).
+    Ibverbs,
 }
 
 fn transport_choice(lookup: &dyn Fn(&str) -> Option<String>) -> Result<TransportChoice> {
     config::parse_var(
         lookup,
         "FERROCOMM_TRANSPORT",
-        "one of: auto, tcp, shm",
+        "one of: auto, tcp, shm, ibverbs",
         |v| match v.to_ascii_lowercase().as_str() {
             "auto" => Some(TransportChoice::Auto),
             "tcp" => Some(TransportChoice::Tcp),
             "shm" => Some(TransportChoice::Shm),
+            "ibverbs" | "ib" | "verbs" => Some(TransportChoice::Ibverbs),
             _ => None,
         },
     )
     .map(|c| c.unwrap_or(TransportChoice::Auto))
 }
 
+/// Whether this rank offers shared memory to the ranks of its host (forcing TCP or verbs
+/// makes every pair use that instead).
+fn offers_shm(choice: TransportChoice) -> bool {
+    matches!(choice, TransportChoice::Auto | TransportChoice::Shm)
+}
+
 /// The ranks this rank reaches through shared memory (itself included), from the
 /// published host identities, or an error when `FERROCOMM_TRANSPORT=shm` cannot be obeyed.
 fn shm_peers(boot: &Bootstrap, choice: TransportChoice) -> Result<Vec<LocalPeer>> {
-    if choice == TransportChoice::Tcp {
+    if !offers_shm(choice) {
         return Ok(Vec::new());
     }
     let me = boot.me();
@@ -115,16 +125,37 @@ impl InitOptions {
         let lookup = &config::process_env;
         let plan = self.resolve()?;
         let choice = transport_choice(lookup)?;
+        // Every setting is checked before joining: a malformed one fails this process at
+        // once, instead of after the other ranks have waited for it in the rendezvous (or
+        // in the first barrier, where they would see it as a lost peer).
+        let tcp_cfg = TcpConfig::from_env()?;
+        CommConfig::from_env(1)?;
         let ip = listen_ip(&plan, lookup)?;
-        let listener = tcp::bind(ip)?;
+        let listener = tcp::bind(ip).map_err(|e| match lookup("FERROCOMM_SOCKET_IFADDR") {
+            // The address came from the user: say which setting to fix.
+            Some(v) if !v.trim().is_empty() => Error::config(
+                "FERROCOMM_SOCKET_IFADDR",
+                v,
+                format!("cannot listen on it (is it an address of this host?): {e}"),
+            ),
+            _ => e,
+        })?;
         let addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the TCP listener's address", e))?;
         let mut addrs = BTreeMap::new();
         addrs.insert("tcp".to_string(), addr.to_string());
         let shm_cfg = ShmConfig::from_env()?;
-        if choice != TransportChoice::Tcp {
+        if offers_shm(choice) {
             addrs.insert("shm".to_string(), ShmSetup::name_for(&plan.job_id));
+        }
+        let verbs = ibverbs_setup::prepare(
+            choice == TransportChoice::Auto,
+            choice == TransportChoice::Ibverbs,
+            ip,
+        )?;
+        if let Some(v) = &verbs {
+            v.publish(&mut addrs);
         }
         let boot = plan.join(addrs)?;
         tracing::debug!(rank = boot.rank, world = boot.world_size, ?choice, %addr, "joined the job");
@@ -142,13 +173,21 @@ impl InitOptions {
             }
             transports.push(Box::new(t));
         }
+        if let Some((ib, peers)) = ibverbs_setup::connect(verbs, &boot)? {
+            // Verbs pairs are on different hosts (or forced verbs and offered no shared
+            // memory), so none of them is routed yet.
+            for (r, _) in peers.iter().enumerate().filter(|(_, v)| **v) {
+                route[r] = transports.len() as u8;
+            }
+            transports.push(ib);
+        }
         let remote: Vec<usize> = (0..boot.world_size)
             .filter(|&r| r != boot.rank && route[r] == u8::MAX)
             .collect();
         if remote.is_empty() {
             tracing::debug!(
                 rank = boot.rank,
-                "every peer is on this host: no TCP transport"
+                "every peer is reached through shared memory or verbs: no TCP transport"
             );
             return world_from(boot, transports, route);
         }
@@ -175,7 +214,7 @@ impl InitOptions {
             crate::wire::job_hash(&boot.job_id),
             listener,
             peers,
-            TcpConfig::from_env()?,
+            tcp_cfg,
         )?;
         for r in remote {
             route[r] = transports.len() as u8;
@@ -241,6 +280,10 @@ mod tests {
         assert_eq!(
             transport_choice(&env("AUTO")).unwrap(),
             TransportChoice::Auto
+        );
+        assert_eq!(
+            transport_choice(&env("ibverbs")).unwrap(),
+            TransportChoice::Ibverbs
         );
         assert_eq!(transport_choice(&|_| None).unwrap(), TransportChoice::Auto);
         assert_eq!(transport_choice(&env("shm")).unwrap(), TransportChoice::Shm);

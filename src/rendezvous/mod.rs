@@ -691,6 +691,27 @@ impl Waiting {
         }
     }
 
+    /// The store failed while `what` was being waited for. Every process of a job has the
+    /// same timeout, so the process hosting the store often gives up (and takes the store
+    /// with it) a moment before the others: at the deadline that is still a timeout, and
+    /// before it the error says what the wait had seen last (who was missing).
+    fn store_failed(&self, what: &str, err: Error, last: Option<&str>) -> Error {
+        let last = last.unwrap_or("no status seen yet");
+        if self.remaining().is_zero() {
+            return self.expired(
+                what,
+                &format!("{last}; then the store stopped answering ({err})"),
+            );
+        }
+        match err {
+            Error::Io { context, source } => Error::Io {
+                context: format!("{context}; rendezvous ({what}) last saw: {last}"),
+                source,
+            },
+            other => other,
+        }
+    }
+
     /// Waits for `keys` in slices of the log interval; after each slice without them, logs
     /// `status()`; at the deadline fails with it.
     fn wait(
@@ -701,14 +722,18 @@ impl Waiting {
         mut status: impl FnMut() -> Result<String>,
     ) -> Result<()> {
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut last: Option<String> = None;
         loop {
             let slice = self.remaining().min(self.interval);
             match store.wait(&refs, slice) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_timeout() => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.store_failed(what, e, last.as_deref())),
             }
-            let s = status()?;
+            let s = match status() {
+                Ok(s) => s,
+                Err(e) => return Err(self.store_failed(what, e, last.as_deref())),
+            };
             if self.remaining().is_zero() {
                 return Err(self.expired(what, &s));
             }
@@ -718,6 +743,7 @@ impl Waiting {
                 self.timeout,
                 self.store
             );
+            last = Some(s);
         }
     }
 }

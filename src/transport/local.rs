@@ -5,6 +5,10 @@
 //! side moves queued messages into posted buffers (one more copy) or hands them over whole
 //! as kept messages. It exists so that tests and examples can run collectives with 1..64
 //! ranks as threads, with no sockets and no sleeps.
+//!
+//! An endpoint that goes away tells every other rank, as a TCP connection would: dropping it
+//! is a normal close ([`Events::peer_closed`] on the others), aborting it a failure
+//! ([`Events::peer_failed`]). Messages it sent before are still delivered first.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,6 +23,18 @@ struct Message {
     from: usize,
     env: Envelope,
     data: Vec<u8>,
+    what: What,
+}
+
+/// What a mailbox entry is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum What {
+    /// A message.
+    Data,
+    /// The sender closed its endpoint normally.
+    Closed,
+    /// The sender aborted.
+    Failed,
 }
 
 #[derive(Default)]
@@ -55,6 +71,7 @@ impl LocalHub {
             hub: Arc::clone(self),
             rank,
             batch: VecDeque::new(),
+            gone: false,
         }
     }
 }
@@ -65,11 +82,41 @@ pub struct LocalTransport {
     rank: usize,
     /// Messages taken from the mailbox, not yet delivered.
     batch: VecDeque<Message>,
+    /// Closed or aborted: the other ranks have been told.
+    gone: bool,
+}
+
+impl LocalTransport {
+    /// Closes this rank's mailbox and tells every other rank how it went.
+    fn leave(&mut self, what: What) {
+        if self.gone {
+            return;
+        }
+        self.gone = true;
+        self.hub.boxes[self.rank].queue.lock().closed = true;
+        for (peer, mailbox) in self.hub.boxes.iter().enumerate() {
+            if peer == self.rank {
+                continue;
+            }
+            let mut q = mailbox.queue.lock();
+            if q.closed {
+                continue;
+            }
+            q.messages.push_back(Message {
+                from: self.rank,
+                env: Envelope::default(),
+                data: Vec::new(),
+                what,
+            });
+            drop(q);
+            mailbox.ready.notify_all();
+        }
+    }
 }
 
 impl Drop for LocalTransport {
     fn drop(&mut self) {
-        self.hub.boxes[self.rank].queue.lock().closed = true;
+        self.leave(What::Closed);
     }
 }
 
@@ -90,8 +137,8 @@ impl Transport for LocalTransport {
             .boxes
             .get(peer)
             .ok_or_else(|| Error::invalid("send", "peer", format!("no local rank {peer}")))?;
-        // SAFETY: the caller keeps `data` valid until the token is reported (contract point 4);
-        // it is reported below, after the copy.
+        // SAFETY: the caller keeps `data` valid until the send completes (contract point 4);
+        // it completes (Sent::Done) only after this copy.
         let bytes = unsafe { data.as_slice() }.to_vec();
         {
             let mut q = mailbox.queue.lock();
@@ -107,6 +154,7 @@ impl Transport for LocalTransport {
                 from: self.rank,
                 env: *env,
                 data: bytes,
+                what: What::Data,
             });
         }
         mailbox.ready.notify_one();
@@ -139,6 +187,25 @@ impl Transport for LocalTransport {
         }
         let did = !self.batch.is_empty();
         while let Some(m) = self.batch.pop_front() {
+            match m.what {
+                What::Data => {}
+                What::Closed => {
+                    ev.peer_closed(m.from);
+                    continue;
+                }
+                What::Failed => {
+                    ev.peer_failed(
+                        m.from,
+                        Error::PeerLost {
+                            rank: self.rank,
+                            peer: m.from,
+                            op: "local".into(),
+                            detail: "that rank's communicator failed or was aborted".into(),
+                        },
+                    );
+                    continue;
+                }
+            }
             match ev.incoming(m.from, &m.env, m.data.len()) {
                 Placement::Into(buf, token) => {
                     // SAFETY: the communicator gave us exclusive use of `buf` (at least
@@ -176,5 +243,6 @@ impl Transport for LocalTransport {
 
     fn abort(&mut self) {
         self.batch.clear();
+        self.leave(What::Failed);
     }
 }

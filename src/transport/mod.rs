@@ -31,16 +31,17 @@
 //!    than spinning, and returns early when [`Transport::waker`]'s function is called from
 //!    another thread.
 //! 8. **Waits combine.** A transport whose readiness shows on a file descriptor (an epoll
-//!    instance, a completion channel) says so with [`Transport::wait_fd`]; the descriptor
-//!    polls readable whenever `progress` may have new work. A process with several
-//!    transports then sleeps in one place: in `poll` on all the descriptors when every
-//!    transport has one, or in the one transport without a descriptor (shared memory's
-//!    futex), woken through its [`Transport::waker`] by a helper thread that polls the
-//!    other transports' descriptors only while that sleep lasts (see `comm::engine`).
+//!    instance, a completion channel) says so with [`Transport::wait_fd`], which arms it
+//!    (or says there is work now); the descriptor polls readable whenever `progress` may
+//!    have new work. A process with several transports then sleeps in one place: in `poll`
+//!    on all the descriptors when every transport has one, or in the one transport without
+//!    a descriptor (shared memory's futex), woken through its [`Transport::waker`] by a
+//!    helper thread that polls the other transports' descriptors only while that sleep
+//!    lasts (see `comm::engine`).
 //!
 //! Implementations: [`tcp`] (mio, any two hosts), [`shm`] (rings in shared memory and
-//! single-copy reads, ranks of one host) and [`local`] (threads of one process, for tests).
-//! Verbs keeps the same contract.
+//! single-copy reads, ranks of one host), [`ibverbs`] (RDMA, feature `ibverbs`) and
+//! [`local`] (threads of one process, for tests).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +49,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 pub use crate::wire::Envelope;
 
+pub mod ibverbs;
 pub mod local;
 pub mod shm;
 pub mod tcp;
@@ -178,6 +180,19 @@ pub trait Events {
     fn peer_failed(&mut self, peer: usize, err: Error);
 }
 
+/// What a caller that waits on several transports at once should poll for this one
+/// ([`Transport::wait_fd`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitFd {
+    /// Work is pending now: don't sleep, call `progress`.
+    Ready,
+    /// Sleep until this descriptor is readable (then call `progress`), the timeout, or
+    /// the waker (which makes it readable).
+    Fd(std::os::fd::RawFd),
+    /// The transport has no single descriptor; use [`Transport::wait`].
+    Unsupported,
+}
+
 /// Wakes a thread blocked in [`Transport::wait`]; callable from any thread.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
@@ -220,16 +235,15 @@ pub trait Transport: Send {
     /// called. May return early.
     fn wait(&mut self, timeout: Duration) -> Result<()>;
 
+    /// Prepares to sleep like [`Transport::wait`] (arming whatever notification it needs)
+    /// but lets the caller do the sleeping, so that one `poll(2)` covers several
+    /// transports. The descriptor stays valid while the transport lives.
+    fn wait_fd(&mut self) -> Result<WaitFd> {
+        Ok(WaitFd::Unsupported)
+    }
+
     /// A function that makes a concurrent or later [`Transport::wait`] return early.
     fn waker(&self) -> Waker;
-
-    /// A descriptor that polls readable whenever [`Transport::progress`] may have work it
-    /// did not have at its last call, for combining waits (contract point 8). `None` (the
-    /// default) when the transport's waiting is not a descriptor (shared memory's futex);
-    /// such a transport must be woken by its [`Transport::waker`].
-    fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
-        None
-    }
 
     /// Gives up on everything in flight: forgets every borrowed buffer at once (the caller
     /// may reuse them as soon as this returns) and closes the connections. Used when the

@@ -1,0 +1,663 @@
+//! The executor: runs one rank's [`Schedule`] over the communicator.
+//!
+//! # Pieces and dataflow
+//!
+//! Every send and receive is cut into *pieces* of at most [`PIECE_BYTES`]; the pieces of
+//! the ops of one round are interleaved (piece 0 of every op, then piece 1, ...), giving one
+//! list in *program order*. Three cursors walk that list: sends are started in program
+//! order, receives are posted in program order, local copies are done in program order, so
+//! the k-th message between two ranks is the k-th send of one and the k-th receive of the
+//! other (matching is FIFO per peer). Each piece starts as soon as no earlier, unfinished
+//! piece touches the same bytes in a conflicting way (read after write, write after read,
+//! write after write), and within the limits of [`MAX_SENDS`] sends and [`MAX_RECVS`]
+//! receives in flight.
+//!
+//! A receive that reduces, or whose destination is still being read by an earlier send, is
+//! received into a scratch piece and combined (or copied) into place when its destination
+//! is free. So the next receive is always posted before the current one is reduced, and a
+//! ring's round `k + 1` sends a piece as soon as round `k` has reduced it: both directions
+//! of every link carry data all the time, and large messages pipeline through the
+//! algorithm without any algorithm having to say so.
+//!
+//! # Failures
+//!
+//! The executor waits for whichever request finishes first. A message of another call (or
+//! a notice) fails the collective with [`Error::CollectiveMismatch`] (or the error the
+//! notice describes); a lost peer, a timeout (no request finished for the operation
+//! timeout) or an abort fail it too. On failure the rank sends a notice to every peer of its
+//! schedule, so that ranks blocked in the collective fail at once instead of waiting for
+//! their timeout, and then fails the process's engine with the error (see the module
+//! documentation of [`crate::collective`]).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use super::schedule::{Buf, Op, Schedule};
+use super::{BLAME_NONE, Call, notice_reason};
+use crate::comm::envelope::STEP_MAX;
+use crate::comm::envelope::{Env, KIND_NOTICE, NOTICE_MISMATCH};
+use crate::comm::{Communicator, Done, RawRequest};
+use crate::element::{DType, Order, ReduceOp, divide_bytes, reduce_bytes};
+use crate::error::{Error, Result};
+use crate::transport::Token;
+
+/// Largest piece of a message, in bytes. Large enough that per-message costs (a rendezvous
+/// round trip on TCP) are small against the transfer, small enough that a ring step is cut
+/// into several pieces that overlap.
+pub const PIECE_BYTES: usize = 256 << 10;
+/// Sends in flight at once, at most.
+pub const MAX_SENDS: usize = 16;
+/// Receives in flight at once, at most.
+pub const MAX_RECVS: usize = 16;
+/// Scratch pieces (received, not yet combined) at once, at most.
+const MAX_SCRATCH: usize = 16;
+/// How long a failing rank waits for its notices to leave before it fails the engine.
+const NOTICE_GRACE: Duration = Duration::from_secs(2);
+/// Scratch memory kept between calls, at most (bytes).
+const KEEP_TMP: usize = 16 << 20;
+
+/// Scratch memory a communicator keeps between collectives, so that large collectives do
+/// not fault fresh pages in on every call.
+#[derive(Default)]
+pub(crate) struct ScratchCache {
+    pieces: Vec<Vec<u64>>,
+    tmp: Vec<u64>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Send,
+    Recv(Option<Order>),
+    Copy { src: Buf, start: usize },
+}
+
+/// A piece of an op, in bytes.
+struct Piece {
+    kind: Kind,
+    peer: usize,
+    buf: Buf,
+    range: Range<usize>,
+    round: u32,
+}
+
+impl Piece {
+    /// The byte ranges the piece touches: (buffer, range, writes). Unused slots are empty.
+    fn accesses(&self) -> [(Buf, Range<usize>, bool); 2] {
+        let none = (self.buf, 0..0, false);
+        match self.kind {
+            Kind::Send => [(self.buf, self.range.clone(), false), none],
+            Kind::Recv(_) => [(self.buf, self.range.clone(), true), none],
+            Kind::Copy { src, start } => [
+                (self.buf, self.range.clone(), true),
+                (src, start..start + self.range.len(), false),
+            ],
+        }
+    }
+}
+
+fn overlap(a: &Range<usize>, b: &Range<usize>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+/// Whether `b` must wait for `a` (earlier, unfinished): they touch the same bytes and one
+/// of them writes.
+fn conflict(a: &Piece, b: &Piece) -> bool {
+    let (x, y) = (a.accesses(), b.accesses());
+    x.iter().any(|(ba, ra, wa)| {
+        y.iter()
+            .any(|(bb, rb, wb)| ba == bb && (*wa || *wb) && overlap(ra, rb))
+    })
+}
+
+enum St {
+    Todo,
+    /// A send or receive in flight; a receive into scratch holds it.
+    Posted(Option<Vec<u64>>),
+    /// Received into scratch, waiting to be combined into place.
+    Arrived(Vec<u64>),
+    Done,
+}
+
+/// A buffer as a raw region: pieces of it are in use by transports while others are
+/// reduced into, so no reference to the whole is held during the run.
+#[derive(Clone, Copy)]
+struct Region {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Region {
+    /// # Safety
+    /// `r` lies inside the region and no write to it is in progress elsewhere.
+    unsafe fn slice<'a>(&self, r: &Range<usize>) -> &'a [u8] {
+        debug_assert!(r.end <= self.len);
+        if r.is_empty() {
+            return &[];
+        }
+        // SAFETY: in bounds (checked when the schedule was accepted) and not being written
+        // (caller).
+        unsafe { std::slice::from_raw_parts(self.ptr.add(r.start), r.len()) }
+    }
+
+    /// # Safety
+    /// `r` lies inside the region, the region is writable, and nothing else reads or writes
+    /// it meanwhile.
+    unsafe fn slice_mut<'a>(&self, r: &Range<usize>) -> &'a mut [u8] {
+        debug_assert!(r.end <= self.len);
+        if r.is_empty() {
+            return &mut [];
+        }
+        // SAFETY: in bounds, writable and exclusive (caller).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len()) }
+    }
+}
+
+/// How a collective's data is combined.
+#[derive(Clone, Copy)]
+pub(crate) struct Reduction {
+    pub dtype: DType,
+    pub op: ReduceOp,
+}
+
+struct Exec<'a> {
+    comm: &'a Communicator,
+    call: &'a Call,
+    red: Option<Reduction>,
+    peers: Vec<usize>,
+    regions: [Region; 3],
+    pieces: Vec<Piece>,
+    state: Vec<St>,
+    first_open: usize,
+    next_send: usize,
+    next_recv: usize,
+    next_copy: usize,
+    arrived: Vec<usize>,
+    reqs: Vec<RawRequest>,
+    req_piece: Vec<usize>,
+    sends: usize,
+    recvs: usize,
+    scratch_out: usize,
+    pool: Vec<Vec<u64>>,
+    scratch_len: usize,
+    /// The notice to pass on: reason and blamed world rank, when a received message made
+    /// this rank give up.
+    forward: Option<(u32, u32)>,
+}
+
+fn region_index(b: Buf) -> usize {
+    match b {
+        Buf::In => 0,
+        Buf::Out => 1,
+        Buf::Tmp => 2,
+    }
+}
+
+/// Runs `sched` for `call` on `comm`: `inp` is [`Buf::In`], `out` is [`Buf::Out`] (both
+/// in elements of `elem` bytes). Received data is combined with `red` where the schedule
+/// reduces.
+pub(crate) fn run(
+    comm: &Communicator,
+    call: &Call,
+    sched: &Schedule,
+    elem: usize,
+    red: Option<Reduction>,
+    inp: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    sched
+        .check_bounds(inp.len() / elem, out.len() / elem)
+        .map_err(|e| internal(call, &e))?;
+    let mut cache = std::mem::take(&mut *comm.scratch.borrow_mut());
+    let tmp_bytes = sched.tmp * elem;
+    let words = tmp_bytes.div_ceil(8);
+    if cache.tmp.len() < words {
+        cache.tmp.resize(words, 0);
+    }
+    let tmp_bytes_slice: &mut [u8] = &mut bytemuck::cast_slice_mut(&mut cache.tmp[..])[..tmp_bytes];
+    let regions = [
+        Region {
+            ptr: inp.as_ptr().cast_mut(),
+            len: inp.len(),
+        },
+        Region {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        },
+        Region {
+            ptr: tmp_bytes_slice.as_mut_ptr(),
+            len: tmp_bytes,
+        },
+    ];
+    let pieces = expand(sched, elem);
+    let mut ex = Exec {
+        comm,
+        call,
+        red,
+        peers: sched.peers(),
+        regions,
+        state: (0..pieces.len()).map(|_| St::Todo).collect(),
+        pieces,
+        first_open: 0,
+        next_send: 0,
+        next_recv: 0,
+        next_copy: 0,
+        arrived: Vec::new(),
+        reqs: Vec::new(),
+        req_piece: Vec::new(),
+        sends: 0,
+        recvs: 0,
+        scratch_out: 0,
+        pool: std::mem::take(&mut cache.pieces),
+        scratch_len: 0,
+        forward: None,
+    };
+    ex.scratch_len = ex
+        .pieces
+        .iter()
+        .filter(|p| matches!(p.kind, Kind::Recv(_)))
+        .map(|p| p.range.len())
+        .max()
+        .unwrap_or(0)
+        .div_ceil(8);
+    let result = match ex.drive() {
+        Ok(()) => Ok(()),
+        Err(e) => Err(ex.fail(call.explain(e))),
+    };
+    // Every request is finished (done, or failed by the engine's abort) here.
+    ex.reqs.clear();
+    let mut pool = std::mem::take(&mut ex.pool);
+    for s in ex.state.drain(..) {
+        if let St::Posted(Some(v)) | St::Arrived(v) = s {
+            pool.push(v);
+        }
+    }
+    pool.truncate(MAX_SCRATCH);
+    cache.pieces = pool;
+    if cache.tmp.len() * 8 > KEEP_TMP {
+        cache.tmp = Vec::new();
+    }
+    *comm.scratch.borrow_mut() = cache;
+    result
+}
+
+fn internal(call: &Call, what: &str) -> Error {
+    Error::Aborted(format!(
+        "internal error in {}: {what}; please report it",
+        call.describe_mine()
+    ))
+}
+
+/// Cuts the schedule's sends and receives into pieces, interleaving the ops of a round.
+fn expand(sched: &Schedule, elem: usize) -> Vec<Piece> {
+    let piece = (PIECE_BYTES / elem).max(1) * elem;
+    let mut out = Vec::with_capacity(sched.steps.len());
+    let mut i = 0;
+    while i < sched.steps.len() {
+        let round = sched.steps[i].round;
+        let mut j = i;
+        while j < sched.steps.len() && sched.steps[j].round == round {
+            j += 1;
+        }
+        let group = &sched.steps[i..j];
+        let count = |op: &Op| match op {
+            Op::Send { range, .. } | Op::Recv { range, .. } => {
+                (range.len() * elem).div_ceil(piece).max(1)
+            }
+            Op::Copy { .. } => 1,
+        };
+        let most = group.iter().map(|s| count(&s.op)).max().unwrap_or(0);
+        for k in 0..most {
+            for s in group {
+                if k >= count(&s.op) {
+                    continue;
+                }
+                let bytes = |r: &Range<usize>| {
+                    let (a, b) = (r.start * elem, r.end * elem);
+                    let s = a + k * piece;
+                    s..(s + piece).min(b)
+                };
+                out.push(match &s.op {
+                    Op::Send { peer, buf, range } => Piece {
+                        kind: Kind::Send,
+                        peer: *peer,
+                        buf: *buf,
+                        range: bytes(range),
+                        round,
+                    },
+                    Op::Recv {
+                        peer,
+                        buf,
+                        range,
+                        reduce,
+                    } => Piece {
+                        kind: Kind::Recv(*reduce),
+                        peer: *peer,
+                        buf: *buf,
+                        range: bytes(range),
+                        round,
+                    },
+                    Op::Copy {
+                        src,
+                        range,
+                        dst,
+                        at,
+                    } => Piece {
+                        kind: Kind::Copy {
+                            src: *src,
+                            start: range.start * elem,
+                        },
+                        peer: 0,
+                        buf: *dst,
+                        range: at * elem..(at + range.len()) * elem,
+                        round,
+                    },
+                });
+            }
+        }
+        i = j;
+    }
+    out
+}
+
+impl Exec<'_> {
+    fn drive(&mut self) -> Result<()> {
+        if let Some((err, peer)) = self.call.stale(self.comm) {
+            self.forward = Some((NOTICE_MISMATCH, (peer as u32).min(BLAME_NONE)));
+            return Err(err);
+        }
+        loop {
+            self.issue()?;
+            if self.first_open == self.pieces.len() {
+                return Ok(());
+            }
+            if self.reqs.is_empty() {
+                return Err(internal(
+                    self.call,
+                    "the schedule stalled with nothing in flight",
+                ));
+            }
+            self.wait()?;
+        }
+    }
+
+    /// Whether piece `i` must wait for an earlier, unfinished piece.
+    fn blocked(&self, i: usize) -> bool {
+        let p = &self.pieces[i];
+        (self.first_open..i)
+            .any(|j| !matches!(self.state[j], St::Done) && conflict(&self.pieces[j], p))
+    }
+
+    /// Starts, posts and completes everything that can go now.
+    fn issue(&mut self) -> Result<()> {
+        loop {
+            let mut any = false;
+            // Received pieces whose destination is free: combine them into place.
+            let mut k = 0;
+            while k < self.arrived.len() {
+                let i = self.arrived[k];
+                if self.blocked(i) {
+                    k += 1;
+                    continue;
+                }
+                self.arrived.remove(k);
+                self.land(i)?;
+                any = true;
+            }
+            while self.next_copy < self.pieces.len() {
+                let i = self.next_copy;
+                if !matches!(self.pieces[i].kind, Kind::Copy { .. }) {
+                    self.next_copy += 1;
+                    continue;
+                }
+                if self.blocked(i) {
+                    break;
+                }
+                self.copy(i);
+                self.next_copy += 1;
+                any = true;
+            }
+            while self.next_send < self.pieces.len() && self.sends < MAX_SENDS {
+                let i = self.next_send;
+                if !matches!(self.pieces[i].kind, Kind::Send) {
+                    self.next_send += 1;
+                    continue;
+                }
+                if self.blocked(i) {
+                    break;
+                }
+                self.start_send(i)?;
+                self.next_send += 1;
+                any = true;
+            }
+            while self.next_recv < self.pieces.len() && self.recvs < MAX_RECVS {
+                let i = self.next_recv;
+                let Kind::Recv(reduce) = self.pieces[i].kind else {
+                    self.next_recv += 1;
+                    continue;
+                };
+                let direct = reduce.is_none() && !self.blocked(i);
+                if !direct && self.scratch_out == MAX_SCRATCH {
+                    break;
+                }
+                self.post_recv(i, direct)?;
+                self.next_recv += 1;
+                any = true;
+            }
+            while self.first_open < self.pieces.len()
+                && matches!(self.state[self.first_open], St::Done)
+            {
+                self.first_open += 1;
+            }
+            if !any {
+                return Ok(());
+            }
+        }
+    }
+
+    fn copy(&mut self, i: usize) {
+        let p = &self.pieces[i];
+        let Kind::Copy { src, start } = p.kind else {
+            return;
+        };
+        let from = self.regions[region_index(src)];
+        let to = self.regions[region_index(p.buf)];
+        let n = p.range.len();
+        // SAFETY: both ranges are in bounds (checked schedule) and no unfinished earlier piece
+        // touches them (not blocked); later pieces that do wait for this one. `copy` allows
+        // overlap, and the schedule never copies into the input.
+        unsafe { std::ptr::copy(from.ptr.add(start), to.ptr.add(p.range.start), n) };
+        self.state[i] = St::Done;
+    }
+
+    fn start_send(&mut self, i: usize) -> Result<()> {
+        let p = &self.pieces[i];
+        let region = self.regions[region_index(p.buf)];
+        // SAFETY: in bounds, and no unfinished piece writes it (not blocked; later writers
+        // wait for this send to finish).
+        let data = unsafe { region.slice(&p.range) };
+        let step = p.round.min(STEP_MAX);
+        // SAFETY: `data` stays valid and unchanged until the request finishes: the buffers
+        // outlive the run, every request is finished before `run` returns (or the engine is
+        // failed, which makes transports forget buffers), and writers of the range wait.
+        let req = unsafe { self.call.isend(self.comm, data, p.peer, step)? };
+        self.reqs.push(req);
+        self.req_piece.push(i);
+        self.sends += 1;
+        self.state[i] = St::Posted(None);
+        Ok(())
+    }
+
+    fn post_recv(&mut self, i: usize, direct: bool) -> Result<()> {
+        let p = &self.pieces[i];
+        let (peer, len) = (p.peer, p.range.len());
+        let (req, scratch) = if direct {
+            let region = self.regions[region_index(p.buf)];
+            // SAFETY: in bounds, writable (never the input: checked schedule), and no
+            // unfinished earlier piece touches it (not blocked); later ones wait for this.
+            let dst = unsafe { region.slice_mut(&p.range) };
+            // SAFETY: as for sends: the memory outlives the request.
+            (unsafe { self.call.irecv(self.comm, dst, peer)? }, None)
+        } else {
+            let mut v = self.pool.pop().unwrap_or_default();
+            if v.len() < self.scratch_len {
+                v.resize(self.scratch_len, 0);
+            }
+            let bytes: &mut [u8] = &mut bytemuck::cast_slice_mut(&mut v[..])[..len];
+            // SAFETY: the scratch vector's heap memory moves with it into the piece's state
+            // and is not touched until the request finishes (then it is read, or returned
+            // to the pool after the engine failed).
+            let req = unsafe { self.call.irecv(self.comm, bytes, peer)? };
+            self.scratch_out += 1;
+            (req, Some(v))
+        };
+        self.reqs.push(req);
+        self.req_piece.push(i);
+        self.recvs += 1;
+        self.state[i] = St::Posted(scratch);
+        Ok(())
+    }
+
+    /// Combines (or copies) an arrived scratch piece into place.
+    fn land(&mut self, i: usize) -> Result<()> {
+        let St::Arrived(v) = std::mem::replace(&mut self.state[i], St::Done) else {
+            return Ok(());
+        };
+        let p = &self.pieces[i];
+        let region = self.regions[region_index(p.buf)];
+        // SAFETY: in bounds, writable, and no unfinished earlier piece touches the range
+        // (checked by the caller); later ones wait for this piece.
+        let dst = unsafe { region.slice_mut(&p.range) };
+        let src = &bytemuck::cast_slice::<u64, u8>(&v[..])[..p.range.len()];
+        let r = match (p.kind, self.red) {
+            (Kind::Recv(Some(order)), Some(red)) => {
+                reduce_bytes(red.dtype, red.op, dst, src, order)
+            }
+            (Kind::Recv(Some(_)), None) => Err(internal(self.call, "a reduction without an op")),
+            _ => {
+                dst.copy_from_slice(src);
+                Ok(())
+            }
+        };
+        self.pool.push(v);
+        self.scratch_out -= 1;
+        r
+    }
+
+    /// Waits until at least one request finishes and handles every finished one.
+    fn wait(&mut self) -> Result<()> {
+        let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+        let shared = &self.comm.shared;
+        shared.wait_any(&ids, shared.cfg.op_timeout)?;
+        let mut done: Vec<(usize, Result<Done>)> = Vec::new();
+        shared.take_done(&ids, |k, r| done.push((k, r)));
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        let mut first_err = None;
+        for (k, r) in done {
+            let req = self.reqs.swap_remove(k);
+            let i = self.req_piece.swap_remove(k);
+            req.finished();
+            if let Err(e) = self.finished(i, r) {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn finished(&mut self, i: usize, r: Result<Done>) -> Result<()> {
+        let st = std::mem::replace(&mut self.state[i], St::Done);
+        let is_send = matches!(self.pieces[i].kind, Kind::Send);
+        if is_send {
+            self.sends -= 1;
+        } else {
+            self.recvs -= 1;
+        }
+        let scratch = match st {
+            St::Posted(s) => s,
+            _ => None,
+        };
+        let done = match r {
+            Ok(d) => d,
+            Err(e) => {
+                if let Some(v) = scratch {
+                    self.pool.push(v);
+                    self.scratch_out -= 1;
+                }
+                return Err(e);
+            }
+        };
+        if is_send {
+            return Ok(());
+        }
+        let want = self.pieces[i].range.len();
+        if done.rejected || done.len != want {
+            if let Some(v) = scratch {
+                self.pool.push(v);
+                self.scratch_out -= 1;
+            }
+            let env = Env::decode(&done.env);
+            self.forward = Some(if done.rejected && env.kind == KIND_NOTICE {
+                (env.step >> 20, env.step & BLAME_NONE)
+            } else {
+                (NOTICE_MISMATCH, (done.peer as u32).min(BLAME_NONE))
+            });
+            return Err(self.call.rejected(self.comm, &done, want));
+        }
+        if let Some(v) = scratch {
+            self.state[i] = St::Arrived(v);
+            // Keep program order among arrived pieces.
+            let at = self.arrived.partition_point(|&j| j < i);
+            self.arrived.insert(at, i);
+        }
+        Ok(())
+    }
+
+    /// Handles a failure: tells the schedule's peers, fails the engine, returns the error.
+    fn fail(&mut self, err: Error) -> Error {
+        let shared = &self.comm.shared;
+        if shared.lock().fatal().is_none() {
+            let (reason, blamed) = self.forward.unwrap_or_else(|| notice_reason(&err));
+            let mut notices = Vec::new();
+            for &peer in &self.peers {
+                // SAFETY: a notice has no payload.
+                if let Ok(r) = unsafe { self.call.notice(self.comm, peer, reason, blamed) } {
+                    notices.push(r);
+                }
+            }
+            let ids: Vec<Token> = notices.iter().map(RawRequest::id).collect();
+            let deadline = std::time::Instant::now() + NOTICE_GRACE;
+            let mut left = ids.clone();
+            while !left.is_empty() {
+                let now = std::time::Instant::now();
+                if now >= deadline || shared.wait_any(&left, Some(deadline - now)).is_err() {
+                    break;
+                }
+                let mut finished = Vec::new();
+                shared.take_done(&left, |k, _| finished.push(left[k]));
+                left.retain(|id| !finished.contains(id));
+            }
+            let mut pending = Vec::new();
+            for r in notices {
+                if left.contains(&r.id()) {
+                    pending.push(r);
+                } else {
+                    r.finished();
+                }
+            }
+            shared.fail(err.clone());
+            // Failed by the engine now: dropping them does not wait.
+            drop(pending);
+        }
+        err
+    }
+}
+
+/// Finishes an [`ReduceOp::Avg`]: divides `out` by `n` (nothing for other ops).
+pub(crate) fn finish_avg(red: Reduction, out: &mut [u8], n: usize) -> Result<()> {
+    if red.op == ReduceOp::Avg && n > 1 {
+        divide_bytes(red.dtype, out, n)?;
+    }
+    Ok(())
+}
