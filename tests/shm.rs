@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferrocomm::transport::shm::{ShmConfig, segment_prefix};
-use ferrocomm::{Communicator, Error};
+use ferrocomm::{AllReduceAlgo, AllReduceOptions, Communicator, Error, ReduceOp};
 
 const FERRORUN: &str = env!("CARGO_BIN_EXE_ferrorun");
 /// Upper bound for one job; far above what any test needs.
@@ -233,6 +233,7 @@ fn rank_entry_point() {
         "stress" => stress(&comm),
         "stream-send" => stream(&comm, 0),
         "stream-recv" => stream(&comm, 1),
+        "collectives" => collectives(&comm),
         other => panic!("unknown role {other}"),
     }
 }
@@ -352,6 +353,69 @@ fn stress(c: &Communicator) {
         }
     }
     c.barrier().expect("final barrier");
+    println!("OK {me}");
+}
+
+/// all_reduce (every algorithm), broadcast and all_gather over shared memory, at sizes that
+/// take each path of the transport (eager, streamed, single copy and split single copy);
+/// every element checked. Values are small integers, so float sums are exact.
+fn collectives(c: &Communicator) {
+    let (me, n) = (c.rank(), c.size());
+    for p in (0..n).filter(|&p| p != me) {
+        assert_eq!(c.transport_to(p).expect("transport_to"), "shm", "to {p}");
+    }
+    // Elements: 1, a few, eager-sized, streamed, 1 MiB of f32 (single copy, split).
+    let counts = [1usize, 7, 4 << 10, 20_000, 1 << 18];
+    for (round, &count) in counts.iter().enumerate() {
+        let value = |r: usize, i: usize| ((r * 131 + i * 7 + round) % 97) as f32;
+        let want: Vec<f32> = (0..count)
+            .map(|i| (0..n).map(|r| value(r, i)).sum())
+            .collect();
+        for algo in AllReduceAlgo::ALL {
+            let mut buf: Vec<f32> = (0..count).map(|i| value(me, i)).collect();
+            c.all_reduce_with(&mut buf, ReduceOp::Sum, &AllReduceOptions::algo(algo))
+                .unwrap_or_else(|e| panic!("all_reduce {algo:?} of {count}: {e}"));
+            assert!(buf == want, "all_reduce {algo:?} of {count} on rank {me}");
+        }
+        let mut maxed: Vec<i64> = (0..count).map(|i| (me * count + i) as i64).collect();
+        c.all_reduce(&mut maxed, ReduceOp::Max)
+            .expect("all_reduce max");
+        assert!(
+            maxed
+                .iter()
+                .enumerate()
+                .all(|(i, &v)| v == ((n - 1) * count + i) as i64),
+            "all_reduce max of {count} on rank {me}"
+        );
+
+        let root = round % n;
+        let mut b: Vec<f64> = if me == root {
+            (0..count).map(|i| (i * 3 + root) as f64).collect()
+        } else {
+            vec![-1.0; count]
+        };
+        c.broadcast(&mut b, root).expect("broadcast");
+        assert!(
+            b.iter()
+                .enumerate()
+                .all(|(i, &v)| v == (i * 3 + root) as f64),
+            "broadcast of {count} from {root} on rank {me}"
+        );
+
+        let mine: Vec<u32> = (0..count).map(|i| (me * 1_000_003 + i) as u32).collect();
+        let mut all = vec![0u32; count * n];
+        c.all_gather(&mine, &mut all).expect("all_gather");
+        for (r, block) in all.chunks(count).enumerate() {
+            assert!(
+                block
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &v)| v == (r * 1_000_003 + i) as u32),
+                "all_gather of {count}: block {r} on rank {me}"
+            );
+        }
+    }
+    c.barrier().expect("barrier");
     println!("OK {me}");
 }
 
@@ -511,6 +575,40 @@ fn eight_ranks_on_two_cores_make_progress() {
     } else {
         args.truncate(2);
         ferrorun(&args, "stress", &[]).finish()
+    };
+    assert_eq!(f.code, Some(0), "{f:?}");
+    assert_eq!(tagged(&f.stdout, "OK").len(), 8, "{f:?}");
+    assert!(leftovers(&job_of(&f)).is_empty());
+}
+
+#[test]
+fn collectives_run_over_shared_memory() {
+    for nproc in ["2", "3", "4"] {
+        let f = ferrorun(&["--nproc-per-node", nproc], "collectives", &[]).finish();
+        assert_eq!(f.code, Some(0), "{nproc} ranks: {f:?}");
+        assert_eq!(
+            tagged(&f.stdout, "OK").len(),
+            nproc.parse().unwrap_or(0),
+            "{f:?}"
+        );
+        assert!(leftovers(&job_of(&f)).is_empty(), "{nproc} ranks");
+    }
+}
+
+#[test]
+fn collectives_of_eight_ranks_on_two_cores() {
+    // As eight_ranks_on_two_cores_make_progress: LOCAL_WORLD_SIZE=8 > cores, so no spin.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let exe = std::env::current_exe().expect("exe");
+    let f = if cores > 2 {
+        let mut cmd = command("taskset");
+        cmd.args(["-c", "0,1", FERRORUN, "--nproc-per-node", "8", "--"])
+            .arg(exe)
+            .args(self_args())
+            .env(ROLE, "collectives");
+        Proc::start(cmd).finish()
+    } else {
+        ferrorun(&["--nproc-per-node", "8"], "collectives", &[]).finish()
     };
     assert_eq!(f.code, Some(0), "{f:?}");
     assert_eq!(tagged(&f.stdout, "OK").len(), 8, "{f:?}");
