@@ -274,19 +274,12 @@ fn exchange(c: &Communicator) {
     }
     let right = (me + 1) % n;
     let left = (me + n - 1) % n;
-    // Eager, at the eager limit and just above, streamed (below the CMA minimum), single
-    // copy, and a message larger than the ring.
-    for (i, size) in [
-        0usize,
-        8,
-        16 << 10,
-        (16 << 10) + 1,
-        40_000,
-        100_000,
-        4 << 20,
-    ]
-    .into_iter()
-    .enumerate()
+    // Eager, at the default eager limit and just above (single copy, or streamed without
+    // CMA), split single copies, and a message larger than the ring.
+    let eager = ShmConfig::default().eager_limit;
+    for (i, size) in [0usize, 8, eager, eager + 1, 40_000, 100_000, 4 << 20]
+        .into_iter()
+        .enumerate()
     {
         let out = pattern(size, me + i);
         let mut inp = vec![0u8; size];

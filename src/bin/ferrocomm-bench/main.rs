@@ -74,6 +74,9 @@ enum Cmd {
     Bibw(#[command(flatten)] StreamArgs),
     /// Back-to-back barriers (osu_barrier); time = mean over ranks of each rank's median.
     Barrier(#[command(flatten)] Common),
+    /// Sum over all ranks into a separate output (all_reduce_perf, osu_allreduce); time =
+    /// mean over ranks of each rank's median.
+    Allreduce(#[command(flatten)] Common),
 }
 
 #[derive(Debug, Args)]
@@ -275,12 +278,13 @@ fn defaults(cmd: &Cmd) -> (u64, u64, DType) {
     match cmd {
         Cmd::Latency(_) | Cmd::Bandwidth(_) | Cmd::Bibw(_) => (1, 4 << 20, DType::U8),
         Cmd::Barrier(_) => (0, 0, DType::U8),
+        Cmd::Allreduce(_) => (4, 64 << 20, DType::F32),
     }
 }
 
 fn common(cmd: &Cmd) -> &Common {
     match cmd {
-        Cmd::Latency(c) | Cmd::Barrier(c) => c,
+        Cmd::Latency(c) | Cmd::Barrier(c) | Cmd::Allreduce(c) => c,
         Cmd::Bandwidth(s) | Cmd::Bibw(s) => &s.common,
     }
 }
@@ -291,6 +295,7 @@ fn op_name(cmd: &Cmd) -> &'static str {
         Cmd::Bandwidth(_) => "bandwidth",
         Cmd::Bibw(_) => "bibw",
         Cmd::Barrier(_) => "barrier",
+        Cmd::Allreduce(_) => "allreduce",
     }
 }
 
@@ -322,6 +327,11 @@ fn point<T: Val>(
         }
         Cmd::Barrier(_) => {
             let mut k = coll::Barrier::new(cx.comm);
+            let s = cx.measure(&mut k)?;
+            cx.coll_row(row, s)
+        }
+        Cmd::Allreduce(_) => {
+            let mut k = coll::AllReduce::<T>::new(cx.comm, count);
             let s = cx.measure(&mut k)?;
             cx.coll_row(row, s)
         }

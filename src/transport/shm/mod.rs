@@ -11,7 +11,7 @@
 //!
 //! # Protocols
 //!
-//! - **Eager** (up to [`ShmConfig::eager_limit`], default 64 KiB): header and payload go
+//! - **Eager** (up to [`ShmConfig::eager_limit`], default 8 KiB): header and payload go
 //!   into the ring in one record; the send completes as soon as it is written. The receiver
 //!   copies the payload straight from the ring into the posted buffer (or into a buffer of
 //!   at most the eager limit when nothing is posted yet).
@@ -25,7 +25,7 @@
 //!   [`ShmConfig::cma_min`] bytes when the kernel allows it; a refusal (`EPERM`: ptrace
 //!   policy, containers; `ENOSYS`) is detected once per peer, logged, and that peer streams
 //!   from then on. `FERROCOMM_SHM_CMA=0` forces streaming.
-//! - **Split single copy** (from [`ShmConfig::split_min`], default 128 KiB, once reads are
+//! - **Split single copy** (from [`ShmConfig::split_min`], default 32 KiB, once reads are
 //!   known to work with the peer): the receiver reads the first half while the sender
 //!   writes the second half into the receiver's buffer with `process_vm_writev`, so both
 //!   cores copy (a one-sided copy leaves the sender's core idle; a two-copy pipeline copies
@@ -71,9 +71,12 @@ pub use segment::{remove_segments_of, segment_prefix};
 #[derive(Clone, Debug)]
 pub struct ShmConfig {
     /// Messages up to this many bytes go through the ring whole (eager); larger ones by
-    /// rendezvous. `FERROCOMM_SHM_EAGER_LIMIT`, default 64 KiB; at most a quarter of the
-    /// ring. (Measured half round trips at 64 KiB: eager 7.6 µs, streamed 8.0 µs, single
-    /// copy 10.7 µs.)
+    /// rendezvous. `FERROCOMM_SHM_EAGER_LIMIT`, default 8 KiB; at most a quarter of the
+    /// ring. Measured on the 2-vCPU machine (half round trip / windowed bandwidth): at
+    /// 8 KiB eager 1.52 µs / 13.2 GB/s against single copy 1.28 µs / 9.3 GB/s; at 16 KiB
+    /// 2.6 µs / 15.1 GB/s against 1.45 µs / 14.1 GB/s; at 64 KiB 7.6 µs / 12.5 GB/s against
+    /// 2.7 µs / 23 GB/s (split). The receiver's copy out of a freshly written ring pulls
+    /// every line from the other core's cache, so eager loses early.
     pub eager_limit: usize,
     /// Bytes of each ring (one per ordered pair of local ranks), a power of two of at least
     /// 4 KiB. `FERROCOMM_SHM_RING_SIZE`, default 256 KiB.
@@ -82,7 +85,8 @@ pub struct ShmConfig {
     /// (`0`/`1`), default on.
     pub cma: bool,
     /// Rendezvous messages at least this large are pulled with a single copy; smaller ones
-    /// stream through the ring. `FERROCOMM_SHM_CMA_MIN`, default 64 KiB.
+    /// stream through the ring. `FERROCOMM_SHM_CMA_MIN`, default 8 KiB (streaming was
+    /// slower than a single copy at every size measured: 32 KiB 4.9 against 2.3 µs).
     pub cma_min: usize,
     /// Largest piece of a single-copy read done in one `progress` call, so other traffic
     /// interleaves with a long transfer.
@@ -90,8 +94,9 @@ pub struct ShmConfig {
     /// Single-copy messages at least this large are split: the receiver reads the first
     /// half while the sender writes the second half into the receiver's buffer
     /// (`process_vm_writev`), so both cores copy. `FERROCOMM_SHM_SPLIT_MIN`, default
-    /// 128 KiB; `0` never splits. (Measured half round trips: 256 KiB split 13.5 µs, one
-    /// side 23.8 µs, streamed 19.2 µs; 4 MiB 180, 418 and 380 µs.)
+    /// 32 KiB; `0` never splits. (Measured half round trips, split against one side:
+    /// 32 KiB 2.1 / 2.3 µs, 128 KiB 3.9 / 5.8 µs, 256 KiB 5.7 / 9.0 µs; earlier, 4 MiB 180
+    /// against 418 µs.)
     pub split_min: usize,
     /// Tests only: behave as if the kernel refused every single-copy read with `EPERM`
     /// (root is never refused), to exercise the detection and the fallback.
@@ -102,12 +107,12 @@ pub struct ShmConfig {
 impl Default for ShmConfig {
     fn default() -> Self {
         ShmConfig {
-            eager_limit: 64 << 10,
+            eager_limit: 8 << 10,
             ring_size: 256 << 10,
             cma: true,
-            cma_min: 64 << 10,
+            cma_min: 8 << 10,
             cma_chunk: 1 << 20,
-            split_min: 128 << 10,
+            split_min: 32 << 10,
             simulate_cma_refusal: false,
         }
     }
