@@ -181,7 +181,10 @@ impl Schedule {
     /// next to the reduction, piece by piece, while the data is in cache).
     pub fn reading_input_first(self, n: usize) -> Schedule {
         // Output ranges still equal to the input (never written), sorted and disjoint.
-        let mut fresh: Vec<Range<usize>> = if n > 0 { vec![0..n] } else { Vec::new() };
+        let mut fresh: Vec<Range<usize>> = Vec::new();
+        if n > 0 {
+            fresh.push(0..n);
+        }
         let overlap = |fresh: &[Range<usize>], r: &Range<usize>| -> Vec<Range<usize>> {
             fresh
                 .iter()
