@@ -35,6 +35,8 @@ pub mod error;
 pub mod launch;
 mod logging;
 pub mod rendezvous;
+mod sync;
+mod sys;
 pub mod transport;
 pub mod wire;
 

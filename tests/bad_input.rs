@@ -1,5 +1,6 @@
 //! Bad input from the network against real processes: strangers, other jobs and impostors
-//! on a rank's TCP transport port, and garbage on the store port of a running job.
+//! on a rank's TCP transport port, and garbage on the store port of a running job. The
+//! jobs run on one host, so the transport tests force TCP (`FERROCOMM_TRANSPORT=tcp`).
 //!
 //! What must hold: the rank (or the store) logs and closes the offending connection, keeps
 //! serving everyone else, never panics and never allocates what a length field claims;
@@ -148,6 +149,8 @@ fn strangers_on_a_transport_port_are_refused_and_the_job_goes_on() {
             &[
                 (common::STOP_FILE, stop.to_str().expect("utf-8 path")),
                 ("FERROCOMM_SECRET", SECRET),
+                // One host: force TCP, whose port is under test (auto would use shm).
+                ("FERROCOMM_TRANSPORT", "tcp"),
             ],
         ),
     );
@@ -284,6 +287,7 @@ fn an_impostor_breaks_only_the_pair_it_claims() {
             &[
                 (common::STOP_FILE, stop.to_str().expect("utf-8 path")),
                 ("FERROCOMM_SECRET", SECRET),
+                ("FERROCOMM_TRANSPORT", "tcp"),
                 (common::MSG_BYTES, "262144"),
                 (common::FAR, "3"),
                 // Ranks at distance 3 from a failed one wait on a pair that never

@@ -1,5 +1,5 @@
-//! Point-to-point semantics, the same suite over the in-process transport and over TCP on
-//! loopback (ranks as threads in both).
+//! Point-to-point semantics, the same suite over the in-process transport, over TCP on
+//! loopback and over shared memory (ranks as threads in all three).
 
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ where
 {
     let comms = match TRANSPORT.with(|t| t.get()) {
         "tcp" => Communicator::tcp_loopback_world(n).expect("tcp world"),
+        "shm" => Communicator::shm_world(n).expect("shm world"),
         _ => Communicator::local_world(n),
     };
     std::thread::scope(|s| {
@@ -425,6 +426,9 @@ macro_rules! per_transport {
         }
         mod tcp {
             $(#[test] fn $name() { super::TRANSPORT.with(|t| t.set("tcp")); super::$name() })*
+        }
+        mod shm {
+            $(#[test] fn $name() { super::TRANSPORT.with(|t| t.set("shm")); super::$name() })*
         }
     };
 }

@@ -135,6 +135,17 @@ impl Communicator {
         opts: &AllReduceOptions,
     ) -> Result<()> {
         self.check_op::<T>("all_reduce", op)?;
+        self.all_reduce_job(None, buf, op, opts)
+    }
+
+    /// all_reduce into `out`, from `inp` (out of place) or from `out` itself (`None`).
+    fn all_reduce_job<T: Element>(
+        &self,
+        inp: Option<&[T]>,
+        buf: &mut [T],
+        op: ReduceOp,
+        opts: &AllReduceOptions,
+    ) -> Result<()> {
         let choice = match opts.algo {
             AllReduceAlgo::Auto => self.shared.cfg.allreduce_algo,
             given => given,
@@ -147,8 +158,8 @@ impl Communicator {
             redop: Some(op),
             count,
             root: 0,
-            in_place: true,
-            inp: &[],
+            in_place: inp.is_none(),
+            inp: inp.unwrap_or(&[]),
             out: &mut *buf,
         })?;
         finish_avg(
@@ -177,8 +188,9 @@ impl Communicator {
             recv.len(),
             "as long as send",
         )?;
-        recv.copy_from_slice(send);
-        self.all_reduce(recv, op)
+        // Out of place: the schedule reads `send` where `recv` does not hold data yet, so
+        // the input is not first copied whole into the output.
+        self.all_reduce_job(Some(send), recv, op, &AllReduceOptions::default())
     }
 
     /// Copies the root's `buf` into every other rank's `buf` (all of the same length).

@@ -172,6 +172,153 @@ impl Schedule {
         });
     }
 
+    /// The out-of-place form of a schedule written in place on [`Buf::Out`] of `n`
+    /// elements (which starts as a copy of the input): instead of copying the whole input
+    /// into the output first, reads of output ranges not yet written go to [`Buf::In`], a
+    /// range is copied only just before it is reduced into, and ranges that are only
+    /// overwritten are never copied. For a ring or halving-doubling all_reduce that removes
+    /// the up-front copy of the whole buffer (or, for the ranges a rank reduces, moves it
+    /// next to the reduction, piece by piece, while the data is in cache).
+    pub fn reading_input_first(self, n: usize) -> Schedule {
+        // Output ranges still equal to the input (never written), sorted and disjoint.
+        let mut fresh: Vec<Range<usize>> = Vec::new();
+        if n > 0 {
+            fresh.push(0..n);
+        }
+        let overlap = |fresh: &[Range<usize>], r: &Range<usize>| -> Vec<Range<usize>> {
+            fresh
+                .iter()
+                .filter_map(|f| {
+                    let (a, b) = (f.start.max(r.start), f.end.min(r.end));
+                    (a < b).then_some(a..b)
+                })
+                .collect()
+        };
+        let covered = |fresh: &[Range<usize>], r: &Range<usize>| {
+            fresh.iter().any(|f| f.start <= r.start && r.end <= f.end)
+        };
+        let remove = |fresh: &mut Vec<Range<usize>>, r: &Range<usize>| {
+            let mut out = Vec::with_capacity(fresh.len() + 1);
+            for f in fresh.drain(..) {
+                if f.end <= r.start || r.end <= f.start {
+                    out.push(f);
+                    continue;
+                }
+                if f.start < r.start {
+                    out.push(f.start..r.start);
+                }
+                if r.end < f.end {
+                    out.push(r.end..f.end);
+                }
+            }
+            *fresh = out;
+        };
+        let mut out = Schedule {
+            steps: Vec::with_capacity(self.steps.len() + 4),
+            ..self.clone()
+        };
+        // Copies In -> Out of the fresh parts of `r`, in `round`, which are then written.
+        let materialise =
+            |out: &mut Schedule, fresh: &mut Vec<Range<usize>>, r: &Range<usize>, round| {
+                for part in overlap(fresh, r) {
+                    remove(fresh, &part);
+                    out.steps.push(Step {
+                        round,
+                        op: Op::Copy {
+                            src: Buf::In,
+                            at: part.start,
+                            range: part,
+                            dst: Buf::Out,
+                        },
+                    });
+                }
+            };
+        for step in self.steps {
+            let round = step.round;
+            let op = match step.op {
+                Op::Send {
+                    peer,
+                    buf: Buf::Out,
+                    range,
+                } if !range.is_empty() && covered(&fresh, &range) => Op::Send {
+                    peer,
+                    buf: Buf::In,
+                    range,
+                },
+                Op::Send {
+                    peer,
+                    buf: Buf::Out,
+                    range,
+                } => {
+                    materialise(&mut out, &mut fresh, &range, round);
+                    Op::Send {
+                        peer,
+                        buf: Buf::Out,
+                        range,
+                    }
+                }
+                Op::Recv {
+                    peer,
+                    buf: Buf::Out,
+                    range,
+                    reduce,
+                } => {
+                    if reduce.is_some() {
+                        materialise(&mut out, &mut fresh, &range, round);
+                    } else {
+                        remove(&mut fresh, &range);
+                    }
+                    Op::Recv {
+                        peer,
+                        buf: Buf::Out,
+                        range,
+                        reduce,
+                    }
+                }
+                Op::Copy {
+                    src,
+                    range,
+                    dst,
+                    at,
+                } => {
+                    let src = if src == Buf::Out && !range.is_empty() && covered(&fresh, &range) {
+                        Buf::In
+                    } else {
+                        if src == Buf::Out {
+                            materialise(&mut out, &mut fresh, &range, round);
+                        }
+                        src
+                    };
+                    if dst == Buf::Out {
+                        remove(&mut fresh, &(at..at + range.len()));
+                    }
+                    Op::Copy {
+                        src,
+                        range,
+                        dst,
+                        at,
+                    }
+                }
+                other => other,
+            };
+            out.steps.push(Step { round, op });
+        }
+        // What was never touched is the input itself.
+        let last = out.steps.last().map_or(0, |s| s.round);
+        for part in fresh {
+            out.steps.push(Step {
+                round: last,
+                op: Op::Copy {
+                    src: Buf::In,
+                    at: part.start,
+                    range: part,
+                    dst: Buf::Out,
+                },
+            });
+        }
+        out
+    }
+
     /// Every distinct peer this rank exchanges messages with.
     pub fn peers(&self) -> Vec<usize> {
         let mut p: Vec<usize> = self

@@ -181,13 +181,22 @@ impl Algorithm {
         root: usize,
         in_place: bool,
     ) -> Schedule {
+        // all_reduce: in place on the output; out of place, the same schedule reading the
+        // input where the output still equals it.
+        let all_reduce = |s: Schedule| {
+            if in_place {
+                s
+            } else {
+                s.reading_input_first(count)
+            }
+        };
         match self {
-            Algorithm::AllReduceRing => allreduce_ring::schedule(rank, p, count),
+            Algorithm::AllReduceRing => all_reduce(allreduce_ring::schedule(rank, p, count)),
             Algorithm::AllReduceHalvingDoubling => {
-                allreduce_halving_doubling::schedule(rank, p, count)
+                all_reduce(allreduce_halving_doubling::schedule(rank, p, count))
             }
             Algorithm::AllReduceRecursiveDoubling => {
-                allreduce_recursive_doubling::schedule(rank, p, count)
+                all_reduce(allreduce_recursive_doubling::schedule(rank, p, count))
             }
             Algorithm::BroadcastBinomial => broadcast::binomial(rank, p, count, root),
             Algorithm::BroadcastScatterAllGather => {

@@ -66,6 +66,58 @@ fn all_reduce_sums() {
     }
 }
 
+#[test]
+fn out_of_place_all_reduce_reads_the_input_and_copies_less() {
+    for p in sizes() {
+        for n in counts(p) {
+            let want: Vec<u64> = (0..n)
+                .map(|i| (0..p).fold(0u64, |a, r| a.wrapping_add(value(r, i))))
+                .collect();
+            for algo in ALL_REDUCE {
+                let inp: Vec<Vec<u64>> = (0..p)
+                    .map(|r| (0..n).map(|i| value(r, i)).collect())
+                    .collect();
+                // The output starts as garbage: everything in it must be written.
+                let mut out: Vec<Vec<u64>> = (0..p).map(|_| vec![u64::MAX / 3; n]).collect();
+                let scheds = schedules(algo, p, n, 0, false);
+                simulate(&scheds, &inp, &mut out, &sum);
+                for (r, o) in out.iter().enumerate() {
+                    assert_eq!(o, &want, "{algo} P={p} n={n} rank {r}");
+                }
+                // Never more copying than the whole input once.
+                for s in &scheds {
+                    let copied: usize = s
+                        .steps
+                        .iter()
+                        .map(|st| match &st.op {
+                            super::schedule::Op::Copy { range, .. } => range.len(),
+                            _ => 0,
+                        })
+                        .sum();
+                    assert!(copied <= n, "{algo} P={p} n={n} copies {copied}");
+                }
+            }
+        }
+    }
+    // Two ranks: the ring and halving-doubling copy only the half each rank reduces.
+    for algo in [
+        Algorithm::AllReduceRing,
+        Algorithm::AllReduceHalvingDoubling,
+    ] {
+        for s in schedules(algo, 2, 1000, 0, false) {
+            let copied: usize = s
+                .steps
+                .iter()
+                .map(|st| match &st.op {
+                    super::schedule::Op::Copy { range, .. } => range.len(),
+                    _ => 0,
+                })
+                .sum();
+            assert_eq!(copied, 500, "{algo}");
+        }
+    }
+}
+
 /// `x -> a x + b`, composed left to right: associative, not commutative. A rank-ordered
 /// reduction gives exactly the composition in rank order.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]

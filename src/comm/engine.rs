@@ -21,6 +21,7 @@ use std::collections::VecDeque;
 use std::fmt;
 
 use super::envelope::{Env, KIND_COLL, KIND_NOTICE};
+use super::watch::FdWatcher;
 use crate::error::{Error, Result};
 use crate::transport::{
     Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, WaitFd,
@@ -433,10 +434,21 @@ impl Events for Core {
     }
 }
 
+/// The descriptor watcher of a process whose sleep one transport hosts (see
+/// [`Engine::wait`]).
+enum Watch {
+    /// Started: armed for each hosted sleep.
+    Running(FdWatcher),
+    /// It could not be started: take short turns instead.
+    Failed,
+}
+
 /// The transports and matching state of one process. Not thread-safe by itself: the
 /// communicator layer wraps it in a mutex.
 pub(crate) struct Engine {
     transports: Vec<Box<dyn Transport>>,
+    /// The watcher of a sleep hosted by one transport (started at the first such sleep).
+    watch: Option<Watch>,
     /// Index into `transports` for each world rank (`ROUTE_SELF` for this rank).
     route: Vec<u8>,
     core: Core,
@@ -452,6 +464,7 @@ impl Engine {
         let world = route.len();
         Engine {
             transports,
+            watch: None,
             route,
             core: Core {
                 me,
@@ -538,9 +551,13 @@ impl Engine {
         }
         // SAFETY: forwarded from this function's contract.
         let sent = unsafe { self.transports[route as usize].send(peer, &envelope, data, id) };
-        if let Err(e) = sent {
-            self.release(id);
-            return Err(e);
+        match sent {
+            Ok(crate::transport::Sent::Done) => self.core.send_done(id),
+            Ok(crate::transport::Sent::Pending) => {}
+            Err(e) => {
+                self.release(id);
+                return Err(e);
+            }
         }
         Ok(id)
     }
@@ -792,19 +809,44 @@ impl Engine {
     }
 
     /// Blocks until a transport may have something to do, at most `timeout`.
+    ///
+    /// With one transport, its own wait. With several (contract point 8 of
+    /// [`crate::transport`]): `poll` on their descriptors when all have one; when exactly one
+    /// has none (shared memory), a sleep in that one while a [`FdWatcher`] thread watches the
+    /// others' descriptors and wakes it; otherwise (never today) short turns on each.
     pub fn wait(&mut self, timeout: std::time::Duration) -> Result<()> {
-        match self.transports.len() {
-            0 => Ok(()),
-            1 => self.transports[0].wait(timeout),
-            // Several transports: one poll(2) over their descriptors when they all have
-            // one, else take turns briefly.
-            n => {
-                if let Some(fds) = self.wait_fds()? {
-                    if !fds.is_empty() {
-                        poll_fds(&fds, timeout)?;
-                    }
+        let n = self.transports.len();
+        match n {
+            0 => return Ok(()),
+            1 => return self.transports[0].wait(timeout),
+            _ => {}
+        }
+        // Arm every transport's notification; one with work now means no sleep at all.
+        let mut fds = Vec::with_capacity(n);
+        let mut hosts = Vec::new();
+        for (i, t) in self.transports.iter_mut().enumerate() {
+            match t.wait_fd()? {
+                WaitFd::Ready => return Ok(()),
+                WaitFd::Fd(fd) => fds.push(fd),
+                WaitFd::Unsupported => hosts.push(i),
+            }
+        }
+        match hosts[..] {
+            [] => {
+                crate::sys::poll::readable(&fds, timeout)
+                    .map_err(|e| Error::io("waiting on the transports' descriptors", e))?;
+                Ok(())
+            }
+            [host] if self.watcher(host, fds) => {
+                let Some(Watch::Running(watcher)) = &self.watch else {
                     return Ok(());
-                }
+                };
+                watcher.arm();
+                let r = self.transports[host].wait(timeout);
+                watcher.disarm();
+                r
+            }
+            _ => {
                 let slice = (timeout / n as u32).min(std::time::Duration::from_millis(1));
                 for t in self.transports.iter_mut() {
                     t.wait(slice)?;
@@ -814,18 +856,20 @@ impl Engine {
         }
     }
 
-    /// Every transport's wait descriptor; `Some(empty)` when one has work now, `None`
-    /// when one has no descriptor.
-    fn wait_fds(&mut self) -> Result<Option<Vec<std::os::fd::RawFd>>> {
-        let mut fds = Vec::with_capacity(self.transports.len());
-        for t in self.transports.iter_mut() {
-            match t.wait_fd()? {
-                WaitFd::Ready => return Ok(Some(Vec::new())),
-                WaitFd::Fd(fd) => fds.push(fd),
-                WaitFd::Unsupported => return Ok(None),
-            }
+    /// Whether the descriptor watcher for a sleep hosted by transport `host` runs (started
+    /// at the first such sleep, watching `fds`: the descriptors stay valid while their
+    /// transports live).
+    fn watcher(&mut self, host: usize, fds: Vec<std::os::fd::RawFd>) -> bool {
+        if self.watch.is_none() {
+            self.watch = Some(match FdWatcher::start(fds, self.transports[host].waker()) {
+                Ok(w) => Watch::Running(w),
+                Err(e) => {
+                    tracing::warn!("cannot start the descriptor watcher thread: {e}");
+                    Watch::Failed
+                }
+            });
         }
-        Ok(Some(fds))
+        matches!(self.watch, Some(Watch::Running(_)))
     }
 
     /// The result of `id` if it is complete (the request is then released).
@@ -919,27 +963,4 @@ impl Engine {
             }
         }
     }
-}
-
-/// Sleeps until one of `fds` is readable or `timeout` passes.
-fn poll_fds(fds: &[std::os::fd::RawFd], timeout: std::time::Duration) -> Result<()> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
-    // SAFETY: pfds is a valid array of pfds.len() pollfd entries for the call's duration.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::io("waiting on the transports (poll)", e));
-        }
-    }
-    Ok(())
 }

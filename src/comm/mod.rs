@@ -39,6 +39,7 @@ pub(crate) mod envelope;
 mod ibverbs_setup;
 mod shared;
 mod split;
+mod watch;
 mod world;
 
 pub(crate) use shared::Shared;
@@ -115,7 +116,9 @@ impl Status {
 #[derive(Clone, Debug)]
 pub struct CommConfig {
     /// How long a waiting thread polls before it sleeps in the kernel. Default 50 µs when
-    /// each rank has a core, 0 when ranks outnumber cores; `FERROCOMM_SPIN_US` overrides.
+    /// each rank has a core, 0 when ranks outnumber cores (the CPUs this process may use; a
+    /// process pinned to one CPU counts the machine's, as launchers pin one rank per core);
+    /// `FERROCOMM_SPIN_US` overrides.
     pub spin: Duration,
     /// How long a blocking operation may wait; `None` waits forever.
     /// `FERROCOMM_OP_TIMEOUT` (seconds, 0 for none), default 1800 s.
@@ -135,7 +138,7 @@ impl CommConfig {
         local_ranks: usize,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<CommConfig> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = cores_for_ranks();
         let spin = match config::parse_var(
             lookup,
             "FERROCOMM_SPIN_US",
@@ -157,6 +160,18 @@ impl CommConfig {
             op_timeout,
             allreduce_algo,
         })
+    }
+}
+
+/// The CPUs the ranks of this host share, as far as one rank can tell: what this process
+/// may run on (affinity, cgroup quota), except that a mask of a single CPU means a launcher
+/// pinned each rank to its own core (`mpirun --bind-to core`, `taskset -c $LOCAL_RANK`),
+/// which is not oversubscription: then the machine's CPUs count.
+fn cores_for_ranks() -> usize {
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match crate::sys::cpu::affinity() {
+        Some(1) => crate::sys::cpu::online(),
+        _ => usable,
     }
 }
 
@@ -405,6 +420,74 @@ impl Communicator {
                 Ok(Communicator::from_shared(shared, 0, Arc::clone(&group)))
             })
             .collect()
+    }
+
+    /// `n` communicators of one world whose ranks are threads of this process, connected by
+    /// the shared-memory transport (the same rings, doorbells and single-copy reads as
+    /// between processes). For tests and benchmarks of the shared-memory path without
+    /// starting processes. Settings come from the environment (`FERROCOMM_SHM_*`).
+    pub fn shm_world(n: usize) -> Result<Vec<Communicator>> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static WORLDS: AtomicU64 = AtomicU64::new(0);
+        let job = format!(
+            "shm-world-{}-{}",
+            std::process::id(),
+            WORLDS.fetch_add(1, Ordering::Relaxed)
+        );
+        Self::shm_world_with(n, &job, crate::transport::shm::ShmConfig::from_env()?)
+    }
+
+    /// [`Communicator::shm_world`] with an explicit job name (which names the segments, see
+    /// [`crate::transport::shm::segment_prefix`]) and settings.
+    pub fn shm_world_with(
+        n: usize,
+        job: &str,
+        shm_cfg: crate::transport::shm::ShmConfig,
+    ) -> Result<Vec<Communicator>> {
+        use crate::transport::shm::{LocalPeer, ShmSetup};
+        let cfg = CommConfig::from_env(n)?;
+        let pid = std::process::id();
+        let local: Vec<LocalPeer> = (0..n)
+            .map(|rank| LocalPeer {
+                rank,
+                pid,
+                segment: ShmSetup::name_for(job),
+            })
+            .collect();
+        let setups = (0..n)
+            .map(|r| ShmSetup::create(r, n, local.clone(), shm_cfg.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let transports = setups
+            .into_iter()
+            .map(|s| s.connect(deadline))
+            .collect::<Result<Vec<_>>>()?;
+        for t in &transports {
+            t.wait_attached(deadline)?;
+        }
+        let group = Arc::new(Group::new((0..n).collect(), n));
+        Ok(transports
+            .into_iter()
+            .enumerate()
+            .map(|(r, t)| {
+                let placement = Placement {
+                    local_rank: r,
+                    local_size: n,
+                    node_index: 0,
+                    hostname: String::from("localhost"),
+                };
+                let shared = Shared::new(
+                    r,
+                    n,
+                    vec![Box::new(t)],
+                    vec![0; n],
+                    cfg.clone(),
+                    placement,
+                    Vec::new(),
+                );
+                Communicator::from_shared(shared, 0, Arc::clone(&group))
+            })
+            .collect())
     }
 
     /// A new communicator with the same ranks whose messages never mix with this one's

@@ -46,6 +46,9 @@ struct Follower {
 /// even if a wake-up is lost.
 const MAX_SLEEP: Duration = Duration::from_millis(50);
 
+/// While spinning, the clock is read once every this many idle passes.
+const CLOCK_EVERY: u32 = 16;
+
 /// The engine of a process and its waiting machinery.
 pub(crate) struct Shared {
     engine: Mutex<Engine>,
@@ -239,7 +242,9 @@ impl Shared {
     /// [`Want::Any`]; a single request's errors (including its timeout) are inside
     /// [`Got::Taken`].
     fn wait_for(&self, want: Want, timeout: Option<Duration>) -> Result<Got> {
-        let start = Instant::now();
+        // Read lazily: a request that completes within a few progress passes never reads
+        // the clock (a clock read costs about as much as a pass).
+        let mut start: Option<Instant> = None;
         let mut me: Option<Arc<Follower>> = None;
         loop {
             if let Some(f) = &me
@@ -256,7 +261,7 @@ impl Shared {
                         return Ok(r);
                     }
                 }
-                if let Some(r) = self.lead(guard, &want, start, timeout) {
+                if let Some(r) = self.lead(guard, &want, &mut start, timeout) {
                     self.wake_one_follower();
                     return r;
                 }
@@ -277,7 +282,7 @@ impl Shared {
                 me = Some(f);
                 continue;
             };
-            let waited = start.elapsed();
+            let waited = start.get_or_insert_with(Instant::now).elapsed();
             if let Some(limit) = timeout
                 && waited >= limit
             {
@@ -337,28 +342,47 @@ impl Shared {
         &self,
         mut eng: MutexGuard<'_, Engine>,
         want: &Want,
-        start: Instant,
+        start: &mut Option<Instant>,
         timeout: Option<Duration>,
     ) -> Option<Result<Got>> {
-        let mut busy_at = Instant::now();
+        // Idle passes in a row; the clock is read once every CLOCK_EVERY of them, and the
+        // spin is measured from the first read of an idle stretch.
+        let mut idle = 0u32;
+        let mut idle_since: Option<Instant> = None;
         loop {
             self.apply_abort(&mut eng);
             if let Some(r) = Self::check(&mut eng, want) {
                 self.hand_out(&mut eng);
                 return Some(Ok(r));
             }
-            match eng.progress() {
-                Ok(true) => busy_at = Instant::now(),
-                Ok(false) => {}
-                Err(e) => eng.abort(e),
-            }
-            // Followers' requests may also have completed when they were posted.
+            let busy = match eng.progress() {
+                Ok(b) => b,
+                Err(e) => {
+                    eng.abort(e);
+                    true
+                }
+            };
+            // Followers' requests may have completed, here or when they were posted (a
+            // send can complete at once).
             self.hand_out(&mut eng);
-            if let Some(r) = Self::check(&mut eng, want) {
-                return Some(Ok(r));
+            if busy {
+                if let Some(r) = Self::check(&mut eng, want) {
+                    return Some(Ok(r));
+                }
+                idle = 0;
+                idle_since = None;
+            } else {
+                idle += 1;
+            }
+            if self.contenders.load(Ordering::SeqCst) > 0 {
+                return None;
+            }
+            if !idle.is_multiple_of(CLOCK_EVERY) && !self.cfg.spin.is_zero() {
+                std::hint::spin_loop();
+                continue;
             }
             let now = Instant::now();
-            let waited = now - start;
+            let waited = now - *start.get_or_insert(now);
             if let Some(limit) = timeout
                 && waited >= limit
             {
@@ -366,10 +390,7 @@ impl Shared {
                 self.hand_out(&mut eng);
                 return Some(r);
             }
-            if self.contenders.load(Ordering::SeqCst) > 0 {
-                return None;
-            }
-            if now - busy_at < self.cfg.spin {
+            if busy || now - *idle_since.get_or_insert(now) < self.cfg.spin {
                 std::hint::spin_loop();
                 continue;
             }

@@ -9,15 +9,19 @@ use crate::config;
 use crate::error::{Error, Result};
 use crate::rendezvous::{Bootstrap, InitOptions, Plan};
 use crate::transport::Transport;
+use crate::transport::shm::{LocalPeer, ShmConfig, ShmSetup};
 use crate::transport::tcp::{self, TcpConfig, TcpTransport};
 
 /// Which transports a process may use, from `FERROCOMM_TRANSPORT`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TransportChoice {
-    /// The best per pair (verbs between hosts on one fabric, TCP otherwise).
+    /// The best per pair: shared memory between ranks of one host, verbs between hosts
+    /// on one fabric, TCP otherwise.
     Auto,
     /// TCP for every pair.
     Tcp,
+    /// Shared memory for every pair; fails when ranks are on several hosts.
+    Shm,
     /// Verbs for every pair that has it, same-host pairs included (TCP for the rest).
     Ibverbs,
 }
@@ -26,15 +30,63 @@ fn transport_choice(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Transport
     config::parse_var(
         lookup,
         "FERROCOMM_TRANSPORT",
-        "one of: auto, tcp, ibverbs",
+        "one of: auto, tcp, shm, ibverbs",
         |v| match v.to_ascii_lowercase().as_str() {
             "auto" => Some(TransportChoice::Auto),
             "tcp" => Some(TransportChoice::Tcp),
+            "shm" => Some(TransportChoice::Shm),
             "ibverbs" | "ib" | "verbs" => Some(TransportChoice::Ibverbs),
             _ => None,
         },
     )
     .map(|c| c.unwrap_or(TransportChoice::Auto))
+}
+
+/// Whether this rank offers shared memory to the ranks of its host (forcing TCP or verbs
+/// makes every pair use that instead).
+fn offers_shm(choice: TransportChoice) -> bool {
+    matches!(choice, TransportChoice::Auto | TransportChoice::Shm)
+}
+
+/// The ranks this rank reaches through shared memory (itself included), from the
+/// published host identities, or an error when `FERROCOMM_TRANSPORT=shm` cannot be obeyed.
+fn shm_peers(boot: &Bootstrap, choice: TransportChoice) -> Result<Vec<LocalPeer>> {
+    if !offers_shm(choice) {
+        return Ok(Vec::new());
+    }
+    let me = boot.me();
+    let mut local = Vec::new();
+    for p in &boot.peers {
+        let same_host = p.host_id == me.host_id;
+        match (p.addrs.get("shm"), same_host) {
+            (Some(name), true) => local.push(LocalPeer {
+                rank: p.rank,
+                pid: p.pid,
+                segment: name.clone(),
+            }),
+            _ if choice == TransportChoice::Shm => {
+                return Err(Error::config(
+                    "FERROCOMM_TRANSPORT",
+                    "shm",
+                    format!(
+                        "rank {} ({}) cannot be reached through shared memory from rank {} \
+                         ({}): {}; use auto (shared memory within a host, TCP between hosts)",
+                        p.rank,
+                        p.hostname,
+                        boot.rank,
+                        me.hostname,
+                        if same_host {
+                            "it did not offer shared memory (FERROCOMM_TRANSPORT differs there?)"
+                        } else {
+                            "it is on another host"
+                        }
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(local)
 }
 
 /// The address this rank's TCP listener binds to: [`InitOptions::bind_addr`] or
@@ -94,6 +146,10 @@ impl InitOptions {
             .map_err(|e| Error::io("reading the TCP listener's address", e))?;
         let mut addrs = BTreeMap::new();
         addrs.insert("tcp".to_string(), addr.to_string());
+        let shm_cfg = ShmConfig::from_env()?;
+        if offers_shm(choice) {
+            addrs.insert("shm".to_string(), ShmSetup::name_for(&plan.job_id));
+        }
         let verbs = ibverbs_setup::prepare(
             choice == TransportChoice::Auto,
             choice == TransportChoice::Ibverbs,
@@ -104,7 +160,38 @@ impl InitOptions {
         }
         let boot = plan.join(addrs)?;
         tracing::debug!(rank = boot.rank, world = boot.world_size, ?choice, %addr, "joined the job");
-
+        let deadline = std::time::Instant::now() + boot.timeout;
+        let local = shm_peers(&boot, choice)?;
+        // u8::MAX: not routed yet (and "self" for this rank, see Engine::new).
+        let mut route = vec![u8::MAX; boot.world_size];
+        let mut transports: Vec<Box<dyn Transport>> = Vec::new();
+        if local.len() > 1 {
+            let setup = ShmSetup::create(boot.rank, boot.world_size, local, shm_cfg)?;
+            let t = setup.connect(deadline)?;
+            t.wait_attached(deadline)?;
+            for &p in t.peers() {
+                route[p] = transports.len() as u8;
+            }
+            transports.push(Box::new(t));
+        }
+        if let Some((ib, peers)) = ibverbs_setup::connect(verbs, &boot)? {
+            // Verbs pairs are on different hosts (or forced verbs and offered no shared
+            // memory), so none of them is routed yet.
+            for (r, _) in peers.iter().enumerate().filter(|(_, v)| **v) {
+                route[r] = transports.len() as u8;
+            }
+            transports.push(ib);
+        }
+        let remote: Vec<usize> = (0..boot.world_size)
+            .filter(|&r| r != boot.rank && route[r] == u8::MAX)
+            .collect();
+        if remote.is_empty() {
+            tracing::debug!(
+                rank = boot.rank,
+                "every peer is reached through shared memory or verbs: no TCP transport"
+            );
+            return world_from(boot, transports, route);
+        }
         let peers = boot
             .peers
             .iter()
@@ -130,14 +217,10 @@ impl InitOptions {
             peers,
             tcp_cfg,
         )?;
-        let mut transports: Vec<Box<dyn Transport>> = vec![Box::new(tcp)];
-        let mut route = vec![0u8; boot.world_size];
-        if let Some((ib, peers)) = ibverbs_setup::connect(verbs, &boot)? {
-            for (r, _) in peers.iter().enumerate().filter(|(_, v)| **v) {
-                route[r] = transports.len() as u8;
-            }
-            transports.push(ib);
+        for r in remote {
+            route[r] = transports.len() as u8;
         }
+        transports.push(Box::new(tcp));
         world_from(boot, transports, route)
     }
 }
@@ -204,6 +287,7 @@ mod tests {
             TransportChoice::Ibverbs
         );
         assert_eq!(transport_choice(&|_| None).unwrap(), TransportChoice::Auto);
+        assert_eq!(transport_choice(&env("shm")).unwrap(), TransportChoice::Shm);
         let err = transport_choice(&env("carrier-pigeon"))
             .unwrap_err()
             .to_string();

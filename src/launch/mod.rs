@@ -538,8 +538,15 @@ fn attempt(
         plan.world_size
     );
 
-    let mut outcome = supervise(&mut ranks, signals, link.as_ref(), cfg.grace_period)?;
+    let pids: Vec<u32> = ranks.ranks().iter().map(|r| r.pid()).collect();
+    let outcome = supervise(&mut ranks, signals, link.as_ref(), cfg.grace_period);
     ranks.finish();
+    // Ranks killed while they started up cannot remove their shared-memory segments.
+    let left = crate::transport::shm::remove_segments_of(&plan.job_id, &pids);
+    if left > 0 {
+        tracing::info!("removed {left} shared-memory segment(s) of ranks that died starting up");
+    }
+    let mut outcome = outcome?;
 
     if let Some(link) = &link {
         link.done(outcome.exit_code());

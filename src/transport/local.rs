@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, Waker};
+use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Sent, Stored, Token, Transport, Waker};
 use crate::error::{Error, Result};
 
 struct Message {
@@ -71,7 +71,6 @@ impl LocalHub {
             hub: Arc::clone(self),
             rank,
             batch: VecDeque::new(),
-            sent: Vec::new(),
             gone: false,
         }
     }
@@ -83,8 +82,6 @@ pub struct LocalTransport {
     rank: usize,
     /// Messages taken from the mailbox, not yet delivered.
     batch: VecDeque<Message>,
-    /// Sends whose completion is not yet reported.
-    sent: Vec<Token>,
     /// Closed or aborted: the other ranks have been told.
     gone: bool,
 }
@@ -133,15 +130,15 @@ impl Transport for LocalTransport {
         peer: usize,
         env: &Envelope,
         data: SendBuf,
-        token: Token,
-    ) -> Result<()> {
+        _token: Token,
+    ) -> Result<Sent> {
         let mailbox = self
             .hub
             .boxes
             .get(peer)
             .ok_or_else(|| Error::invalid("send", "peer", format!("no local rank {peer}")))?;
-        // SAFETY: the caller keeps `data` valid until the token is reported (contract point 4);
-        // it is reported below, after the copy.
+        // SAFETY: the caller keeps `data` valid until the send completes (contract point 4);
+        // it completes (Sent::Done) only after this copy.
         let bytes = unsafe { data.as_slice() }.to_vec();
         {
             let mut q = mailbox.queue.lock();
@@ -161,9 +158,8 @@ impl Transport for LocalTransport {
             });
         }
         mailbox.ready.notify_one();
-        // The payload is copied: the send is done, reported at the next progress.
-        self.sent.push(token);
-        Ok(())
+        // The payload is copied: the send is done.
+        Ok(Sent::Done)
     }
 
     unsafe fn fetch(
@@ -189,10 +185,7 @@ impl Transport for LocalTransport {
             q.poked = false;
             self.batch.extend(q.messages.drain(..));
         }
-        let did = !self.batch.is_empty() || !self.sent.is_empty();
-        for token in self.sent.drain(..) {
-            ev.send_done(token);
-        }
+        let did = !self.batch.is_empty();
         while let Some(m) = self.batch.pop_front() {
             match m.what {
                 What::Data => {}
@@ -250,7 +243,6 @@ impl Transport for LocalTransport {
 
     fn abort(&mut self) {
         self.batch.clear();
-        self.sent.clear();
         self.leave(What::Failed);
     }
 }

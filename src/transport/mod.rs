@@ -30,10 +30,18 @@
 //! 7. **Waiting is cheap.** [`Transport::wait`] blocks in the kernel (poll, futex) rather
 //!    than spinning, and returns early when [`Transport::waker`]'s function is called from
 //!    another thread.
+//! 8. **Waits combine.** A transport whose readiness shows on a file descriptor (an epoll
+//!    instance, a completion channel) says so with [`Transport::wait_fd`], which arms it
+//!    (or says there is work now); the descriptor polls readable whenever `progress` may
+//!    have new work. A process with several transports then sleeps in one place: in `poll`
+//!    on all the descriptors when every transport has one, or in the one transport without
+//!    a descriptor (shared memory's futex), woken through its [`Transport::waker`] by a
+//!    helper thread that polls the other transports' descriptors only while that sleep
+//!    lasts (see `comm::engine`).
 //!
-//! Implementations: [`tcp`] (mio, any two hosts), [`ibverbs`] (RDMA, feature `ibverbs`)
-//! and [`local`] (threads of one process, for tests). Shared memory keeps the same
-//! contract.
+//! Implementations: [`tcp`] (mio, any two hosts), [`shm`] (rings in shared memory and
+//! single-copy reads, ranks of one host), [`ibverbs`] (RDMA, feature `ibverbs`) and
+//! [`local`] (threads of one process, for tests).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +51,7 @@ pub use crate::wire::Envelope;
 
 pub mod ibverbs;
 pub mod local;
+pub mod shm;
 pub mod tcp;
 
 /// Identifies one submitted operation so its completion can be reported.
@@ -118,6 +127,15 @@ impl RecvBuf {
     }
 }
 
+/// What [`Transport::send`] did with the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Complete already: the buffer may be reused, and the token is never reported.
+    Done,
+    /// In flight: the token is reported to [`Events::send_done`] when complete.
+    Pending,
+}
+
 /// Where the payload of an announced message goes.
 #[derive(Debug)]
 pub enum Placement {
@@ -183,8 +201,9 @@ pub trait Transport: Send {
     /// Short name for logs and errors (`"tcp"`, `"local"`).
     fn name(&self) -> &'static str;
 
-    /// Queues the message `data` with envelope `env` to `peer`; `token` is reported to
-    /// [`Events::send_done`] when `data` may be reused.
+    /// Queues the message `data` with envelope `env` to `peer`. Returns [`Sent::Done`] when
+    /// `data` may already be reused (it was copied out: `token` is then never reported), or
+    /// [`Sent::Pending`]: `token` is reported to [`Events::send_done`] when it may.
     ///
     /// # Safety
     /// `data` must stay valid and unchanged until `token` is reported done or the peer
@@ -195,7 +214,7 @@ pub trait Transport: Send {
         env: &Envelope,
         data: SendBuf,
         token: Token,
-    ) -> Result<()>;
+    ) -> Result<Sent>;
 
     /// Moves the kept message `handle` of `peer` ([`Stored::Remote`]) into `dst`; reports
     /// `token` to [`Events::recv_done`] when it is there. `dst.len` equals the message length.

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Poll, Token as MioToken};
 
-use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, Waker};
+use super::{Envelope, Events, Placement, RecvBuf, SendBuf, Sent, Stored, Token, Transport, Waker};
 use crate::auth::{self, Channel, ClientHandshake, Secret, ServerHandshake};
 use crate::error::{Error, IoContext, Result};
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader, FrameKind, HELLO_LEN, Hello, HelloKind};
@@ -1411,7 +1411,7 @@ impl Transport for TcpTransport {
         env: &Envelope,
         data: SendBuf,
         token: Token,
-    ) -> Result<()> {
+    ) -> Result<Sent> {
         self.check_peer(peer, "send")?;
         let frame = if data.len <= self.cfg.eager_limit {
             Frame {
@@ -1447,7 +1447,7 @@ impl Transport for TcpTransport {
                 token: None,
             }
         };
-        self.push_frame(peer, frame)
+        self.push_frame(peer, frame).map(|()| Sent::Pending)
     }
 
     unsafe fn fetch(&mut self, peer: usize, handle: u64, dst: RecvBuf, token: Token) -> Result<()> {

@@ -17,7 +17,7 @@ use super::verbs::{
 };
 use crate::error::{Error, Result};
 use crate::transport::{
-    Envelope, Events, Placement, RecvBuf, SendBuf, Stored, Token, Transport, WaitFd, Waker,
+    Envelope, Events, Placement, RecvBuf, SendBuf, Sent, Stored, Token, Transport, WaitFd, Waker,
 };
 
 /// An opened device port, ready to make a transport: what [`open_device`] finds.
@@ -1388,11 +1388,11 @@ impl Transport for IbvTransport {
         env: &Envelope,
         data: SendBuf,
         token: Token,
-    ) -> Result<()> {
+    ) -> Result<Sent> {
         self.check_peer(peer, "send")?;
         let max_inline = self.max_inline;
         let Some(Some(p)) = self.peers.get_mut(peer) else {
-            return Ok(());
+            return Ok(Sent::Pending);
         };
         match proto::send_path(data.len, max_inline, p.eager_max) {
             SendPath::Inline | SendPath::Eager => p.queue.push_back(Out::Msg {
@@ -1417,7 +1417,7 @@ impl Transport for IbvTransport {
             }
         }
         self.flush(peer);
-        Ok(())
+        Ok(Sent::Pending)
     }
 
     unsafe fn fetch(&mut self, peer: usize, handle: u64, dst: RecvBuf, token: Token) -> Result<()> {
