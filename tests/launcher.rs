@@ -856,7 +856,10 @@ fn exhausting_max_restarts_fails_naming_the_rank() {
             && f.stderr.contains("giving up after 2 restart(s)"),
         "{f:?}"
     );
-    assert_eq!(f.stdout.matches("ATTEMPT 2").count(), 2, "{f:?}");
+    // Rank 1 prints before it fails; rank 0 may be stopped before its shell prints.
+    for attempt in 0..=2 {
+        assert!(f.stdout.contains(&format!("ATTEMPT {attempt}")), "{f:?}");
+    }
     assert_eq!(f.stdout.matches("ATTEMPT 3").count(), 0, "{f:?}");
 }
 
