@@ -267,6 +267,9 @@ fn job_under_attack(key: &str, attack: impl FnOnce(SocketAddr, &Secret)) {
                     .rank(r)
                     .world_size(2)
                     .job_id("security")
+                    // Two "hosts", so the pair talks over TCP (the port under attack),
+                    // not shared memory.
+                    .host_id(&format!("security-host-{r}"))
                     .timeout(LONG)
                     .secret(key)
                     .init()?;
