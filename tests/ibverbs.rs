@@ -463,10 +463,10 @@ fn closed_peer_is_not_a_crash() {
     assert!(st.iter().all(ExitStatus::success), "{st:?}");
 }
 
-/// `auto` between ranks of one host uses TCP (verbs is for other hosts, unless forced),
-/// even with a device; so does `auto` when the named device does not exist.
+/// `auto` between ranks of one host uses shared memory (verbs is for other hosts, unless
+/// forced), even with a device; so does `auto` when the named device does not exist.
 #[test]
-fn auto_picks_tcp_on_one_host_and_without_a_device() {
+fn auto_picks_shared_memory_on_one_host_with_or_without_a_device() {
     fn ping(c: &Communicator) {
         let mut x = [c.rank() as u32];
         let other = 1 - c.rank();
@@ -475,20 +475,20 @@ fn auto_picks_tcp_on_one_host_and_without_a_device() {
         assert_eq!(x[0] as usize, other);
     }
     world_over(
-        "auto_picks_tcp_on_one_host_and_without_a_device",
+        "auto_picks_shared_memory_on_one_host_with_or_without_a_device",
         2,
         &[("FERROCOMM_TRANSPORT", "auto")],
-        "tcp",
+        "shm",
         ping,
     );
     world_over(
-        "auto_picks_tcp_on_one_host_and_without_a_device",
+        "auto_picks_shared_memory_on_one_host_with_or_without_a_device",
         2,
         &[
             ("FERROCOMM_TRANSPORT", "auto"),
             ("FERROCOMM_IB_DEVICE", "nosuch0"),
         ],
-        "tcp",
+        "shm",
         ping,
     );
 }
