@@ -8,8 +8,8 @@
  *   unknown data types or operations (passed as plain integers and checked), and freed,
  *   double-freed or wrong-kind handles give an error code. No Rust panic crosses into C.
  * - Handles (ferrocomm_comm_t*, ferrocomm_request_t*, ferrocomm_reducer_t*) are opaque: never
- *   dereference them.
- *   Each is released exactly once by the function its documentation names.
+ *   dereference them. Each is released exactly once by the function its documentation
+ *   names.
  * - A communicator serves one thread at a time (a second thread gets FERROCOMM_ERR_BUSY);
  *   ferrocomm_comm_dup gives each thread its own. Requests may be waited for on any thread.
  * - Blocking calls give up after FERROCOMM_OP_TIMEOUT seconds (default 1800) with
