@@ -138,8 +138,8 @@ fn reducer_averages_gradients_over_buckets_and_accumulates() {
         // Steps 1 (unsynchronised) and 2: each gradient is the average over ranks of the sum
         // of both steps.
         ok(ferrocomm_reducer_set_sync(r, 0));
-        for i in 0..4 {
-            let gi = g(me, 1, n[i]);
+        for (i, &ni) in n.iter().enumerate() {
+            let gi = g(me, 1, ni);
             if i == 1 {
                 ok(mark(r, i, &to_f16(&gi)));
             } else {
@@ -159,16 +159,16 @@ fn reducer_averages_gradients_over_buckets_and_accumulates() {
             }
         }
         ok(ferrocomm_reducer_finish(r));
-        for i in 0..4 {
-            let want: Vec<f32> = avg(1, n[i])
+        for (i, &ni) in n.iter().enumerate() {
+            let want: Vec<f32> = avg(1, ni)
                 .iter()
-                .zip(avg(2, n[i]))
+                .zip(avg(2, ni))
                 .map(|(a, b)| a + b)
                 .collect();
             if i == 1 {
-                assert_eq!(grad::<f16>(r, i, n[i]), to_f16(&want));
+                assert_eq!(grad::<f16>(r, i, ni), to_f16(&want));
             } else {
-                assert_eq!(grad::<f32>(r, i, n[i]), want, "parameter {i}");
+                assert_eq!(grad::<f32>(r, i, ni), want, "parameter {i}");
             }
         }
         ok(ferrocomm_reducer_free(r));
@@ -259,7 +259,7 @@ fn reducer_errors_name_the_parameter() {
         // find_unused: a parameter never marked counts as zero.
         let (rc, r) = new_reducer(comm, &ps, 0.0, 0.0, true);
         ok(rc);
-        ok(mark(r, 1, &vec![(me * 3) as f32; 5]));
+        ok(mark(r, 1, &[(me * 3) as f32; 5]));
         ok(ferrocomm_reducer_finish(r));
         assert_eq!(grad::<f32>(r, 0, 12), vec![0.0; 12]);
         assert_eq!(grad::<f32>(r, 1, 5), vec![3.0; 5]); // (0 + 3 + 6) / 3
