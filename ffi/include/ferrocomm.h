@@ -7,8 +7,9 @@
  * - Never crashes on bad input: NULL pointers, buffers that are too small or misaligned,
  *   unknown data types or operations (passed as plain integers and checked), and freed,
  *   double-freed or wrong-kind handles give an error code. No Rust panic crosses into C.
- * - Handles (ferrocomm_comm_t*, ferrocomm_request_t*) are opaque: never dereference them.
- *   Each is released exactly once by the function its documentation names.
+ * - Handles (ferrocomm_comm_t*, ferrocomm_request_t*, ferrocomm_reducer_t*) are opaque: never
+ *   dereference them. Each is released exactly once by the function its documentation
+ *   names.
  * - A communicator serves one thread at a time (a second thread gets FERROCOMM_ERR_BUSY);
  *   ferrocomm_comm_dup gives each thread its own. Requests may be waited for on any thread.
  * - Blocking calls give up after FERROCOMM_OP_TIMEOUT seconds (default 1800) with
@@ -266,6 +267,14 @@ typedef uint32_t ferrocomm_op;
  * opaque handle; see `ferrocomm_init` and `ferrocomm_comm_free`.
  */
 typedef struct ferrocomm_comm_t ferrocomm_comm_t;
+
+/**
+ * A gradient reducer: gathers the gradients of a model's parameters into buckets and
+ * all-reduces (averages) them over the ranks while the backward pass still runs, like
+ * PyTorch's `DistributedDataParallel`. An opaque handle; see `ferrocomm_reducer_new` and
+ * `ferrocomm_reducer_free`.
+ */
+typedef struct ferrocomm_reducer_t ferrocomm_reducer_t;
 
 /**
  * A non-blocking operation in flight (`MPI_Request`). An opaque handle made by
@@ -721,8 +730,8 @@ ferrocomm_result ferrocomm_ibarrier(struct ferrocomm_comm_t *comm,
  * copied back; a buffer that is a bucket on its own (as large as the cap, or alone) is
  * all-reduced in place without a copy, on the blocking sequence, meanwhile. Fewer, larger
  * messages cost one latency per bucket instead of per buffer. This is a thin layer over
- * `ferrocomm_allreduce`/`ferrocomm_iallreduce` (the Rust crate's bucketing `Reducer` that
- * overlaps with the backward pass is not part of this C API yet).
+ * `ferrocomm_allreduce`/`ferrocomm_iallreduce`; to overlap the reduction with the backward
+ * pass, use the reducer (`ferrocomm_reducer_new`) instead.
  *
  * Collective: every rank passes the same `n`, `counts`, `dtype`, `op` and `bucket_bytes`
  * (a difference gives `COLLECTIVE_MISMATCH`, not mixed data). Uses both the blocking and the
@@ -820,7 +829,8 @@ ferrocomm_result ferrocomm_comm_free(struct ferrocomm_comm_t *comm);
 /**
  * Releases every handle the library still holds, in this order: requests (a receive that
  * matched nothing is withdrawn; a transfer in flight is waited for, up to
- * `FERROCOMM_OP_TIMEOUT`), then communicators (closing their connections). After it,
+ * `FERROCOMM_OP_TIMEOUT`), then reducers (gradient all_reduces in flight are waited for),
+ * then communicators (closing their connections). After it,
  * every old handle is invalid and the library holds no memory of its own apart from
  * what the Rust runtime keeps for the life of the process; `ferrocomm_init` may be
  * called again.
@@ -1139,6 +1149,207 @@ ferrocomm_result ferrocomm_irecv(struct ferrocomm_comm_t *comm,
                                  int64_t src,
                                  int64_t tag,
                                  struct ferrocomm_request_t **request);
+
+/**
+ * Makes a gradient reducer for a model's `n` parameters on the ranks of `comm`
+ * (`torch.nn.parallel.DistributedDataParallel`'s reducer).
+ *
+ * Parameters, in model order (the order of the forward pass; gradients are bucketed in
+ * reverse, since backward produces them back to front): parameter `i` is named `names[i]`
+ * (a NUL-terminated UTF-8 string, unique within the model), has element type `dtypes[i]`
+ * (`FERROCOMM_F32`, `FERROCOMM_F16` or `FERROCOMM_BF16`) and `numels[i]` elements. Its
+ * shape is `shapes[i][0..ndims[i]]` when `shapes` and `ndims` are given (their product
+ * must be `numels[i]`), else the one dimension `numels[i]`; shapes only appear in messages
+ * and in the check that all ranks agree.
+ *
+ * Settings: `bucket_cap_mb` is the largest bucket in MiB (0: the default, 25);
+ * `first_bucket_mb` the cap of the first bucket, which is kept small so that communication
+ * starts early (0: the default, 1); `find_unused` nonzero lets parameters that were never
+ * marked in a step count as zero instead of failing `ferrocomm_reducer_finish`
+ * (PyTorch's `find_unused_parameters=True`).
+ *
+ * Collective: every rank of `comm` calls it with the same parameters (names, element
+ * types, shapes, in the same order) and the same bucket caps, at the same point of its
+ * sequence of collectives. When the lists differ, every rank fails with
+ * `INVALID_ARGUMENT` and a message naming the first difference (position, name, shape or
+ * type, or a parameter missing on one rank), instead of hanging or reducing mismatched
+ * gradients later. A local argument error (a duplicate name, a bad type) also fails every
+ * rank. The reducer then works on its own duplicate of `comm` (`ferrocomm_comm_dup`): its
+ * all_reduces never mix with the program's own calls on `comm`, and `comm` may be freed
+ * before the reducer.
+ *
+ * Blocking: waits for every rank (one all_gather of a hash); fails after
+ * `FERROCOMM_OP_TIMEOUT`. Thread safety: uses `comm` for the call (`BUSY` when another
+ * thread is inside a call on it).
+ *
+ * Ownership: on success `*reducer` is a new handle owned by the caller; release it with
+ * `ferrocomm_reducer_free` (or `ferrocomm_finalize`). On failure `*reducer` is NULL.
+ * `names`, `dtypes`, `numels`, `shapes` and `ndims` are only read during the call.
+ *
+ * Errors: `INVALID_HANDLE`, `BUSY`, `INVALID_ARGUMENT` (`reducer` NULL; `names`,
+ * `dtypes` or `numels` NULL with `n` > 0; only one of `shapes` and `ndims` given; a NULL
+ * or non-UTF-8 name; a duplicate name; a data type other than f32, f16 and bf16; a shape
+ * whose product is not the count; a negative or non-finite cap; parameters that differ
+ * between ranks), and the communication errors (`TIMEOUT`, `PEER_LOST`,
+ * `COLLECTIVE_MISMATCH`, `ABORTED`, `IO`).
+ *
+ * # Safety
+ * `names`, `dtypes` and `numels` must point to `n` entries each (may be NULL when `n` is
+ * 0), each name to a NUL-terminated string; `shapes` and `ndims` must both be NULL or point
+ * to `n` entries each, `shapes[i]` to `ndims[i]` readable `size_t` (NULL when `ndims[i]`
+ * is 0); `reducer` must be NULL or valid for writing one pointer.
+ */
+ferrocomm_result ferrocomm_reducer_new(struct ferrocomm_comm_t *comm,
+                                       size_t n,
+                                       const char *const *names,
+                                       const uint32_t *dtypes,
+                                       const size_t *numels,
+                                       const size_t *const *shapes,
+                                       const size_t *ndims,
+                                       double bucket_cap_mb,
+                                       double first_bucket_mb,
+                                       int find_unused,
+                                       struct ferrocomm_reducer_t **reducer);
+
+/**
+ * Hands over the gradient of parameter `index` (its position in `ferrocomm_reducer_new`'s
+ * lists) for this step: `count` elements of the parameter's element type at `grad`. The
+ * gradient is copied into its bucket (added to the sum while accumulating, see
+ * `ferrocomm_reducer_set_sync`), so `grad` may be reused as soon as the call returns. When
+ * the bucket and every bucket before it are complete, their all_reduce starts in the
+ * background while the caller goes on with backward. The first call of a step opens it.
+ *
+ * Every parameter is marked exactly once per step; marking one twice fails with
+ * `INVALID_ARGUMENT` naming it, and changes nothing (the step goes on).
+ *
+ * Blocking: no (copies, then may start a background all_reduce). Thread safety: one thread
+ * at a time per reducer (`BUSY` otherwise).
+ *
+ * Errors: `INVALID_HANDLE`, `BUSY`, `INVALID_ARGUMENT` (`index` out of range; `count` not
+ * the parameter's element count; `grad` NULL or misaligned; the parameter already marked in
+ * this step; all naming the parameter), and the communication error of an earlier failed
+ * step (a reducer whose all_reduce failed stays failed; free it).
+ *
+ * # Safety
+ * `grad` must point to `count` readable elements of the parameter's element type.
+ */
+ferrocomm_result ferrocomm_reducer_mark_ready(struct ferrocomm_reducer_t *reducer,
+                                              size_t index,
+                                              const void *grad,
+                                              size_t count);
+
+/**
+ * Ends the step: checks that every parameter was marked (with `find_unused`, unmarked ones
+ * count as zero), and in a synchronised step starts the remaining buckets' all_reduces and
+ * waits for all of them. Afterwards `ferrocomm_reducer_grad` gives each parameter's
+ * gradient averaged over the ranks (after an unsynchronised step: this rank's sum so far).
+ *
+ * Collective in effect: in a synchronised step every rank of the reducer must finish the
+ * step (the all_reduces need them all).
+ *
+ * Blocking: yes, until every bucket is reduced; fails after `FERROCOMM_OP_TIMEOUT`.
+ * Thread safety: one thread at a time per reducer (`BUSY` otherwise).
+ *
+ * Errors: `INVALID_HANDLE`, `BUSY`, `INVALID_ARGUMENT` (parameters never marked in this
+ * step, named in the message; the step stays open: mark them and call it again), and the
+ * communication errors (`TIMEOUT`, `PEER_LOST`, `COLLECTIVE_MISMATCH`, `ABORTED`, `IO`),
+ * after which the reducer is unusable (every later call fails the same way; free it).
+ */
+ferrocomm_result ferrocomm_reducer_finish(struct ferrocomm_reducer_t *reducer);
+
+/**
+ * Copies parameter `index`'s gradient after `ferrocomm_reducer_finish` into `out`:
+ * `count` elements (the parameter's element count) of its element type. After a
+ * synchronised step it is the average over the ranks (bit-identical on every rank), after
+ * an unsynchronised one this rank's accumulated sum. Readable until the next step's first
+ * `ferrocomm_reducer_mark_ready`.
+ *
+ * Blocking: no. Thread safety: one thread at a time per reducer (`BUSY` otherwise).
+ *
+ * Errors: `INVALID_HANDLE`, `BUSY`, `INVALID_ARGUMENT` (`index` out of range; `count` not
+ * the parameter's element count; `out` NULL or misaligned; a step is open), and the error
+ * of a failed step.
+ *
+ * # Safety
+ * `out` must point to `count` writable elements of the parameter's element type.
+ */
+ferrocomm_result ferrocomm_reducer_grad(struct ferrocomm_reducer_t *reducer,
+                                        size_t index,
+                                        void *out,
+                                        size_t count);
+
+/**
+ * Turns synchronisation of the following steps on (`sync` nonzero, the default) or off
+ * (0): PyTorch's `no_sync()`. Steps finished while it is off send nothing; their gradients
+ * are summed locally, and the next synchronised step adds its own and reduces the sum, so
+ * each gradient ends as (sum over ranks of the accumulated steps' gradients) / ranks. A
+ * step already open keeps the mode it started with.
+ *
+ * Blocking: no. Thread safety: one thread at a time per reducer (`BUSY` otherwise).
+ * Errors: `INVALID_HANDLE`, `BUSY`.
+ */
+ferrocomm_result ferrocomm_reducer_set_sync(struct ferrocomm_reducer_t *reducer, int sync);
+
+/**
+ * Stores the position of the parameter named `name` (as given to `ferrocomm_reducer_new`)
+ * in `*index`.
+ *
+ * Blocking: no. Thread safety: one thread at a time per reducer (`BUSY` otherwise).
+ * Errors: `INVALID_HANDLE`, `BUSY`, `INVALID_ARGUMENT` (`name` NULL, not UTF-8 or not
+ * registered; `index` NULL).
+ *
+ * # Safety
+ * `name` must be NULL or a NUL-terminated string; `index` NULL or valid for writing one
+ * `size_t`.
+ */
+ferrocomm_result ferrocomm_reducer_index(struct ferrocomm_reducer_t *reducer,
+                                         const char *name,
+                                         size_t *index);
+
+/**
+ * Releases a reducer handle. Bucket all_reduces still in flight (a step marked but not
+ * finished) are completed first, since the other ranks take part in them; a reducer
+ * freed in the middle of a step therefore waits for the other ranks' matching buckets (up
+ * to `FERROCOMM_OP_TIMEOUT`). The communicator it was made on is not affected.
+ *
+ * Ownership: consumes the handle; it is invalid afterwards, and freeing it again returns
+ * `FERROCOMM_ERR_INVALID_HANDLE` (never a crash). Thread safety: any thread; if another
+ * thread is inside a call on the reducer, the reducer is released when that call returns.
+ *
+ * Errors: `INVALID_HANDLE`.
+ */
+ferrocomm_result ferrocomm_reducer_free(struct ferrocomm_reducer_t *reducer);
+
+/**
+ * Copies rank 0's parameter values to every rank, so that replicas start equal however
+ * each initialised them (what DDP does when it wraps a model). Parameter `i` is `bufs[i]`
+ * with `counts[i]` elements of `dtypes[i]` (`FERROCOMM_F32`, `FERROCOMM_F16` or
+ * `FERROCOMM_BF16`); the buffers are overwritten with rank 0's values (rank 0's are read).
+ * The parameters of each element type are packed and broadcast in one call (three calls
+ * in all, empty ones included).
+ *
+ * Collective: every rank passes its parameters in the same order with the same counts and
+ * types; sizes that differ between ranks fail with `COLLECTIVE_MISMATCH`.
+ *
+ * Blocking: returns when every buffer holds rank 0's values; fails after
+ * `FERROCOMM_OP_TIMEOUT`. Thread safety: one thread per communicator (`BUSY` otherwise).
+ *
+ * Errors: `INVALID_HANDLE`, `BUSY`, `INVALID_ARGUMENT` (`bufs`, `counts` or `dtypes` NULL
+ * with `n` > 0; a NULL or misaligned buffer with a count > 0; buffers that overlap; a data
+ * type other than f32, f16 and bf16), and the communication errors (`TIMEOUT`,
+ * `PEER_LOST`, `COLLECTIVE_MISMATCH`, `ABORTED`, `IO`), after which the buffers' contents
+ * are unspecified.
+ *
+ * # Safety
+ * `bufs`, `counts` and `dtypes` must point to `n` entries each (NULL when `n` is 0); each
+ * `bufs[i]` to `counts[i]` readable and writable elements of `dtypes[i]`, untouched by other
+ * threads during the call.
+ */
+ferrocomm_result ferrocomm_broadcast_parameters(struct ferrocomm_comm_t *comm,
+                                                void *const *bufs,
+                                                const size_t *counts,
+                                                const uint32_t *dtypes,
+                                                size_t n);
 
 /**
  * Waits for a request to complete (`MPI_Wait`) and releases it. For a non-blocking

@@ -15,6 +15,7 @@ install location (PREFIX/lib), then the cargo build directories of a source chec
 then the system's search path.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -192,6 +193,18 @@ _SIGNATURES = {
     "ferrocomm_allreduce_many": ([_p, _PP, _PSZ, _sz, _u32, _u32, _sz], _u32),
     "ferrocomm_comm_split": ([_p, _i64, _i64, _PP], _u32),
     "ferrocomm_comm_create_group": ([_p, _PSZ, _sz, _PP], _u32),
+    "ferrocomm_reducer_new": (
+        [_p, _sz, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(_u32), _PSZ, _PP, _PSZ,
+         ctypes.c_double, ctypes.c_double, ctypes.c_int, _PP],
+        _u32,
+    ),
+    "ferrocomm_reducer_mark_ready": ([_p, _sz, _p, _sz], _u32),
+    "ferrocomm_reducer_finish": ([_p], _u32),
+    "ferrocomm_reducer_grad": ([_p, _sz, _p, _sz], _u32),
+    "ferrocomm_reducer_set_sync": ([_p, ctypes.c_int], _u32),
+    "ferrocomm_reducer_index": ([_p, ctypes.c_char_p, _PSZ], _u32),
+    "ferrocomm_reducer_free": ([_p], _u32),
+    "ferrocomm_broadcast_parameters": ([_p, _PP, _PSZ, ctypes.POINTER(_u32), _sz], _u32),
     "ferrocomm_sampler_indices": (
         [_u64, _u64, _u64, _u64, _u64, _u32, ctypes.POINTER(_u64), _sz, _PSZ],
         _u32,
@@ -588,6 +601,18 @@ class Communicator:
         )
         return arrays
 
+    def broadcast_parameters(self, arrays):
+        """Overwrites each array (float32, float16 or bfloat16) with rank 0's values, so that
+        replicas start equal (see ferrocomm_broadcast_parameters)."""
+        arrays = list(arrays)
+        bufs = [_buffer(a, None, True) for a in arrays]
+        n = len(bufs)
+        ptrs = (_p * n)(*[b[0] for b in bufs])
+        counts = (_sz * n)(*[b[1] for b in bufs])
+        dtypes = (_u32 * n)(*[b[2] for b in bufs])
+        _check(_lib.ferrocomm_broadcast_parameters(self._h, ptrs, counts, dtypes, n))
+        return arrays
+
     # ---- sub-communicators ----
 
     def split(self, color, key=0):
@@ -625,6 +650,92 @@ class Communicator:
     def __del__(self):
         if getattr(self, "_h", None) is not None and _lib is not None:
             _lib.ferrocomm_comm_free(self._h)
+
+
+class Reducer:
+    """The gradient reducer (ferrocomm_reducer_new): gradients handed over during backward
+    are all-reduced in buckets in the background and averaged over the ranks.
+
+    `params` is a list of (name, array) pairs in model order (the arrays give shape and
+    element type: float32, float16 or bfloat16). A collective: every rank passes the same
+    list; lists that differ raise Error on every rank naming the first difference."""
+
+    def __init__(self, comm, params, bucket_cap_mb=0.0, first_bucket_mb=0.0,
+                 find_unused=False):
+        params = list(params)
+        n = len(params)
+        self._shapes = [tuple(a.shape) for _, a in params]
+        self._dtypes = [a.dtype for _, a in params]
+        names = (ctypes.c_char_p * n)(*[name.encode() for name, _ in params])
+        codes = (_u32 * n)(*[_dtype_code(a, None) for _, a in params])
+        numels = (_sz * n)(*[a.size for _, a in params])
+        dims = [(_sz * max(a.ndim, 1))(*a.shape) for _, a in params]
+        shapes = (_p * n)(*[ctypes.addressof(d) for d in dims])
+        ndims = (_sz * n)(*[a.ndim for _, a in params])
+        h = _p()
+        _check(
+            _lib.ferrocomm_reducer_new(
+                comm.handle, n, names, codes, numels, shapes, ndims, bucket_cap_mb,
+                first_bucket_mb, int(bool(find_unused)), ctypes.byref(h),
+            )
+        )
+        self._h = h.value
+
+    def index(self, name):
+        """The position of parameter `name`."""
+        i = _sz()
+        _check(_lib.ferrocomm_reducer_index(self._h, name.encode(), ctypes.byref(i)))
+        return i.value
+
+    def _i(self, param):
+        return self.index(param) if isinstance(param, str) else int(param)
+
+    def mark_ready(self, param, grad):
+        """Hands over the gradient of `param` (a name or a position) for this step."""
+        g = _buffer(grad, None, False)
+        _check(_lib.ferrocomm_reducer_mark_ready(self._h, self._i(param), g[0], g[1]))
+
+    def finish(self):
+        """Ends the step; waits for every bucket's all_reduce."""
+        _check(_lib.ferrocomm_reducer_finish(self._h))
+
+    def grad(self, param, out=None):
+        """The gradient of `param` after finish() (a new array, or `out`)."""
+        i = self._i(param)
+        if out is None:
+            out = np.empty(self._shapes[i], dtype=self._dtypes[i])
+        o = _buffer(out, None, True)
+        _check(_lib.ferrocomm_reducer_grad(self._h, i, o[0], o[1]))
+        return out
+
+    def set_sync(self, sync):
+        """Synchronise the following steps (True) or accumulate locally (False)."""
+        _check(_lib.ferrocomm_reducer_set_sync(self._h, int(bool(sync))))
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """`with reducer.no_sync():` steps finished inside accumulate gradients locally."""
+        self.set_sync(False)
+        try:
+            yield self
+        finally:
+            self.set_sync(True)
+
+    def close(self):
+        """Releases the reducer (also done when it is garbage collected)."""
+        if self._h is not None:
+            h, self._h = self._h, None
+            _check(_lib.ferrocomm_reducer_free(h))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_h", None) is not None and _lib is not None:
+            _lib.ferrocomm_reducer_free(self._h)
 
 
 def finalize():

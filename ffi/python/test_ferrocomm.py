@@ -182,6 +182,42 @@ class Collectives(unittest.TestCase):
             c.all_reduce(np.zeros(3), out=np.zeros(3, dtype=np.float32))
 
 
+class Ddp(unittest.TestCase):
+    def test_reducer_and_broadcast_parameters(self):
+        with tempfile.TemporaryDirectory() as d:
+            comm = ferrocomm.Communicator.init(f"file://{d}/store", world_size=1, rank=0)
+            w = np.arange(6, dtype=np.float32).reshape(2, 3)
+            b = np.ones(2, dtype=np.float16)
+            comm.broadcast_parameters([w, b])  # one rank: unchanged
+            self.assertEqual(w[1, 2], 5.0)
+            r = ferrocomm.Reducer(comm, [("fc.weight", w), ("fc.bias", b)], bucket_cap_mb=0.001)
+            self.assertEqual(r.index("fc.bias"), 1)
+            with r.no_sync():
+                r.mark_ready("fc.bias", b)
+                r.mark_ready(0, w)
+                r.finish()
+            r.mark_ready(1, b)
+            with self.assertRaises(ferrocomm.Error) as e:
+                r.mark_ready("fc.bias", b)
+            self.assertEqual(e.exception.code, ferrocomm.ERR_INVALID_ARGUMENT)
+            self.assertIn('"fc.bias" (#1) was already marked', str(e.exception))
+            with self.assertRaises(ferrocomm.Error) as e:
+                r.finish()
+            self.assertIn('"fc.weight"', str(e.exception))
+            r.mark_ready(0, w)
+            r.finish()
+            g = r.grad("fc.weight")
+            self.assertEqual(g.shape, (2, 3))
+            np.testing.assert_array_equal(g, 2 * w)  # two accumulated steps, one rank
+            np.testing.assert_array_equal(r.grad(1), 2 * b)
+            r.close()
+            r.close()  # twice is fine on the Python side
+            with self.assertRaises(ferrocomm.Error) as e:
+                ferrocomm.Reducer(comm, [("x", np.zeros(2))])  # float64
+            self.assertIn("not a gradient type", str(e.exception))
+            comm.close()
+
+
 class Sampler(unittest.TestCase):
     def test_shards(self):
         shards = [ferrocomm.sampler_indices(10, 4, r, shuffle=False) for r in range(4)]

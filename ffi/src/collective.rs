@@ -1140,8 +1140,8 @@ pub const FERROCOMM_DEFAULT_BUCKET_BYTES: usize = 25 << 20;
 /// copied back; a buffer that is a bucket on its own (as large as the cap, or alone) is
 /// all-reduced in place without a copy, on the blocking sequence, meanwhile. Fewer, larger
 /// messages cost one latency per bucket instead of per buffer. This is a thin layer over
-/// `ferrocomm_allreduce`/`ferrocomm_iallreduce` (the Rust crate's bucketing `Reducer` that
-/// overlaps with the backward pass is not part of this C API yet).
+/// `ferrocomm_allreduce`/`ferrocomm_iallreduce`; to overlap the reduction with the backward
+/// pass, use the reducer (`ferrocomm_reducer_new`) instead.
 ///
 /// Collective: every rank passes the same `n`, `counts`, `dtype`, `op` and `bucket_bytes`
 /// (a difference gives `COLLECTIVE_MISMATCH`, not mixed data). Uses both the blocking and the

@@ -186,7 +186,8 @@ pub extern "C" fn ferrocomm_comm_free(comm: *mut ferrocomm_comm_t) -> ferrocomm_
 
 /// Releases every handle the library still holds, in this order: requests (a receive that
 /// matched nothing is withdrawn; a transfer in flight is waited for, up to
-/// `FERROCOMM_OP_TIMEOUT`), then communicators (closing their connections). After it,
+/// `FERROCOMM_OP_TIMEOUT`), then reducers (gradient all_reduces in flight are waited for),
+/// then communicators (closing their connections). After it,
 /// every old handle is invalid and the library holds no memory of its own apart from
 /// what the Rust runtime keeps for the life of the process; `ferrocomm_init` may be
 /// called again.
@@ -201,10 +202,14 @@ pub extern "C" fn ferrocomm_comm_free(comm: *mut ferrocomm_comm_t) -> ferrocomm_
 #[unsafe(no_mangle)]
 pub extern "C" fn ferrocomm_finalize() -> ferrocomm_result {
     boundary("ferrocomm_finalize", || {
-        let (reqs, comms): (Vec<Object>, Vec<Object>) = handle::drain()
+        let (reqs, rest): (Vec<Object>, Vec<Object>) = handle::drain()
             .into_iter()
             .partition(|o| matches!(o, Object::Request(_)));
         drop(reqs);
+        let (reducers, comms): (Vec<Object>, Vec<Object>) = rest
+            .into_iter()
+            .partition(|o| matches!(o, Object::Reducer(_)));
+        drop(reducers);
         drop(comms);
         Ok(())
     })

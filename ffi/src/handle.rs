@@ -1,5 +1,6 @@
-//! The handle registry: how `ferrocomm_comm_t*` and `ferrocomm_request_t*` values map to
-//! Rust objects, and why a freed handle is recognised without reading freed memory.
+//! The handle registry: how `ferrocomm_comm_t*`, `ferrocomm_request_t*` and
+//! `ferrocomm_reducer_t*` values map to Rust objects, and why a freed handle is recognised
+//! without reading freed memory.
 //!
 //! A handle is not a pointer to anything. It is a 64-bit number shown to C as an opaque
 //! pointer: the low 32 bits are `slot index + 1`, the high 32 bits a serial number drawn
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::comm::CommCell;
 use crate::error::Fail;
+use crate::reducer::ReducerCell;
 use crate::request::ReqCell;
 
 // Handles are 64-bit numbers carried in pointers.
@@ -37,6 +39,8 @@ pub(crate) enum Object {
     Comm(Arc<CommCell>),
     /// A pending request.
     Request(Arc<ReqCell>),
+    /// A gradient reducer.
+    Reducer(Arc<ReducerCell>),
 }
 
 /// The kinds of handles, for lookups and messages.
@@ -44,6 +48,7 @@ pub(crate) enum Object {
 pub(crate) enum Kind {
     Comm,
     Request,
+    Reducer,
 }
 
 impl Kind {
@@ -51,6 +56,7 @@ impl Kind {
         match self {
             Kind::Comm => "communicator",
             Kind::Request => "request",
+            Kind::Reducer => "reducer",
         }
     }
 }
@@ -60,6 +66,7 @@ impl Object {
         match self {
             Object::Comm(_) => Kind::Comm,
             Object::Request(_) => Kind::Request,
+            Object::Reducer(_) => Kind::Reducer,
         }
     }
 }

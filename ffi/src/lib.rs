@@ -23,18 +23,22 @@ mod comm;
 mod error;
 mod handle;
 mod p2p;
+mod reducer;
 mod request;
 mod sampler;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_coll;
+#[cfg(test)]
+mod tests_ddp;
 mod types;
 
 pub use collective::*;
 pub use comm::*;
 pub use error::{ferrocomm_last_error, ferrocomm_result, ferrocomm_strerror};
 pub use p2p::*;
+pub use reducer::*;
 pub use request::*;
 pub use sampler::*;
 pub use types::{ferrocomm_dtype, ferrocomm_op, ferrocomm_status_t};

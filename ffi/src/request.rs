@@ -120,7 +120,7 @@ pub(crate) fn register(p: Pending) -> *mut ferrocomm_request_t {
 fn cell_of(obj: Object) -> Result<Arc<ReqCell>, Fail> {
     match obj {
         Object::Request(c) => Ok(c),
-        Object::Comm(_) => Err(Fail::Handle("not a request".into())),
+        Object::Comm(_) | Object::Reducer(_) => Err(Fail::Handle("not a request".into())),
     }
 }
 

@@ -1,8 +1,8 @@
 //! The C ABI from the outside: the examples of `ffi/examples` compiled with the system's
 //! `cc`/`c++` against the built `libferrocomm.so` (and `.a`), run as 3 ranks under
 //! `ferrorun` with their output checked (`allreduce.c`, `allreduce.cpp` and `allreduce.py`
-//! check every collective's result themselves); three of them under valgrind; the Python module's
-//! tests and example; and `scripts/install` into a temporary prefix, then building against
+//! check every collective's result themselves, `ddp.c` that its replicas stay identical);
+//! three of them under valgrind; the Python module's tests and example; and `scripts/install` into a temporary prefix, then building against
 //! the installed files with and without pkg-config.
 //!
 //! The tests build the library and `ferrorun` in their own profile first (a no-op when they
@@ -230,6 +230,30 @@ fn c_examples_run_as_three_ranks() {
             );
         }
     }
+}
+
+/// `ddp.c`: broadcast_parameters, a reducer with several buckets, gradient accumulation and
+/// SGD on 3 ranks; the program checks that the loss fell and that every rank ends with the
+/// same parameters (a checksum's min and max over the ranks), and the test compares the
+/// printed parameters and checksums of the ranks too.
+#[test]
+fn c_ddp_example_trains_identical_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let ddp = compile("cc", "ddp.c", dir.path(), &shared_link());
+    let out = run_ok(launch(3, &[&ddp, &"100"]));
+    let mut tails = Vec::new();
+    for r in 0..3 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("rank {r} of 3: loss ")))
+            .unwrap_or_else(|| panic!("no line of rank {r}: {out}"));
+        assert!(line.ends_with(": ok"), "{out}");
+        // What follows the losses (which differ: each rank has its own data): the final
+        // parameters and the checksum.
+        let (_, tail) = line.split_once("after 100 steps").expect("the step count");
+        tails.push(tail.to_string());
+    }
+    assert!(tails.iter().all(|t| *t == tails[0]), "{out}");
 }
 
 #[test]
