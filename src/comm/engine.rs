@@ -895,6 +895,25 @@ impl Engine {
         })
     }
 
+    /// The envelope of a collective notice in context `ctx` from world rank `peer` (kept
+    /// for receives posted later), that of call `seq` if there is one, else the latest:
+    /// evidence that `peer` did not crash but gave up that call, or an earlier one that
+    /// this rank completed first (its connection may have closed right after, when it
+    /// failed its own engine).
+    pub fn notice_from(&self, ctx: u64, seq: u32, peer: usize) -> Option<Envelope> {
+        let mut from = self
+            .core
+            .notices
+            .iter()
+            .filter(|(p, env)| *p == peer && Env::key(env).0 == ctx)
+            .map(|(_, env)| *env);
+        let all: Vec<Envelope> = from.by_ref().collect();
+        all.iter()
+            .find(|env| Env::key(env).1 == seq)
+            .or(all.last())
+            .copied()
+    }
+
     /// The sticky error, if the engine has failed for good.
     pub fn fatal(&self) -> Option<Error> {
         self.core.fatal.clone()

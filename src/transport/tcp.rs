@@ -33,7 +33,10 @@
 //!
 //! End of stream, a reset, a refused or timed-out connect, or a malformed frame fails the
 //! peer: every buffer of it is forgotten, its sockets are closed and [`Events::peer_failed`]
-//! is reported once.
+//! is reported once. When sending fails (the peer closed or reset the connection), what the
+//! peer sent before is read and delivered first, and the failure reported after it: a peer
+//! that gives up a collective sends a notice saying why and then closes, and its notice
+//! must not be lost to the error of a send that happened to come first.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
@@ -249,6 +252,8 @@ struct Peer {
     failed: bool,
     /// The peer said goodbye: it finished normally.
     closed: bool,
+    /// Sending failed with this error: the peer fails once what it sent is read.
+    broken: Option<String>,
 }
 
 /// The TCP transport of one rank. See the module documentation.
@@ -271,6 +276,11 @@ pub struct TcpTransport {
     failures: Vec<(usize, String)>,
     /// Peers that said goodbye, not yet reported.
     closed: Vec<usize>,
+    /// Peers whose sending failed (see [`Peer::broken`]), to fail at the next progress.
+    broken: Vec<usize>,
+    /// Connections shut down for writing by [`Transport::abort`], kept open until the
+    /// transport is dropped (see there).
+    lingering: Vec<TcpStream>,
 }
 
 impl TcpTransport {
@@ -325,6 +335,8 @@ impl TcpTransport {
             sends_done: Vec::new(),
             failures: Vec::new(),
             closed: Vec::new(),
+            broken: Vec::new(),
+            lingering: Vec::new(),
         })
     }
 
@@ -554,11 +566,25 @@ impl TcpTransport {
     /// Writes as much of `peer`'s queue as the socket takes.
     fn flush(&mut self, peer: usize) {
         if let Err(detail) = self.try_flush(peer) {
-            self.fail(peer, detail);
+            let p = &mut self.peers[peer];
+            match p.conn.as_mut() {
+                // Read what the peer sent before failing it (see the module docs).
+                Some(c) if p.broken.is_none() => {
+                    c.readable = true;
+                    c.writable = false;
+                    p.broken = Some(detail);
+                    self.broken.push(peer);
+                }
+                Some(_) => {}
+                None => self.fail(peer, detail),
+            }
         }
     }
 
     fn try_flush(&mut self, peer: usize) -> std::result::Result<(), String> {
+        if self.peers[peer].broken.is_some() {
+            return Ok(());
+        }
         if self.peers[peer].conn.is_none() {
             if self.peers[peer].dialing.is_some() {
                 self.try_dial(peer)?;
@@ -1354,6 +1380,13 @@ impl Transport for TcpTransport {
                 self.read_peer(peer, ev);
             }
         }
+        for peer in std::mem::take(&mut self.broken) {
+            // Everything readable was read just above.
+            if let Some(detail) = self.peers[peer].broken.take() {
+                did = true;
+                self.fail(peer, detail);
+            }
+        }
         for token in self.sends_done.drain(..) {
             did = true;
             ev.send_done(token);
@@ -1381,6 +1414,7 @@ impl Transport for TcpTransport {
         if self.events_pending
             || !self.sends_done.is_empty()
             || !self.failures.is_empty()
+            || !self.broken.is_empty()
             || self.listener_ready
         {
             return Ok(());
@@ -1400,6 +1434,7 @@ impl Transport for TcpTransport {
         if self.events_pending
             || !self.sends_done.is_empty()
             || !self.failures.is_empty()
+            || !self.broken.is_empty()
             || self.listener_ready
         {
             return Ok(super::WaitFd::Ready);
@@ -1419,9 +1454,20 @@ impl Transport for TcpTransport {
 
     fn abort(&mut self) {
         for peer in 0..self.peers.len() {
-            if peer != self.rank {
-                self.fail(peer, "this rank aborted".into());
+            if peer == self.rank {
+                continue;
             }
+            // Closing a socket with unread bytes resets the connection, and a reset throws
+            // away what the kernel had not yet delivered, e.g. the notice a failing
+            // collective just sent saying why this rank gives up. So: shut down writing (the
+            // peer reads everything sent, then the end of stream) and close only when the
+            // transport is dropped.
+            if let Some(mut c) = self.peers[peer].conn.take() {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                self.lingering.push(c.stream);
+            }
+            self.fail(peer, "this rank aborted".into());
         }
         self.sends_done.clear();
         self.failures.clear();
