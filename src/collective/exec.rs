@@ -574,14 +574,28 @@ impl Exec<'_> {
     fn wait(&mut self) -> Result<()> {
         let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
         let shared = &self.comm.shared;
-        if let Err(e) = shared.wait_any(&ids, shared.cfg.op_timeout) {
-            return Err(match e {
-                Error::Timeout { waited, .. } => self.timed_out(waited),
-                other => other,
-            });
-        }
+        let start = Instant::now();
         let mut done: Vec<(usize, Result<Done>)> = Vec::new();
-        shared.take_done(&ids, |k, r| done.push((k, r)));
+        while done.is_empty() {
+            // A lost member dooms the call even when no request of this rank involves it
+            // (it would wait for ranks that wait for the lost one): fail now, and the
+            // notices tell the others.
+            let (losses, lost) = {
+                let eng = shared.lock();
+                (eng.losses(), self.lost_member(|w| eng.lost(w).cloned()))
+            };
+            if let Some(e) = lost {
+                return Err(self.explained(e));
+            }
+            let left = shared.cfg.op_timeout.map(|t| t.saturating_sub(start.elapsed()));
+            if let Err(e) = shared.wait_any_or_loss(&ids, losses, left) {
+                return Err(match e {
+                    Error::Timeout { .. } => self.timed_out(start.elapsed()),
+                    other => other,
+                });
+            }
+            shared.take_done(&ids, |k, r| done.push((k, r)));
+        }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         // A notice explains why its sender gave up; the sender then fails its engine and
         // closes its connections, so the same batch may hold losses of that sender that
@@ -601,10 +615,42 @@ impl Exec<'_> {
             }
         }
         match notice_err.or(first_err) {
-            Some(Error::PeerLost { peer, .. }) if let Some(e) = self.notice_waiting(peer) => Err(e),
-            Some(e) => Err(e),
+            Some(e) => Err(self.explained(e)),
             None => Ok(()),
         }
+    }
+
+    /// `err`, or for the loss of a peer that gave up a call first, the error its notice
+    /// describes (see [`Exec::notice_waiting`]).
+    fn explained(&mut self, err: Error) -> Error {
+        match err {
+            Error::PeerLost { peer, .. } if let Some(e) = self.notice_waiting(peer) => e,
+            e => e,
+        }
+    }
+
+    /// The error for the first member of the communicator that was lost (crashed, or its
+    /// connection broke), if any: explained by its notice when it gave up a call (see
+    /// [`Exec::notice_waiting`]).
+    fn lost_member(&self, lost: impl Fn(usize) -> Option<Error>) -> Option<Error> {
+        let comm = self.comm;
+        let me = comm.world_rank();
+        let (peer, why) = comm
+            .group
+            .world
+            .iter()
+            .filter(|&&w| w != me)
+            .find_map(|&w| lost(w).map(|e| (w, e)))?;
+        let detail = match why {
+            Error::PeerLost { detail, .. } => detail,
+            other => other.to_string(),
+        };
+        Some(Error::PeerLost {
+            rank: me,
+            peer,
+            op: self.call.describe_mine(),
+            detail: format!("{detail} (the call needs every rank of the communicator)"),
+        })
     }
 
     /// The error of a notice from world rank `peer` for this call that arrived before a

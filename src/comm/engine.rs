@@ -132,6 +132,11 @@ struct Core {
     slots: Vec<Slot>,
     free: Vec<u32>,
     failed: Vec<Option<Error>>,
+    /// Peers whose failure was a loss (a crash, a broken connection), not a goodbye.
+    lost: Vec<bool>,
+    /// Counts losses of peers and notices, so that a waiting collective learns of a loss
+    /// that completes none of its requests (see [`Engine::losses`]).
+    losses: u64,
     fatal: Option<Error>,
     /// Notices received lately (sender, envelope): collectives given up by a peer.
     notices: VecDeque<(usize, Envelope)>,
@@ -239,6 +244,7 @@ impl Core {
                 }),
             );
         }
+        self.losses += 1;
         if self.notices.len() == MAX_NOTICES {
             self.notices.pop_front();
         }
@@ -401,6 +407,10 @@ impl Events for Core {
         if let Some(f) = self.failed.get_mut(peer) {
             f.get_or_insert(err.clone());
         }
+        if let Some(l) = self.lost.get_mut(peer) {
+            *l = true;
+        }
+        self.losses += 1;
         // Fail everything that needs this peer: its transfers in flight, receives naming it,
         // and receives from any source (the peer may have been the one to send).
         let mut doomed = Vec::new();
@@ -460,6 +470,8 @@ impl Engine {
                 slots: Vec::new(),
                 free: Vec::new(),
                 failed: vec![None; world],
+                lost: vec![false; world],
+                losses: 0,
                 fatal: None,
                 notices: VecDeque::new(),
             },
@@ -912,6 +924,23 @@ impl Engine {
             .find(|env| Env::key(env).1 == seq)
             .or(all.last())
             .copied()
+    }
+
+    /// How many peer losses and collective notices this engine has seen: a waiter that
+    /// remembers the count learns that a peer was lost, even one none of its requests
+    /// involves (see [`crate::comm::shared::Shared::wait_any_or_loss`]).
+    pub fn losses(&self) -> u64 {
+        self.core.losses
+    }
+
+    /// Why world rank `peer` was lost (it crashed, or its connection broke), if it was; a
+    /// peer that closed its communicator normally is not lost.
+    pub fn lost(&self, peer: usize) -> Option<&Error> {
+        if self.core.lost.get(peer).copied().unwrap_or(false) {
+            self.core.peer_error(peer)
+        } else {
+            None
+        }
     }
 
     /// The sticky error, if the engine has failed for good.

@@ -182,8 +182,13 @@ enum Rx {
 /// An established connection with a peer: frames both ways.
 struct Conn {
     stream: TcpStream,
+    /// Reading may return more bytes (or the end of the stream).
     readable: bool,
     writable: bool,
+    /// Readiness said the peer's side closed (or the socket has an error): the end of the
+    /// stream (or the error) follows the bytes still queued, and edge-triggered readiness
+    /// will not announce it again, so reads go on until they reach it (see `after_read`).
+    hup: bool,
     /// The acceptor's answer, written before any frame.
     preface: Option<([u8; HELLO_LEN], usize)>,
     rx: Rx,
@@ -198,6 +203,7 @@ impl Conn {
             stream,
             readable: true,
             writable: true,
+            hup: false,
             preface: preface.map(|p| (p, 0)),
             rx: Rx::Header,
             buf: vec![0u8; STAGING].into_boxed_slice(),
@@ -894,9 +900,7 @@ impl TcpTransport {
                         match fill(&mut c.stream, &mut c.buf[end..]).map_err(ReadFault::Lost)? {
                             Some(n) => {
                                 c.end += n;
-                                // A short read emptied the socket: edge-triggered readiness
-                                // reports the next arrival, no need to read until EAGAIN.
-                                c.readable = n == room;
+                                c.readable = after_read(n, room, c.hup);
                             }
                             None => c.readable = false,
                         }
@@ -957,7 +961,7 @@ impl TcpTransport {
                         match fill(&mut c.stream, target).map_err(ReadFault::Lost)? {
                             Some(n) => {
                                 *got += n;
-                                c.readable = n == room;
+                                c.readable = after_read(n, room, c.hup);
                             }
                             None => c.readable = false,
                         }
@@ -968,7 +972,7 @@ impl TcpTransport {
                         match fill(&mut c.stream, &mut c.buf[..]).map_err(ReadFault::Lost)? {
                             Some(n) => {
                                 c.end = n;
-                                c.readable = n == room;
+                                c.readable = after_read(n, room, c.hup);
                             }
                             None => c.readable = false,
                         }
@@ -1180,6 +1184,7 @@ impl TcpTransport {
                 }
                 if readable || closed {
                     c.readable = true;
+                    c.hup |= closed;
                     self.read_peer(peer, ev);
                 }
                 if writable {
@@ -1227,6 +1232,16 @@ enum ReadFault {
 
 /// Reads into `buf`: `Some(n)` bytes (n > 0), `None` when nothing is available; end of
 /// stream and errors are failures of the peer.
+/// Whether a socket may hold more to read after a read of `n` bytes into `room`: a short
+/// read emptied it, and edge-triggered readiness reports the next arrival, so there is no
+/// need to read until EAGAIN, except when readiness already reported the peer's end
+/// (`hup`): that was the last report, and the end of the stream that follows the bytes
+/// just read must still be read, or the peer's death goes unnoticed (a peer that sends its
+/// last frame and exits at once delivers both in one readiness event).
+fn after_read(n: usize, room: usize, hup: bool) -> bool {
+    n == room || hup
+}
+
 fn fill(stream: &mut TcpStream, buf: &mut [u8]) -> std::result::Result<Option<usize>, String> {
     loop {
         match stream.read(buf) {
