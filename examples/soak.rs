@@ -25,7 +25,10 @@ use half::{bf16, f16};
 fn main() -> ExitCode {
     ferrocomm::init_logging();
     let mut args = std::env::args().skip(1);
-    let n = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000u64);
+    let n = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000u64);
     let seed = args
         .next()
         .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
@@ -67,8 +70,9 @@ pub struct Summary {
     pub elements: u64,
     /// Seconds the loop took.
     pub secs: f64,
-    /// VmRSS (KiB) after init, after the first 2% of the calls, and at the end.
-    pub rss_kib: [u64; 3],
+    /// VmRSS (KiB) after init, after the first 2% of the calls, after half of them, and at
+    /// the end: flat from the second on when nothing leaks.
+    pub rss_kib: [u64; 4],
 }
 
 impl std::fmt::Display for Summary {
@@ -76,7 +80,7 @@ impl std::fmt::Display for Summary {
         write!(
             f,
             "SOAK rank={} calls={} mismatches={} elements={} secs={:.1} rss_start_kib={} \
-             rss_warm_kib={} rss_end_kib={}",
+             rss_warm_kib={} rss_half_kib={} rss_end_kib={}",
             self.rank,
             self.calls,
             self.mismatches,
@@ -84,7 +88,8 @@ impl std::fmt::Display for Summary {
             self.secs,
             self.rss_kib[0],
             self.rss_kib[1],
-            self.rss_kib[2]
+            self.rss_kib[2],
+            self.rss_kib[3]
         )?;
         if let Some(m) = &self.first_mismatch {
             write!(f, " first_mismatch=\"{m}\"")?;
@@ -303,7 +308,7 @@ pub fn soak(comm: &Communicator, n: u64, seed: u64) -> Result<Summary, String> {
         first_mismatch: None,
         elements: 0,
         secs: 0.0,
-        rss_kib: [rss_kib(), 0, 0],
+        rss_kib: [rss_kib(), 0, 0, 0],
     };
     let warm = (n / 50).max(1);
     let started = Instant::now();
@@ -324,10 +329,13 @@ pub fn soak(comm: &Communicator, n: u64, seed: u64) -> Result<Summary, String> {
         if i + 1 == warm {
             s.rss_kib[1] = rss_kib();
         }
+        if i + 1 == n / 2 {
+            s.rss_kib[2] = rss_kib();
+        }
     }
     comm.barrier().map_err(|e| format!("final barrier: {e}"))?;
     s.secs = started.elapsed().as_secs_f64();
-    s.rss_kib[2] = rss_kib();
+    s.rss_kib[3] = rss_kib();
     Ok(s)
 }
 
@@ -364,7 +372,13 @@ fn one<T: Val>(comm: &Communicator, seed: u64, i: u64, s: &mut Summary) -> ferro
         }
         Kind::Broadcast => {
             let mut buf: Vec<T> = (0..b)
-                .map(|j| if me == plan.root { v(me, j) } else { T::small(9) })
+                .map(|j| {
+                    if me == plan.root {
+                        v(me, j)
+                    } else {
+                        T::small(9)
+                    }
+                })
                 .collect();
             comm.broadcast(&mut buf, plan.root)?;
             check(&buf, &|j| v(plan.root, j));

@@ -587,7 +587,10 @@ impl Exec<'_> {
             if let Some(e) = lost {
                 return Err(self.explained(e));
             }
-            let left = shared.cfg.op_timeout.map(|t| t.saturating_sub(start.elapsed()));
+            let left = shared
+                .cfg
+                .op_timeout
+                .map(|t| t.saturating_sub(start.elapsed()));
             if let Err(e) = shared.wait_any_or_loss(&ids, losses, left) {
                 return Err(match e {
                     Error::Timeout { .. } => self.timed_out(start.elapsed()),
