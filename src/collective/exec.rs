@@ -580,10 +580,24 @@ impl Exec<'_> {
             // A lost member dooms the call even when no request of this rank involves it
             // (it would wait for ranks that wait for the lost one): fail now, and the
             // notices tell the others.
-            let (losses, lost) = {
+            let (losses, lost, notice) = {
                 let eng = shared.lock();
-                (eng.losses(), self.lost_member(|w| eng.lost(w).cloned()))
+                (
+                    eng.losses(),
+                    self.lost_member(|w| eng.lost(w).cloned()),
+                    eng.notice_of(self.call.ctx, self.call.seq),
+                )
             };
+            // A member gave the call up (its notice found no receive of this rank posted).
+            if let Some((peer, env)) = notice {
+                let done = Done {
+                    peer,
+                    len: 0,
+                    env,
+                    rejected: true,
+                };
+                return Err(self.notice_error(&done, 0));
+            }
             if let Some(e) = lost {
                 return Err(self.explained(e));
             }
@@ -710,15 +724,7 @@ impl Exec<'_> {
                 self.pool.push(v);
                 self.scratch_out -= 1;
             }
-            let env = Env::decode(&done.env);
-            self.forward = Some(if done.rejected && env.kind == KIND_NOTICE {
-                (env.step >> 20, env.step & BLAME_NONE)
-            } else {
-                (NOTICE_MISMATCH, (done.peer as u32).min(BLAME_NONE))
-            });
-            return Err(self
-                .call
-                .rejected(self.comm, &done, want, self.started.elapsed()));
+            return Err(self.notice_error(&done, want));
         }
         if let Some(v) = scratch {
             self.state[i] = St::Arrived(v);
@@ -783,6 +789,56 @@ impl Exec<'_> {
             }
         }
         notices
+    }
+
+    /// The error for a receive that got a notice, another call's message, or a message
+    /// of the wrong size (`want` bytes expected); sets the notice to pass on.
+    fn notice_error(&mut self, done: &Done, want: usize) -> Error {
+        let env = Env::decode(&done.env);
+        if done.rejected
+            && env.kind == KIND_NOTICE
+            && env.step >> 20 == NOTICE_TIMEOUT
+            && let Some(e) = self.blamed_but_waiting(done.peer, env.step & BLAME_NONE)
+        {
+            return e;
+        }
+        self.forward = Some(if done.rejected && env.kind == KIND_NOTICE {
+            (env.step >> 20, env.step & BLAME_NONE)
+        } else {
+            (NOTICE_MISMATCH, (done.peer as u32).min(BLAME_NONE))
+        });
+        self.call
+            .rejected(self.comm, done, want, self.started.elapsed())
+    }
+
+    /// A timeout notice from world rank `from` blames `blamed`: when that is this rank,
+    /// which is not stuck but waiting in turn for another rank (`from` timed out first),
+    /// the error naming the rank this one waits for, which the notices pass on. `None`
+    /// when the notice blames another rank, or this rank waits for nobody but `from`.
+    fn blamed_but_waiting(&mut self, from: usize, blamed: u32) -> Option<Error> {
+        let comm = self.comm;
+        let me = comm.world_rank();
+        if blamed as usize != me {
+            return None;
+        }
+        let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
+        let stuck = self
+            .waiting_for()
+            .into_iter()
+            .map(|(r, _)| world(r))
+            .find(|&w| w != from && w != me)?;
+        self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
+        let waited = self.started.elapsed();
+        Some(Error::Timeout {
+            op: format!("{} on rank {}", self.call.describe_mine(), comm.rank()),
+            waited,
+            detail: format!(
+                "{} timed out in the call waiting for this rank and gave up, but this rank                  was itself waiting for {}: {} is stuck (stopped, hung in other work,                  unreachable, or much slower); raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no                  limit) if it is only slow",
+                Call::who(comm, from),
+                Call::who(comm, stuck),
+                Call::who(comm, stuck)
+            ),
+        })
     }
 
     /// The communicator ranks this rank is waiting for, each once: those of pending
@@ -852,6 +908,7 @@ impl Exec<'_> {
                         && d.peer == stuck
                         && blamed != BLAME_NONE as usize
                         && blamed != me
+                        && blamed != d.peer
                     {
                         via = Some(stuck);
                         stuck = blamed;

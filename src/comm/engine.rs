@@ -943,6 +943,17 @@ impl Engine {
         }
     }
 
+    /// The first collective notice kept for call `seq` of context `ctx`: its sender (world
+    /// rank) and envelope. The sender gave that call up, so the call cannot complete, even
+    /// on a rank with no receive posted for it.
+    pub fn notice_of(&self, ctx: u64, seq: u32) -> Option<(usize, Envelope)> {
+        self.core
+            .notices
+            .iter()
+            .find(|(_, env)| Env::key(env) == (ctx, seq))
+            .copied()
+    }
+
     /// The sticky error, if the engine has failed for good.
     pub fn fatal(&self) -> Option<Error> {
         self.core.fatal.clone()
