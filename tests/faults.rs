@@ -365,37 +365,46 @@ fn a_stopped_rank_is_named_by_the_timeout_of_the_others() {
     // SAFETY: kill(2) on a child of this test that has not been reaped yet.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let stopped_at = Instant::now();
-    let mut finished = Vec::new();
-    for (p, survivor) in ranks.into_iter().zip([0, 2]) {
-        let f = p.finish();
-        let after = stopped_at.elapsed();
-        assert_eq!(f.code(), Some(1), "the survivor fails: {f:?}");
+    // Both survivors end before any check, so that a failure shows both views.
+    let finished: Vec<_> = ranks
+        .into_iter()
+        .zip([0, 2])
+        .map(|(p, survivor)| {
+            let f = p.finish();
+            (survivor, f, stopped_at.elapsed())
+        })
+        .collect();
+    let both: String = finished.iter().map(|(_, f, _)| format!("{f:?}")).collect();
+    for (survivor, f, after) in &finished {
+        assert_eq!(f.code(), Some(1), "rank {survivor} fails: {both}");
         let err = f
             .stderr
             .lines()
             .find(|l| l.contains("RANKERR"))
-            .unwrap_or_else(|| panic!("no error: {f:?}"));
+            .unwrap_or_else(|| panic!("rank {survivor} reports no error: {both}"));
         eprintln!("rank {survivor} after {after:.1?}: {err}");
-        assert!(err.contains("[Timeout {"), "a timeout: {f:?}");
+        assert!(
+            err.contains("[Timeout {"),
+            "rank {survivor}: a timeout: {both}"
+        );
         // The loop runs all_reduce and all_to_all: the stop may catch either.
         assert!(
             ["in all_reduce(", "in all_to_all("]
                 .iter()
                 .any(|op| err.contains(op))
                 && err.contains(" (call #"),
-            "names the operation and the call: {f:?}"
+            "rank {survivor} names the operation and the call: {both}"
         );
         assert!(
             err.contains("rank 1 is stuck"),
-            "rank {survivor} names the stopped rank 1: {f:?}"
+            "rank {survivor} names the stopped rank 1: {both}"
         );
         // Never before the timeout (measured from the stop: the last progress was before
         // it); generously bounded above (2 s of settling, a loaded machine).
         assert!(
-            after >= Duration::from_secs(5) && after < Duration::from_secs(30),
-            "rank {survivor} gave up after {after:?}, timeout 5 s: {f:?}"
+            *after >= Duration::from_secs(5) && *after < Duration::from_secs(30),
+            "rank {survivor} gave up after {after:?}, timeout 5 s: {both}"
         );
-        finished.push(f);
     }
     // SAFETY: as above; the stopped rank is resumed and then killed.
     unsafe {

@@ -1,5 +1,5 @@
 //! Load and soak, short versions of the benchmark runs (the long runs and their numbers are
-//! in docs/BENCHMARKS.md): correctness and bounded completion only, no timing asserted.
+//! in docs/LOAD.md): correctness and bounded completion only, no timing asserted.
 //!
 //! - `soak_of_random_collectives_under_ferrorun`: `examples/soak.rs` (compiled into this
 //!   test) on 4 ranks under `ferrorun`: 2,000 collectives of random kinds, sizes, element

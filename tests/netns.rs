@@ -274,10 +274,15 @@ fn one_rank_node(
             "198.18.0.1",
             "--master-port",
             &port_s,
+            "--grace-period",
+            "60",
             "--",
         ])
         .args(self_as_rank())
         .env(common::ROLE, role)
+        // Every rank reports its own view of the fault instead of being stopped by the
+        // launchers when the first one fails.
+        .env(common::IGNORE_SIGTERM, "1")
         .envs(env.iter().copied());
     Proc::start(&format!("node {node}"), cmd)
 }

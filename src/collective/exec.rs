@@ -588,7 +588,8 @@ impl Exec<'_> {
                     eng.notice_of(self.call.ctx, self.call.seq),
                 )
             };
-            // A member gave the call up (its notice found no receive of this rank posted).
+            // A member gave the call up (its notice found no receive of this rank posted),
+            // or an earlier one that this rank completed: it joins no later call.
             if let Some((peer, env)) = notice {
                 let done = Done {
                     peer,
@@ -833,7 +834,10 @@ impl Exec<'_> {
             op: format!("{} on rank {}", self.call.describe_mine(), comm.rank()),
             waited,
             detail: format!(
-                "{} timed out in the call waiting for this rank and gave up, but this rank                  was itself waiting for {}: {} is stuck (stopped, hung in other work,                  unreachable, or much slower); raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no                  limit) if it is only slow",
+                "{} timed out in the call waiting for this rank and gave up, but this rank \
+                 was itself waiting for {}: {} is stuck (stopped, hung in other work, \
+                 unreachable, or much slower); raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no \
+                 limit) if it is only slow",
                 Call::who(comm, from),
                 Call::who(comm, stuck),
                 Call::who(comm, stuck)
@@ -887,8 +891,31 @@ impl Exec<'_> {
             if now >= deadline {
                 break;
             }
+            // A timeout notice of the suspect for an earlier call (which this rank
+            // completed) shows it alive and waiting too, no receive of this call needed.
+            let (losses, kept) = {
+                let eng = shared.lock();
+                let kept = eng.notice_from(self.call.ctx, self.call.seq, stuck);
+                (eng.losses(), kept)
+            };
+            if let Some(env) = kept.map(|e| Env::decode(&e)) {
+                let blamed = (env.step & BLAME_NONE) as usize;
+                if env.kind == KIND_NOTICE
+                    && env.step >> 20 == NOTICE_TIMEOUT
+                    && blamed != BLAME_NONE as usize
+                    && blamed != me
+                    && blamed != stuck
+                {
+                    via = Some(stuck);
+                    stuck = blamed;
+                    break;
+                }
+            }
             let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
-            if shared.wait_any(&ids, Some(deadline - now)).is_err() {
+            if shared
+                .wait_any_or_loss(&ids, losses, Some(deadline - now))
+                .is_err()
+            {
                 break;
             }
             let mut done: Vec<(usize, Result<Done>)> = Vec::new();
@@ -933,7 +960,7 @@ impl Exec<'_> {
             detail: format!(
                 "nothing of the call arrived or left for {waited:.1?} while this rank waited \
                  for: {list}; {} is stuck ({why}): it may be stopped, hung in other work, \
-                 or much slower; raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it \
+                 unreachable (a cut link), or much slower; raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it \
                  is only slow",
                 Call::who(comm, stuck)
             ),

@@ -402,7 +402,7 @@ impl Call {
                     waited,
                     detail: format!(
                         "{src} timed out in {the_call} waiting for {whom} and gave up: {whom} is stuck \
-                         (stopped, hung in other work, or much slower); raise \
+                         (stopped, hung in other work, unreachable, or much slower); raise \
                          FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it is only slow"
                     ),
                 },

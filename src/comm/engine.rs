@@ -943,15 +943,25 @@ impl Engine {
         }
     }
 
-    /// The first collective notice kept for call `seq` of context `ctx`: its sender (world
-    /// rank) and envelope. The sender gave that call up, so the call cannot complete, even
-    /// on a rank with no receive posted for it.
+    /// A collective notice kept for context `ctx` that dooms call `seq`: the first for
+    /// `seq` itself, else the latest for an earlier call (which this rank completed before
+    /// its sender gave it up; the sender then failed for good and joins no later call).
+    /// Its sender (world rank) and envelope.
     pub fn notice_of(&self, ctx: u64, seq: u32) -> Option<(usize, Envelope)> {
-        self.core
-            .notices
-            .iter()
-            .find(|(_, env)| Env::key(env) == (ctx, seq))
-            .copied()
+        let mut earlier = None;
+        for &(peer, env) in &self.core.notices {
+            let (c, tag) = Env::key(&env);
+            if c != ctx {
+                continue;
+            }
+            if tag == seq {
+                return Some((peer, env));
+            }
+            if tag < seq {
+                earlier = Some((peer, env));
+            }
+        }
+        earlier
     }
 
     /// The sticky error, if the engine has failed for good.
