@@ -248,7 +248,7 @@ impl Plan {
         let op = ops[(r >> 16) as usize % ops.len()];
         // Mostly small (eager), one in 16 up to 64 Ki elements (rendezvous, pipelined).
         let c = mix(r);
-        let count = if c % 16 == 0 {
+        let count = if c.is_multiple_of(16) {
             1 + (c >> 8) as usize % (64 * 1024)
         } else {
             1 + (c >> 8) as usize % 1024
