@@ -206,6 +206,8 @@ fn kill_trial(case: &TransportCase, trial: usize, seed: u64) {
         .iter()
         .flat_map(|n| records(&n.stdout(), "INFO"))
         .collect();
+    let mut trial_pids: Vec<usize> = infos.iter().map(|r| num(r, "pid")).collect();
+    trial_pids.extend(nodes.iter().map(|n| n.pid() as usize));
     let victim = rng.below(ranks as u64) as usize;
     let pid = infos
         .iter()
@@ -290,7 +292,17 @@ fn kill_trial(case: &TransportCase, trial: usize, seed: u64) {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "{what}: temporary files left: {left:?}");
-    let new_shm: Vec<_> = shm_segments().difference(&shm_before).cloned().collect();
+    // Other jobs on this machine (other test binaries) may create segments meanwhile:
+    // a segment named after a process (a decimal field of its name) that is not one of
+    // this trial's belongs to them; any other new segment counts.
+    let new_shm: Vec<_> = shm_segments()
+        .difference(&shm_before)
+        .filter(|name| {
+            let pids: Vec<usize> = name.split('-').filter_map(|p| p.parse().ok()).collect();
+            pids.is_empty() || pids.iter().any(|p| trial_pids.contains(p))
+        })
+        .cloned()
+        .collect();
     assert!(
         new_shm.is_empty(),
         "{what}: shared-memory segments left in /dev/shm: {new_shm:?}"
