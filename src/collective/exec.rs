@@ -597,7 +597,7 @@ impl Exec<'_> {
                     env,
                     rejected: true,
                 };
-                return Err(self.notice_error(&done, 0));
+                return Err(self.notice_error(&done, 0, None));
             }
             if let Some(e) = lost {
                 return Err(self.explained(e));
@@ -725,7 +725,8 @@ impl Exec<'_> {
                 self.pool.push(v);
                 self.scratch_out -= 1;
             }
-            return Err(self.notice_error(&done, want));
+            let peer = self.pieces[i].peer;
+            return Err(self.notice_error(&done, want, Some(peer)));
         }
         if let Some(v) = scratch {
             self.state[i] = St::Arrived(v);
@@ -793,13 +794,14 @@ impl Exec<'_> {
     }
 
     /// The error for a receive that got a notice, another call's message, or a message
-    /// of the wrong size (`want` bytes expected); sets the notice to pass on.
-    fn notice_error(&mut self, done: &Done, want: usize) -> Error {
+    /// of the wrong size (`want` bytes expected); sets the notice to pass on. `posted_for`:
+    /// the communicator rank the receive was posted for (this rank was waiting for it).
+    fn notice_error(&mut self, done: &Done, want: usize, posted_for: Option<usize>) -> Error {
         let env = Env::decode(&done.env);
         if done.rejected
             && env.kind == KIND_NOTICE
             && env.step >> 20 == NOTICE_TIMEOUT
-            && let Some(e) = self.blamed_but_waiting(done.peer, env.step & BLAME_NONE)
+            && let Some(e) = self.blamed_but_waiting(done.peer, env.step & BLAME_NONE, posted_for)
         {
             return e;
         }
@@ -816,17 +818,23 @@ impl Exec<'_> {
     /// which is not stuck but waiting in turn for another rank (`from` timed out first),
     /// the error naming the rank this one waits for, which the notices pass on. `None`
     /// when the notice blames another rank, or this rank waits for nobody but `from`.
-    fn blamed_but_waiting(&mut self, from: usize, blamed: u32) -> Option<Error> {
+    fn blamed_but_waiting(
+        &mut self,
+        from: usize,
+        blamed: u32,
+        posted_for: Option<usize>,
+    ) -> Option<Error> {
         let comm = self.comm;
         let me = comm.world_rank();
         if blamed as usize != me {
             return None;
         }
         let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
-        let stuck = self
-            .waiting_for()
+        // The receive the notice took was waiting too (it is no longer pending).
+        let stuck = posted_for
             .into_iter()
-            .map(|(r, _)| world(r))
+            .chain(self.waiting_for().into_iter().map(|(r, _)| r))
+            .map(world)
             .find(|&w| w != from && w != me)?;
         self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
         let waited = self.started.elapsed();
