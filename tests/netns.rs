@@ -27,7 +27,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::{Proc, clean_env, num, require_all, self_as_rank};
+use std::time::{Duration, Instant};
+
+use common::{Proc, clean_env, count, num, require_all, self_as_rank, unix_ms};
 
 #[test]
 fn rank_entry_point() {
@@ -36,6 +38,8 @@ fn rank_entry_point() {
 
 /// The namespaces of one test run; deleted on drop.
 struct Cluster {
+    /// The switch's namespace (its port `pI` leads to node I).
+    switch: String,
     /// Node i's namespace.
     nodes: Vec<String>,
     /// Every namespace created so far (the switch and the nodes), for the clean-up.
@@ -83,6 +87,7 @@ impl Cluster {
         delete_stale();
         let tag = format!("fci{}", std::process::id());
         let mut cluster = Cluster {
+            switch: String::new(),
             nodes: Vec::new(),
             created: Vec::new(),
         };
@@ -91,6 +96,7 @@ impl Cluster {
         let sw = format!("{tag}sw");
         ip(&["netns", "add", &sw])?;
         cluster.created.push(sw.clone());
+        cluster.switch = sw.clone();
         ip(&["-n", &sw, "link", "set", "lo", "up"])?;
         ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &sw, "link", "set", "br0", "up"])?;
@@ -222,5 +228,196 @@ fn two_jobs_on_three_namespace_nodes() {
         job_ids.len(),
         2,
         "two jobs, each with its own id: {job_ids:?}"
+    );
+}
+
+/// The cluster of a test, or `None` (after printing why) when namespaces cannot be made
+/// here and FERROCOMM_REQUIRE_ALL is not set.
+fn cluster_or_skip(test: &str, n: usize) -> Option<Cluster> {
+    match Cluster::create(n) {
+        Ok(c) => Some(c),
+        Err(why) if require_all() => {
+            panic!("cannot create network namespaces, and FERROCOMM_REQUIRE_ALL=1: {why}")
+        }
+        Err(why) => {
+            eprintln!(
+                "SKIPPED {test}: cannot create network namespaces (needs root or \
+                 CAP_SYS_ADMIN, and iproute2): {why}"
+            );
+            None
+        }
+    }
+}
+
+/// `ip netns exec NS ferrorun ...` for node `node` of a job of `nnodes` nodes with one rank
+/// each, running `role` with `env`.
+fn one_rank_node(
+    ns: &str,
+    node: usize,
+    nnodes: usize,
+    port: u16,
+    role: &str,
+    env: &[(&str, &str)],
+) -> Proc {
+    let mut cmd = Command::new("ip");
+    clean_env(&mut cmd);
+    let (node_s, nnodes_s, port_s) = (node.to_string(), nnodes.to_string(), port.to_string());
+    cmd.args(["netns", "exec", ns, common::FERRORUN])
+        .args([
+            "--nnodes",
+            &nnodes_s,
+            "--node-rank",
+            &node_s,
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "198.18.0.1",
+            "--master-port",
+            &port_s,
+            "--grace-period",
+            "60",
+            "--",
+        ])
+        .args(self_as_rank())
+        .env(common::ROLE, role)
+        // Every rank reports its own view of the fault instead of being stopped by the
+        // launchers when the first one fails.
+        .env(common::IGNORE_SIGTERM, "1")
+        .envs(env.iter().copied());
+    Proc::start(&format!("node {node}"), cmd)
+}
+
+/// The rank an error blames: "rank N is stuck" (a timeout) or "lost peer rank N".
+fn blamed(err: &str) -> Option<usize> {
+    let after = |pat: &str| -> Option<usize> {
+        let (_, rest) = err.split_once(pat)?;
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    if let Some((head, _)) = err.split_once(" is stuck") {
+        let n = head.rsplit_once("rank ")?.1;
+        return n.parse().ok();
+    }
+    after("lost peer rank ")
+}
+
+/// Operation timeout of the link-cut test (seconds).
+const CUT_TIMEOUT_S: u64 = 5;
+
+/// Three nodes, one rank each, in an all_reduce/all_to_all loop; node 2's cable (its port
+/// on the switch) is cut. Every rank fails within the operation timeout (plus the settling
+/// and a generous margin for a loaded machine) with a timeout or a lost peer that names a
+/// rank across the cut: ranks 0 and 1 name rank 2, rank 2 names rank 0 or 1.
+#[test]
+fn a_cut_link_is_named_within_the_timeout() {
+    let Some(cluster) = cluster_or_skip("a_cut_link_is_named_within_the_timeout", 3) else {
+        return;
+    };
+    let timeout = CUT_TIMEOUT_S.to_string();
+    let env = [
+        ("FERROCOMM_OP_TIMEOUT", timeout.as_str()),
+        (common::MAX_SECS, "80"),
+    ];
+    let mut nodes: Vec<Proc> = (0..3)
+        .map(|i| one_rank_node(&cluster.nodes[i], i, 3, 5005, "allreduce-loop", &env))
+        .collect();
+    for n in nodes.iter_mut() {
+        n.wait_for("its rank looping", |o| count(o, "LOOPING") == 1);
+    }
+    std::thread::sleep(Duration::from_millis(u64::from(std::process::id() % 200)));
+    let cut_at = unix_ms();
+    ip(&["-n", &cluster.switch, "link", "set", "p2", "down"]).expect("cut node 2's link");
+    let finished: Vec<_> = nodes
+        .into_iter()
+        .map(|p| p.finish_within(Duration::from_secs(60)))
+        .collect();
+    for (rank, f) in finished.iter().enumerate() {
+        assert_ne!(f.code(), Some(0), "rank {rank} cannot finish: {f:?}");
+        let err = f
+            .stderr
+            .lines()
+            .find(|l| l.contains("RANKERR"))
+            .unwrap_or_else(|| panic!("rank {rank} reports no error: {f:?}"));
+        eprintln!("rank {rank}: {err}");
+        assert!(
+            err.contains("[Timeout {") || err.contains("[PeerLost {"),
+            "rank {rank}: a timeout or a lost peer: {f:?}"
+        );
+        let who = blamed(err).unwrap_or_else(|| panic!("rank {rank} names nobody: {f:?}"));
+        let across = if rank == 2 { who != 2 } else { who == 2 };
+        assert!(
+            across,
+            "rank {rank} names rank {who}, not a rank across the cut: {f:?}"
+        );
+        let failed_at = f
+            .records("FAILTIME")
+            .first()
+            .map(|r| num(r, "unix_ms") as u64)
+            .or_else(|| {
+                common::records(&f.stderr, "FAILTIME")
+                    .first()
+                    .map(|r| num(r, "unix_ms") as u64)
+            })
+            .unwrap_or_else(|| panic!("rank {rank}: no FAILTIME: {f:?}"));
+        let took = Duration::from_millis(failed_at.saturating_sub(cut_at));
+        // The timeout, then up to 1 s of settling; a generous margin above.
+        assert!(
+            took < Duration::from_secs(CUT_TIMEOUT_S + 15),
+            "rank {rank} failed {took:?} after the cut (timeout {CUT_TIMEOUT_S} s): {f:?}"
+        );
+    }
+}
+
+/// Every link of a three-node cluster limited to 100 Mbit/s (tc tbf on the switch's
+/// ports): 60 iterations of the all_reduce/all_to_all loop (up to 1 MiB, every word
+/// checked by the ranks) finish on every rank.
+#[test]
+fn a_rate_limited_link_gives_correct_results() {
+    let Some(cluster) = cluster_or_skip("a_rate_limited_link_gives_correct_results", 3) else {
+        return;
+    };
+    for i in 0..3 {
+        let port = format!("p{i}");
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &cluster.switch,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                &port,
+            ])
+            .args([
+                "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "100ms",
+            ])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            other if require_all() => panic!("tc tbf on {port} failed: {other:?}"),
+            other => {
+                eprintln!(
+                    "SKIPPED a_rate_limited_link_gives_correct_results: tc (iproute2) with \
+                     tbf is not usable here: {other:?}"
+                );
+                return;
+            }
+        }
+    }
+    let env = [(common::ITERS, "60"), (common::MAX_SECS, "80")];
+    let started = Instant::now();
+    let nodes: Vec<Proc> = (0..3)
+        .map(|i| one_rank_node(&cluster.nodes[i], i, 3, 5006, "allreduce-loop", &env))
+        .collect();
+    for (rank, f) in common::finish_all(nodes).iter().enumerate() {
+        assert_eq!(f.code(), Some(0), "rank {rank}: {f:?}");
+        assert_eq!(f.records("FINISHED").len(), 1, "rank {rank}: {f:?}");
+    }
+    eprintln!(
+        "60 iterations over 100 Mbit/s links in {:.1?}",
+        started.elapsed()
     );
 }

@@ -25,17 +25,31 @@
 //! a notice) fails the collective with [`Error::CollectiveMismatch`] (or the error the
 //! notice describes); a lost peer, a timeout (no request finished for the operation
 //! timeout) or an abort fail it too. On failure the rank sends a notice to every peer of its
-//! schedule, so that ranks blocked in the collective fail at once instead of waiting for
+//! schedule (and then to the communicator's other ranks), so that ranks blocked in the collective fail at once instead of waiting for
 //! their timeout, and then fails the process's engine with the error (see the module
 //! documentation of [`crate::collective`]).
+//!
+//! # Naming the stuck rank
+//!
+//! When one rank stops (SIGSTOP, a long pause, an endless loop outside the library), the
+//! ranks of a collective stop making progress at nearly the same moment and time out
+//! together; only those that wait directly for the stopped rank can name it. So a rank
+//! that times out first tells the schedule's peers at once whom it waits for (a timeout
+//! notice blaming the rank of its first pending receive, else of its first pending send),
+//! then *settles* for a moment ([`settle_time`]): a timeout notice from the very rank it
+//! was waiting for shows that rank alive and waiting in turn, and the blame moves on to
+//! whom that rank waits for. The error then names the rank that is probably stuck, the
+//! ranks it waited for, and the call. (One hop is resolved per settle: in longer chains a
+//! rank may name a rank that was itself waiting; each rank's message says whom it waited
+//! for, so the chain can be followed from the logs.)
 
 use std::ops::Range;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::schedule::{Buf, Op, Schedule};
 use super::{BLAME_NONE, Call, notice_reason};
 use crate::comm::envelope::STEP_MAX;
-use crate::comm::envelope::{Env, KIND_NOTICE, NOTICE_MISMATCH};
+use crate::comm::envelope::{Env, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_TIMEOUT};
 use crate::comm::{Communicator, Done, RawRequest};
 use crate::element::{DType, Order, ReduceOp, divide_bytes, reduce_bytes};
 use crate::error::{Error, Result};
@@ -55,6 +69,13 @@ const MAX_SCRATCH: usize = 16;
 const NOTICE_GRACE: Duration = Duration::from_secs(2);
 /// Scratch memory kept between calls, at most (bytes).
 const KEEP_TMP: usize = 16 << 20;
+
+/// How long a rank that timed out listens for the timeout notices of its peers before it
+/// names the stuck rank (see the module documentation): a fifth of the operation timeout,
+/// at most 2 s.
+fn settle_time(op_timeout: Duration) -> Duration {
+    (op_timeout / 5).min(Duration::from_secs(2))
+}
 
 /// Scratch memory a communicator keeps between collectives, so that large collectives do
 /// not fault fresh pages in on every call.
@@ -182,6 +203,10 @@ struct Exec<'a> {
     /// The notice to pass on: reason and blamed world rank, when a received message made
     /// this rank give up.
     forward: Option<(u32, u32)>,
+    /// Notices already sent (a timeout tells the peers at once), awaited by [`Exec::fail`].
+    notices: Option<Vec<RawRequest>>,
+    /// When the call started.
+    started: Instant,
 }
 
 fn region_index(b: Buf) -> usize {
@@ -250,6 +275,8 @@ pub(crate) fn run(
         pool: std::mem::take(&mut cache.pieces),
         scratch_len: 0,
         forward: None,
+        notices: None,
+        started: Instant::now(),
     };
     ex.scratch_len = ex
         .pieces
@@ -547,23 +574,124 @@ impl Exec<'_> {
     fn wait(&mut self) -> Result<()> {
         let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
         let shared = &self.comm.shared;
-        shared.wait_any(&ids, shared.cfg.op_timeout)?;
+        let start = Instant::now();
         let mut done: Vec<(usize, Result<Done>)> = Vec::new();
-        shared.take_done(&ids, |k, r| done.push((k, r)));
+        while done.is_empty() {
+            // A lost member dooms the call even when no request of this rank involves it
+            // (it would wait for ranks that wait for the lost one): fail now, and the
+            // notices tell the others.
+            let (losses, lost, notice) = {
+                let eng = shared.lock();
+                (
+                    eng.losses(),
+                    self.lost_member(|w| eng.lost(w).cloned()),
+                    eng.notice_of(self.call.ctx, self.call.seq),
+                )
+            };
+            // A member gave the call up (its notice found no receive of this rank posted),
+            // or an earlier one that this rank completed: it joins no later call.
+            if let Some((peer, env)) = notice {
+                let done = Done {
+                    peer,
+                    len: 0,
+                    env,
+                    rejected: true,
+                };
+                return Err(self.notice_error(&done, 0, None));
+            }
+            if let Some(e) = lost {
+                return Err(self.explained(e));
+            }
+            let left = shared
+                .cfg
+                .op_timeout
+                .map(|t| t.saturating_sub(start.elapsed()));
+            if let Err(e) = shared.wait_any_or_loss(&ids, losses, left) {
+                return Err(match e {
+                    Error::Timeout { .. } => self.timed_out(start.elapsed()),
+                    other => other,
+                });
+            }
+            shared.take_done(&ids, |k, r| done.push((k, r)));
+        }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
-        let mut first_err = None;
+        // A notice explains why its sender gave up; the sender then fails its engine and
+        // closes its connections, so the same batch may hold losses of that sender that
+        // are only consequences: the notice wins.
+        let (mut first_err, mut notice_err) = (None, None);
         for (k, r) in done {
             let req = self.reqs.swap_remove(k);
             let i = self.req_piece.swap_remove(k);
             req.finished();
+            let from_notice = matches!(&r, Ok(d) if d.rejected);
             if let Err(e) = self.finished(i, r) {
-                first_err.get_or_insert(e);
+                if from_notice {
+                    notice_err.get_or_insert(e);
+                } else {
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        match first_err {
-            Some(e) => Err(e),
+        match notice_err.or(first_err) {
+            Some(e) => Err(self.explained(e)),
             None => Ok(()),
         }
+    }
+
+    /// `err`, or for the loss of a peer that gave up a call first, the error its notice
+    /// describes (see [`Exec::notice_waiting`]).
+    fn explained(&mut self, err: Error) -> Error {
+        match err {
+            Error::PeerLost { peer, .. } if let Some(e) = self.notice_waiting(peer) => e,
+            e => e,
+        }
+    }
+
+    /// The error for the first member of the communicator that was lost (crashed, or its
+    /// connection broke), if any: explained by its notice when it gave up a call (see
+    /// [`Exec::notice_waiting`]).
+    fn lost_member(&self, lost: impl Fn(usize) -> Option<Error>) -> Option<Error> {
+        let comm = self.comm;
+        let me = comm.world_rank();
+        let (peer, why) = comm
+            .group
+            .world
+            .iter()
+            .filter(|&&w| w != me)
+            .find_map(|&w| lost(w).map(|e| (w, e)))?;
+        let detail = match why {
+            Error::PeerLost { detail, .. } => detail,
+            other => other.to_string(),
+        };
+        Some(Error::PeerLost {
+            rank: me,
+            peer,
+            op: self.call.describe_mine(),
+            detail: format!("{detail} (the call needs every rank of the communicator)"),
+        })
+    }
+
+    /// The error of a notice from world rank `peer` for this call that arrived before a
+    /// receive of this rank could take it (then the peer closed its connections): the
+    /// peer did not crash, it gave up, and the notice says why.
+    fn notice_waiting(&mut self, peer: usize) -> Option<Error> {
+        let env = self
+            .comm
+            .shared
+            .lock()
+            .notice_from(self.call.ctx, self.call.seq, peer)?;
+        let step = Env::decode(&env).step;
+        self.forward = Some((step >> 20, step & BLAME_NONE));
+        let done = Done {
+            peer,
+            len: 0,
+            env,
+            rejected: true,
+        };
+        Some(
+            self.call
+                .rejected(self.comm, &done, 0, self.started.elapsed()),
+        )
     }
 
     fn finished(&mut self, i: usize, r: Result<Done>) -> Result<()> {
@@ -597,13 +725,8 @@ impl Exec<'_> {
                 self.pool.push(v);
                 self.scratch_out -= 1;
             }
-            let env = Env::decode(&done.env);
-            self.forward = Some(if done.rejected && env.kind == KIND_NOTICE {
-                (env.step >> 20, env.step & BLAME_NONE)
-            } else {
-                (NOTICE_MISMATCH, (done.peer as u32).min(BLAME_NONE))
-            });
-            return Err(self.call.rejected(self.comm, &done, want));
+            let peer = self.pieces[i].peer;
+            return Err(self.notice_error(&done, want, Some(peer)));
         }
         if let Some(v) = scratch {
             self.state[i] = St::Arrived(v);
@@ -619,13 +742,10 @@ impl Exec<'_> {
         let shared = &self.comm.shared;
         if shared.lock().fatal().is_none() {
             let (reason, blamed) = self.forward.unwrap_or_else(|| notice_reason(&err));
-            let mut notices = Vec::new();
-            for &peer in &self.peers {
-                // SAFETY: a notice has no payload.
-                if let Ok(r) = unsafe { self.call.notice(self.comm, peer, reason, blamed) } {
-                    notices.push(r);
-                }
-            }
+            let notices = match self.notices.take() {
+                Some(sent) => sent,
+                None => self.send_notices(reason, blamed),
+            };
             let ids: Vec<Token> = notices.iter().map(RawRequest::id).collect();
             let deadline = std::time::Instant::now() + NOTICE_GRACE;
             let mut left = ids.clone();
@@ -651,6 +771,208 @@ impl Exec<'_> {
             drop(pending);
         }
         err
+    }
+}
+
+impl Exec<'_> {
+    /// Sends a notice (`reason`, `blamed` world rank) to every peer of the schedule, then to
+    /// every other rank of the communicator: a rank that already completed this call and
+    /// waits for this one in a later call, with which this call exchanged nothing, must
+    /// learn why too (else it sees only this rank's connections close). Failure path only:
+    /// the extra notices cost nothing in a call that succeeds.
+    fn send_notices(&self, reason: u32, blamed: u32) -> Vec<RawRequest> {
+        let mut notices = Vec::new();
+        let me = self.comm.rank();
+        let others = (0..self.comm.size()).filter(|r| *r != me && !self.peers.contains(r));
+        for peer in self.peers.iter().copied().chain(others) {
+            // SAFETY: a notice has no payload.
+            if let Ok(r) = unsafe { self.call.notice(self.comm, peer, reason, blamed) } {
+                notices.push(r);
+            }
+        }
+        notices
+    }
+
+    /// The error for a receive that got a notice, another call's message, or a message
+    /// of the wrong size (`want` bytes expected); sets the notice to pass on. `posted_for`:
+    /// the communicator rank the receive was posted for (this rank was waiting for it).
+    fn notice_error(&mut self, done: &Done, want: usize, posted_for: Option<usize>) -> Error {
+        let env = Env::decode(&done.env);
+        if done.rejected
+            && env.kind == KIND_NOTICE
+            && env.step >> 20 == NOTICE_TIMEOUT
+            && let Some(e) = self.blamed_but_waiting(done.peer, env.step & BLAME_NONE, posted_for)
+        {
+            return e;
+        }
+        self.forward = Some(if done.rejected && env.kind == KIND_NOTICE {
+            (env.step >> 20, env.step & BLAME_NONE)
+        } else {
+            (NOTICE_MISMATCH, (done.peer as u32).min(BLAME_NONE))
+        });
+        self.call
+            .rejected(self.comm, done, want, self.started.elapsed())
+    }
+
+    /// A timeout notice from world rank `from` blames `blamed`: when that is this rank,
+    /// which is not stuck but waiting in turn for another rank (`from` timed out first),
+    /// the error naming the rank this one waits for, which the notices pass on. `None`
+    /// when the notice blames another rank, or this rank waits for nobody but `from`.
+    fn blamed_but_waiting(
+        &mut self,
+        from: usize,
+        blamed: u32,
+        posted_for: Option<usize>,
+    ) -> Option<Error> {
+        let comm = self.comm;
+        let me = comm.world_rank();
+        if blamed as usize != me {
+            return None;
+        }
+        let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
+        // The receive the notice took was waiting too (it is no longer pending).
+        let stuck = posted_for
+            .into_iter()
+            .chain(self.waiting_for().into_iter().map(|(r, _)| r))
+            .map(world)
+            .find(|&w| w != from && w != me)?;
+        self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
+        let waited = self.started.elapsed();
+        Some(Error::Timeout {
+            op: format!("{} on rank {}", self.call.describe_mine(), comm.rank()),
+            waited,
+            detail: format!(
+                "{} timed out in the call waiting for this rank and gave up, but this rank \
+                 was itself waiting for {}: {} is stuck (stopped, hung in other work, \
+                 unreachable, or much slower); raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no \
+                 limit) if it is only slow",
+                Call::who(comm, from),
+                Call::who(comm, stuck),
+                Call::who(comm, stuck)
+            ),
+        })
+    }
+
+    /// The communicator ranks this rank is waiting for, each once: those of pending
+    /// receives first (their data is what is missing), then those of pending sends, with
+    /// `true` for a receive.
+    fn waiting_for(&self) -> Vec<(usize, bool)> {
+        let mut out: Vec<(usize, bool)> = Vec::new();
+        for want_recv in [true, false] {
+            for &i in &self.req_piece {
+                let p = &self.pieces[i];
+                let is_recv = matches!(p.kind, Kind::Recv(_));
+                if is_recv == want_recv && !out.iter().any(|&(q, _)| q == p.peer) {
+                    out.push((p.peer, is_recv));
+                }
+            }
+        }
+        out
+    }
+
+    /// No request finished for `waited` (the operation timeout): tells the peers whom this
+    /// rank waits for, settles (see the module documentation) and returns the timeout
+    /// error naming the rank that is probably stuck.
+    fn timed_out(&mut self, waited: Duration) -> Error {
+        let comm = self.comm;
+        let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
+        let me = comm.world_rank();
+        let waiting = self.waiting_for();
+        let list = waiting
+            .iter()
+            .map(|&(r, recv)| {
+                let what = if recv { "receive from" } else { "send to" };
+                format!("{what} {}", Call::who(comm, world(r)))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let Some(&(first, _)) = waiting.first() else {
+            return internal(self.call, "a timeout with nothing in flight");
+        };
+        let mut stuck = world(first);
+        let mut via: Option<usize> = None;
+        self.notices = Some(self.send_notices(NOTICE_TIMEOUT, stuck as u32));
+        let shared = &comm.shared;
+        let deadline = Instant::now() + shared.cfg.op_timeout.map_or(Duration::ZERO, settle_time);
+        while via.is_none() && !self.reqs.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // A timeout notice of the suspect for an earlier call (which this rank
+            // completed) shows it alive and waiting too, no receive of this call needed.
+            let (losses, kept) = {
+                let eng = shared.lock();
+                let kept = eng.notice_from(self.call.ctx, self.call.seq, stuck);
+                (eng.losses(), kept)
+            };
+            if let Some(env) = kept.map(|e| Env::decode(&e)) {
+                let blamed = (env.step & BLAME_NONE) as usize;
+                if env.kind == KIND_NOTICE
+                    && env.step >> 20 == NOTICE_TIMEOUT
+                    && blamed != BLAME_NONE as usize
+                    && blamed != me
+                    && blamed != stuck
+                {
+                    via = Some(stuck);
+                    stuck = blamed;
+                    break;
+                }
+            }
+            let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+            if shared
+                .wait_any_or_loss(&ids, losses, Some(deadline - now))
+                .is_err()
+            {
+                break;
+            }
+            let mut done: Vec<(usize, Result<Done>)> = Vec::new();
+            shared.take_done(&ids, |k, r| done.push((k, r)));
+            done.sort_by_key(|d| std::cmp::Reverse(d.0));
+            for (k, r) in done {
+                let req = self.reqs.swap_remove(k);
+                let i = self.req_piece.swap_remove(k);
+                req.finished();
+                if let Ok(d) = &r
+                    && d.rejected
+                {
+                    let env = Env::decode(&d.env);
+                    let blamed = (env.step & BLAME_NONE) as usize;
+                    if env.kind == KIND_NOTICE
+                        && env.step >> 20 == NOTICE_TIMEOUT
+                        && d.peer == stuck
+                        && blamed != BLAME_NONE as usize
+                        && blamed != me
+                        && blamed != d.peer
+                    {
+                        via = Some(stuck);
+                        stuck = blamed;
+                    }
+                }
+                // Keeps the pieces' states consistent; the call fails anyway.
+                let _ = self.finished(i, r);
+            }
+        }
+        self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
+        let why = match via {
+            Some(v) => format!(
+                "{} timed out too, waiting for {}",
+                Call::who(comm, v),
+                Call::who(comm, stuck)
+            ),
+            None => String::from("it sent nothing"),
+        };
+        Error::Timeout {
+            op: format!("{} on rank {}", self.call.describe_mine(), comm.rank()),
+            waited,
+            detail: format!(
+                "nothing of the call arrived or left for {waited:.1?} while this rank waited \
+                 for: {list}; {} is stuck ({why}): it may be stopped, hung in other work, \
+                 unreachable (a cut link), or much slower; raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it \
+                 is only slow",
+                Call::who(comm, stuck)
+            ),
+        }
     }
 }
 

@@ -331,7 +331,7 @@ impl Call {
     }
 
     /// "rank 3" or "rank 3 (world rank 7)" for world rank `w`.
-    fn who(comm: &Communicator, w: usize) -> String {
+    pub(crate) fn who(comm: &Communicator, w: usize) -> String {
         match comm.group.rank_of.get(w) {
             Some(&r) if r as usize == w => format!("rank {r}"),
             Some(&r) if r != u32::MAX => format!("rank {r} (world rank {w})"),
@@ -340,8 +340,14 @@ impl Call {
     }
 
     /// The error for a receive that got another call's message, a notice, or a message of
-    /// the wrong size (`want` bytes expected).
-    pub fn rejected(&self, comm: &Communicator, done: &Done, want: usize) -> Error {
+    /// the wrong size (`want` bytes expected); `waited`: since the call started.
+    pub fn rejected(
+        &self,
+        comm: &Communicator,
+        done: &Done,
+        want: usize,
+        waited: std::time::Duration,
+    ) -> Error {
         let env = Env::decode(&done.env);
         let mine = self.describe_mine();
         let src = Call::who(comm, done.peer);
@@ -353,6 +359,16 @@ impl Call {
                 String::from("another rank")
             } else {
                 Call::who(comm, blamed as usize)
+            };
+            // A notice of an earlier call that this rank completed before the peer gave
+            // it up (found when the peer's connection closed, see `exec`).
+            let the_call = if env.tag == self.seq {
+                String::from("the call")
+            } else {
+                format!(
+                    "its call #{} ({theirs}), which this rank had completed,",
+                    env.tag
+                )
             };
             return match reason {
                 NOTICE_MISMATCH => Error::CollectiveMismatch {
@@ -371,19 +387,30 @@ impl Call {
                         blamed as usize
                     },
                     op: mine,
-                    detail: format!("{src} gave up the call because it lost {whom}"),
+                    detail: format!("{src} gave up {the_call} because it lost {whom}"),
                 },
-                NOTICE_TIMEOUT => Error::PeerLost {
-                    rank: comm.world_rank(),
-                    peer: done.peer,
-                    op: mine,
-                    detail: format!("{src} timed out in the call and gave up"),
+                NOTICE_TIMEOUT if blamed == BLAME_NONE => Error::Timeout {
+                    op: format!("{mine} on rank {}", comm.rank()),
+                    waited,
+                    detail: format!(
+                        "{src} timed out in {the_call} and gave up; raise FERROCOMM_OP_TIMEOUT \
+                         (seconds, 0 = no limit) if the ranks are only slow"
+                    ),
+                },
+                NOTICE_TIMEOUT => Error::Timeout {
+                    op: format!("{mine} on rank {}", comm.rank()),
+                    waited,
+                    detail: format!(
+                        "{src} timed out in {the_call} waiting for {whom} and gave up: {whom} is stuck \
+                         (stopped, hung in other work, unreachable, or much slower); raise \
+                         FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it is only slow"
+                    ),
                 },
                 _ => Error::PeerLost {
                     rank: comm.world_rank(),
                     peer: done.peer,
                     op: mine,
-                    detail: format!("{src} failed in the call (aborted or broken) and gave up"),
+                    detail: format!("{src} failed in {the_call} (aborted or broken) and gave up"),
                 },
             };
         }

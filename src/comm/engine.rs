@@ -133,6 +133,11 @@ struct Core {
     slots: Vec<Slot>,
     free: Vec<u32>,
     failed: Vec<Option<Error>>,
+    /// Peers whose failure was a loss (a crash, a broken connection), not a goodbye.
+    lost: Vec<bool>,
+    /// Counts losses of peers and notices, so that a waiting collective learns of a loss
+    /// that completes none of its requests (see [`Engine::losses`]).
+    losses: u64,
     fatal: Option<Error>,
     /// Notices received lately (sender, envelope): collectives given up by a peer.
     notices: VecDeque<(usize, Envelope)>,
@@ -240,6 +245,7 @@ impl Core {
                 }),
             );
         }
+        self.losses += 1;
         if self.notices.len() == MAX_NOTICES {
             self.notices.pop_front();
         }
@@ -402,6 +408,10 @@ impl Events for Core {
         if let Some(f) = self.failed.get_mut(peer) {
             f.get_or_insert(err.clone());
         }
+        if let Some(l) = self.lost.get_mut(peer) {
+            *l = true;
+        }
+        self.losses += 1;
         // Fail everything that needs this peer: its transfers in flight, receives naming it,
         // and receives from any source (the peer may have been the one to send).
         let mut doomed = Vec::new();
@@ -473,6 +483,8 @@ impl Engine {
                 slots: Vec::new(),
                 free: Vec::new(),
                 failed: vec![None; world],
+                lost: vec![false; world],
+                losses: 0,
                 fatal: None,
                 notices: VecDeque::new(),
             },
@@ -937,6 +949,63 @@ impl Engine {
             let older = (1..=0x7FFF_FFFF).contains(&seq.wrapping_sub(tag));
             (c == ctx && older && Env::kind_of(&u.env) == KIND_COLL).then_some((u.peer, u.env))
         })
+    }
+
+    /// The envelope of a collective notice in context `ctx` from world rank `peer` (kept
+    /// for receives posted later), that of call `seq` if there is one, else the latest:
+    /// evidence that `peer` did not crash but gave up that call, or an earlier one that
+    /// this rank completed first (its connection may have closed right after, when it
+    /// failed its own engine).
+    pub fn notice_from(&self, ctx: u64, seq: u32, peer: usize) -> Option<Envelope> {
+        let mut from = self
+            .core
+            .notices
+            .iter()
+            .filter(|(p, env)| *p == peer && Env::key(env).0 == ctx)
+            .map(|(_, env)| *env);
+        let all: Vec<Envelope> = from.by_ref().collect();
+        all.iter()
+            .find(|env| Env::key(env).1 == seq)
+            .or(all.last())
+            .copied()
+    }
+
+    /// How many peer losses and collective notices this engine has seen: a waiter that
+    /// remembers the count learns that a peer was lost, even one none of its requests
+    /// involves (see [`crate::comm::shared::Shared::wait_any_or_loss`]).
+    pub fn losses(&self) -> u64 {
+        self.core.losses
+    }
+
+    /// Why world rank `peer` was lost (it crashed, or its connection broke), if it was; a
+    /// peer that closed its communicator normally is not lost.
+    pub fn lost(&self, peer: usize) -> Option<&Error> {
+        if self.core.lost.get(peer).copied().unwrap_or(false) {
+            self.core.peer_error(peer)
+        } else {
+            None
+        }
+    }
+
+    /// A collective notice kept for context `ctx` that dooms call `seq`: the first for
+    /// `seq` itself, else the latest for an earlier call (which this rank completed before
+    /// its sender gave it up; the sender then failed for good and joins no later call).
+    /// Its sender (world rank) and envelope.
+    pub fn notice_of(&self, ctx: u64, seq: u32) -> Option<(usize, Envelope)> {
+        let mut earlier = None;
+        for &(peer, env) in &self.core.notices {
+            let (c, tag) = Env::key(&env);
+            if c != ctx {
+                continue;
+            }
+            if tag == seq {
+                return Some((peer, env));
+            }
+            if tag < seq {
+                earlier = Some((peer, env));
+            }
+        }
+        earlier
     }
 
     /// The sticky error, if the engine has failed for good.

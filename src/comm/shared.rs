@@ -23,8 +23,9 @@ use crate::transport::{Transport, Waker};
 enum Want {
     /// Request `id`, whose result it takes.
     One(ReqId),
-    /// Any of these requests to be done (results stay in the engine).
-    Any(Vec<ReqId>),
+    /// Any of these requests to be done (results stay in the engine), or, with `Some`,
+    /// the engine's count of losses to differ from this one (see [`Engine::losses`]).
+    Any(Vec<ReqId>, Option<u64>),
 }
 
 /// What a wait ended with.
@@ -203,7 +204,9 @@ impl Shared {
     fn check(eng: &mut Engine, want: &Want) -> Option<Got> {
         match want {
             Want::One(id) => eng.take(*id).map(Got::Taken),
-            Want::Any(ids) => ids.iter().any(|&id| eng.is_done(id)).then_some(Got::Ready),
+            Want::Any(ids, losses) => (ids.iter().any(|&id| eng.is_done(id))
+                || losses.is_some_and(|l| l != eng.losses()))
+            .then_some(Got::Ready),
         }
     }
 
@@ -212,7 +215,23 @@ impl Shared {
     /// `timeout` it returns [`Error::Timeout`] naming the first request not done, and
     /// leaves every request as it is: the caller decides what to do with them.
     pub(crate) fn wait_any(&self, ids: &[ReqId], timeout: Option<Duration>) -> Result<()> {
-        match self.wait_for(Want::Any(ids.to_vec()), timeout)? {
+        match self.wait_for(Want::Any(ids.to_vec(), None), timeout)? {
+            Got::Ready => Ok(()),
+            Got::Taken(r) => r.map(|_| ()),
+        }
+    }
+
+    /// Like [`Shared::wait_any`], but also returns (with nothing done, perhaps) as soon as
+    /// the engine's count of losses ([`Engine::losses`]) differs from `losses`: a peer was
+    /// lost or a collective notice arrived, which may doom the caller's collective even if
+    /// none of its requests involves that peer.
+    pub(crate) fn wait_any_or_loss(
+        &self,
+        ids: &[ReqId],
+        losses: u64,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        match self.wait_for(Want::Any(ids.to_vec(), Some(losses)), timeout)? {
             Got::Ready => Ok(()),
             Got::Taken(r) => r.map(|_| ()),
         }
@@ -304,7 +323,7 @@ impl Shared {
     fn copy_want(want: &Want) -> Want {
         match want {
             Want::One(id) => Want::One(*id),
-            Want::Any(ids) => Want::Any(ids.clone()),
+            Want::Any(ids, losses) => Want::Any(ids.clone(), *losses),
         }
     }
 
@@ -312,7 +331,7 @@ impl Shared {
     fn expired(&self, eng: &mut Engine, want: &Want, waited: Duration) -> Result<Got> {
         match want {
             Want::One(id) => Ok(Got::Taken(Err(self.timed_out(eng, *id, waited)))),
-            Want::Any(ids) => {
+            Want::Any(ids, _) => {
                 let what = ids
                     .iter()
                     .find(|&&id| !eng.is_done(id))

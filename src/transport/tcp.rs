@@ -33,7 +33,10 @@
 //!
 //! End of stream, a reset, a refused or timed-out connect, or a malformed frame fails the
 //! peer: every buffer of it is forgotten, its sockets are closed and [`Events::peer_failed`]
-//! is reported once.
+//! is reported once. When sending fails (the peer closed or reset the connection), what the
+//! peer sent before is read and delivered first, and the failure reported after it: a peer
+//! that gives up a collective sends a notice saying why and then closes, and its notice
+//! must not be lost to the error of a send that happened to come first.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
@@ -194,8 +197,13 @@ enum Rx {
 /// An established connection with a peer: frames both ways.
 struct Conn {
     stream: TcpStream,
+    /// Reading may return more bytes (or the end of the stream).
     readable: bool,
     writable: bool,
+    /// Readiness said the peer's side closed (or the socket has an error): the end of the
+    /// stream (or the error) follows the bytes still queued, and edge-triggered readiness
+    /// will not announce it again, so reads go on until they reach it (see `after_read`).
+    hup: bool,
     /// The acceptor's answer, written before any frame.
     preface: Option<([u8; HELLO_LEN], usize)>,
     rx: Rx,
@@ -210,6 +218,7 @@ impl Conn {
             stream,
             readable: true,
             writable: true,
+            hup: false,
             preface: preface.map(|p| (p, 0)),
             rx: Rx::Header,
             buf: vec![0u8; STAGING].into_boxed_slice(),
@@ -284,6 +293,8 @@ struct Peer {
     failed: bool,
     /// The peer said goodbye: it finished normally.
     closed: bool,
+    /// Sending failed with this error: the peer fails once what it sent is read.
+    broken: Option<String>,
 }
 
 /// The TCP transport of one rank. See the module documentation.
@@ -306,6 +317,11 @@ pub struct TcpTransport {
     failures: Vec<(usize, String)>,
     /// Peers that said goodbye, not yet reported.
     closed: Vec<usize>,
+    /// Peers whose sending failed (see [`Peer::broken`]), to fail at the next progress.
+    broken: Vec<usize>,
+    /// Connections shut down for writing by [`Transport::abort`], kept open until the
+    /// transport is dropped (see there).
+    lingering: Vec<TcpStream>,
 }
 
 impl TcpTransport {
@@ -363,6 +379,8 @@ impl TcpTransport {
             sends_done: Vec::new(),
             failures: Vec::new(),
             closed: Vec::new(),
+            broken: Vec::new(),
+            lingering: Vec::new(),
         })
     }
 
@@ -649,11 +667,25 @@ impl TcpTransport {
     /// Writes as much of `peer`'s queue as the socket takes.
     fn flush(&mut self, peer: usize) {
         if let Err(detail) = self.try_flush(peer) {
-            self.fail(peer, detail);
+            let p = &mut self.peers[peer];
+            match p.conn.as_mut() {
+                // Read what the peer sent before failing it (see the module docs).
+                Some(c) if p.broken.is_none() => {
+                    c.readable = true;
+                    c.writable = false;
+                    p.broken = Some(detail);
+                    self.broken.push(peer);
+                }
+                Some(_) => {}
+                None => self.fail(peer, detail),
+            }
         }
     }
 
     fn try_flush(&mut self, peer: usize) -> std::result::Result<(), String> {
+        if self.peers[peer].broken.is_some() {
+            return Ok(());
+        }
         if self.peers[peer].conn.is_none() {
             if self.peers[peer].dialing.is_some() {
                 self.try_dial(peer)?;
@@ -1041,9 +1073,7 @@ impl TcpTransport {
                         match fill(&mut c.stream, &mut c.buf[end..]).map_err(ReadFault::Lost)? {
                             Some(n) => {
                                 c.end += n;
-                                // A short read emptied the socket: edge-triggered readiness
-                                // reports the next arrival, no need to read until EAGAIN.
-                                c.readable = n == room;
+                                c.readable = after_read(n, room, c.hup);
                             }
                             None => c.readable = false,
                         }
@@ -1104,7 +1134,7 @@ impl TcpTransport {
                         match fill(&mut c.stream, target).map_err(ReadFault::Lost)? {
                             Some(n) => {
                                 *got += n;
-                                c.readable = n == room;
+                                c.readable = after_read(n, room, c.hup);
                             }
                             None => c.readable = false,
                         }
@@ -1115,7 +1145,7 @@ impl TcpTransport {
                         match fill(&mut c.stream, &mut c.buf[..]).map_err(ReadFault::Lost)? {
                             Some(n) => {
                                 c.end = n;
-                                c.readable = n == room;
+                                c.readable = after_read(n, room, c.hup);
                             }
                             None => c.readable = false,
                         }
@@ -1330,6 +1360,7 @@ impl TcpTransport {
                 }
                 if readable || closed {
                     c.readable = true;
+                    c.hup |= closed;
                     self.read_peer(peer, ev);
                 }
                 if writable {
@@ -1377,6 +1408,16 @@ enum ReadFault {
 
 /// Reads into `buf`: `Some(n)` bytes (n > 0), `None` when nothing is available; end of
 /// stream and errors are failures of the peer.
+/// Whether a socket may hold more to read after a read of `n` bytes into `room`: a short
+/// read emptied it, and edge-triggered readiness reports the next arrival, so there is no
+/// need to read until EAGAIN, except when readiness already reported the peer's end
+/// (`hup`): that was the last report, and the end of the stream that follows the bytes
+/// just read must still be read, or the peer's death goes unnoticed (a peer that sends its
+/// last frame and exits at once delivers both in one readiness event).
+fn after_read(n: usize, room: usize, hup: bool) -> bool {
+    n == room || hup
+}
+
 fn fill(stream: &mut TcpStream, buf: &mut [u8]) -> std::result::Result<Option<usize>, String> {
     loop {
         match stream.read(buf) {
@@ -1530,6 +1571,13 @@ impl Transport for TcpTransport {
                 self.read_peer(peer, ev);
             }
         }
+        for peer in std::mem::take(&mut self.broken) {
+            // Everything readable was read just above.
+            if let Some(detail) = self.peers[peer].broken.take() {
+                did = true;
+                self.fail(peer, detail);
+            }
+        }
         for token in self.sends_done.drain(..) {
             did = true;
             ev.send_done(token);
@@ -1557,6 +1605,7 @@ impl Transport for TcpTransport {
         if self.events_pending
             || !self.sends_done.is_empty()
             || !self.failures.is_empty()
+            || !self.broken.is_empty()
             || self.listener_ready
         {
             return Ok(());
@@ -1576,6 +1625,7 @@ impl Transport for TcpTransport {
         if self.events_pending
             || !self.sends_done.is_empty()
             || !self.failures.is_empty()
+            || !self.broken.is_empty()
             || self.listener_ready
         {
             return Ok(super::WaitFd::Ready);
@@ -1595,9 +1645,20 @@ impl Transport for TcpTransport {
 
     fn abort(&mut self) {
         for peer in 0..self.peers.len() {
-            if peer != self.rank {
-                self.fail(peer, "this rank aborted".into());
+            if peer == self.rank {
+                continue;
             }
+            // Closing a socket with unread bytes resets the connection, and a reset throws
+            // away what the kernel had not yet delivered, e.g. the notice a failing
+            // collective just sent saying why this rank gives up. So: shut down writing (the
+            // peer reads everything sent, then the end of stream) and close only when the
+            // transport is dropped.
+            if let Some(mut c) = self.peers[peer].conn.take() {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                self.lingering.push(c.stream);
+            }
+            self.fail(peer, "this rank aborted".into());
         }
         self.sends_done.clear();
         self.failures.clear();

@@ -31,9 +31,21 @@
 //!   (`FERROCOMM_ITEST_FAR`, default 2), passes a barrier
 //!   and prints `FINISHED`. Gives up after `FERROCOMM_ITEST_MAX_SECS` (default 80).
 //! - `init`: only `ferrocomm::init()` (for argument and timeout errors).
+//! - `allreduce-loop`: init, `INFO`, then iterations of: an `all_reduce` (sum of `u64`) of a
+//!   size that changes every iteration (8 B to 1 MiB, the same on every rank: derived from
+//!   the iteration number), result checked word by word, and every other iteration an
+//!   `all_to_all` (every pair of ranks exchanges a block; sizes vary too, contents
+//!   checked). Only collectives: a rank that gives up one tells the others why (notices),
+//!   so every survivor of a killed rank can name it.
+//!   Prints `LOOPING` after a few iterations and `ITER rank=R i=I` every
+//!   `FERROCOMM_ITEST_REPORT_EVERY` iterations (default: never). Ends after
+//!   `FERROCOMM_ITEST_ITERS` iterations (default: never) with a barrier and `FINISHED`, or
+//!   gives up after `FERROCOMM_ITEST_MAX_SECS` (default 80).
 //!
 //! A failing role prints `RANKERR rank=R: <error> [<Debug of the error>]` on stderr, one
-//! line per error, and `MEM rank=R hwm_kib=N` (its peak resident memory), waits
+//! line per error, `FAILTIME rank=R unix_ms=T` (when it gave up, wall clock, for tests that
+//! bound how long noticing a failure took) and `MEM rank=R hwm_kib=N` (its peak resident
+//! memory), waits
 //! `FERROCOMM_ITEST_LINGER_MS` (default 0) and exits 1.
 #![allow(dead_code)] // every test file uses a different part of this module
 
@@ -69,6 +81,10 @@ pub const FAR: &str = "FERROCOMM_ITEST_FAR";
 pub const IGNORE_SIGTERM: &str = "FERROCOMM_ITEST_IGNORE_SIGTERM";
 /// Milliseconds a failing rank waits after printing its errors before it exits.
 pub const LINGER_MS: &str = "FERROCOMM_ITEST_LINGER_MS";
+/// `allreduce-loop`: iterations to run before finishing (default: until stopped).
+pub const ITERS: &str = "FERROCOMM_ITEST_ITERS";
+/// `allreduce-loop`: print `ITER` every this many iterations (default: never).
+pub const REPORT_EVERY: &str = "FERROCOMM_ITEST_REPORT_EVERY";
 
 /// True when tests that cannot run here must fail instead of skipping (CI).
 pub fn require_all() -> bool {
@@ -414,14 +430,17 @@ pub fn rank_main() {
         "ring" => ring(),
         "loop" => exchange_loop(),
         "init" => ferrocomm::init().map(drop).map_err(|e| vec![show(&e)]),
+        "allreduce-loop" => allreduce_loop(),
         other => Err(vec![format!("unknown role {other:?}")]),
     };
     let code = match result {
         Ok(()) => 0,
         Err(errors) => {
+            let at = unix_ms();
             for e in errors {
                 eprintln!("RANKERR rank={rank}: {e}");
             }
+            eprintln!("FAILTIME rank={rank} unix_ms={at}");
             eprintln!("MEM rank={rank} hwm_kib={}", peak_memory_kib());
             std::thread::sleep(Duration::from_millis(env_num(LINGER_MS, 0)));
             1
@@ -430,6 +449,13 @@ pub fn rank_main() {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     std::process::exit(code);
+}
+
+/// Milliseconds since the Unix epoch (wall clock: comparable between processes).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// An error with its variant (the Debug form), for the tests to check both.
@@ -663,5 +689,89 @@ fn exchange_loop() -> Result<(), Vec<String>> {
     }
     comm.barrier().map_err(fail)?;
     println!("FINISHED rank={me}");
+    Ok(())
+}
+
+/// splitmix64: a small, good mixer; `allreduce-loop` derives every size from it.
+pub fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Words in iteration `i`'s all_reduce: mostly small (eager), every fourth up to 1 MiB
+/// (rendezvous, cut into pieces by the executor).
+fn loop_words(i: u64, salt: u64) -> usize {
+    let r = mix(i ^ salt);
+    if r.is_multiple_of(4) {
+        1 + (r >> 8) as usize % (128 * 1024)
+    } else {
+        1 + (r >> 8) as usize % 2048
+    }
+}
+
+fn allreduce_loop() -> Result<(), Vec<String>> {
+    let comm = ferrocomm::init().map_err(fail)?;
+    print_info(&comm);
+    let (me, n) = (comm.rank(), comm.size());
+    let iters = env_num(ITERS, u64::MAX);
+    let every = env_num(REPORT_EVERY, 0);
+    let max = Duration::from_secs(env_num(MAX_SECS, 80));
+    let started = Instant::now();
+    let mut buf: Vec<u64> = Vec::new();
+    let mut i = 0u64;
+    while i < iters {
+        if started.elapsed() > max {
+            return Err(vec![format!(
+                "rank {me}: the loop ran for {max:?} without being stopped"
+            )]);
+        }
+        let words = loop_words(i, 1);
+        buf.clear();
+        buf.extend((0..words).map(|j| pattern(me, i, j)));
+        comm.all_reduce(&mut buf, ferrocomm::ReduceOp::Sum)
+            .map_err(fail)?;
+        let want = |j: usize| (0..n).fold(0u64, |a, r| a.wrapping_add(pattern(r, i, j)));
+        if let Some(j) = (0..words).find(|&j| buf[j] != want(j)) {
+            return Err(vec![format!(
+                "rank {me}: all_reduce {i}: word {j} of {words} is {:#x}, expected {:#x}",
+                buf[j],
+                want(j)
+            )]);
+        }
+        if i % 2 == 1 && n > 1 {
+            all_pairs(&comm, i)?;
+        }
+        if i == 3 {
+            println!("LOOPING rank={me}");
+        }
+        if every > 0 && i.is_multiple_of(every) {
+            println!("ITER rank={me} i={i}");
+        }
+        i += 1;
+    }
+    comm.barrier().map_err(fail)?;
+    println!("FINISHED rank={me} iters={i}");
+    Ok(())
+}
+
+/// Every rank sends a block to and receives one from every other rank with `all_to_all`
+/// (the block size varies with the iteration), checking every word.
+fn all_pairs(comm: &Communicator, i: u64) -> Result<(), Vec<String>> {
+    let (me, n) = (comm.rank(), comm.size());
+    let b = loop_words(i, 2);
+    let word = |from: usize, to: usize, j: usize| pattern(from, i, j) ^ to as u64;
+    let send: Vec<u64> = (0..n * b).map(|k| word(me, k / b, k % b)).collect();
+    let mut recv = vec![0u64; n * b];
+    comm.all_to_all(&send, &mut recv).map_err(fail)?;
+    if let Some(k) = (0..n * b).find(|&k| recv[k] != word(k / b, me, k % b)) {
+        return Err(vec![format!(
+            "rank {me}: all_to_all {i}: word {} of the block from rank {} is {:#x}",
+            k % b,
+            k / b,
+            recv[k]
+        )]);
+    }
     Ok(())
 }
