@@ -11,9 +11,19 @@
 //! - `at_end`: every gradient computed into one flat buffer, one all_reduce after backward.
 //! - `compute_only`: the backward alone (the floor for any overlap).
 //!
+//! Two kinds of backward (`DDP_BENCH_COMPUTE`, default both):
+//!
+//! - `cpu`: the backward computes on the rank's thread. With 2 ranks on a 2-core machine
+//!   both cores are then busy computing, and TCP loopback needs CPU too: overlap has no
+//!   idle core to use, so it cannot pay there (it does on machines with cores to spare).
+//! - `device`: the backward runs "on an accelerator": the rank's thread writes the gradient
+//!   and then sleeps for the kernel's time (`DEVICE_NS_PER_ELEMENT` per element), as a
+//!   training loop waits on GPU kernels. This is the case DDP's overlap is built for.
+//!
 //! ```text
 //! cargo bench --bench ddp
 //! DDP_BENCH_MB=100 cargo bench --bench ddp     # model size in MB (default: 8 and 40)
+//! DDP_BENCH_COMPUTE=device cargo bench --bench ddp
 //! ```
 
 use std::sync::mpsc;
@@ -56,8 +66,38 @@ fn sizes(total_mb: usize) -> Vec<usize> {
     weights.iter().map(|w| w * total / sum).collect()
 }
 
-/// The simulated backward of tensor `p`: `WORK` dependent operations per element.
+/// Simulated kernel time per gradient element of the `device` backward (about 1 ms per
+/// million elements).
+const DEVICE_NS_PER_ELEMENT: u64 = 1;
+
+/// Where the simulated backward runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Compute {
+    Cpu,
+    Device,
+}
+
+thread_local! {
+    /// Kernel time owed but not slept yet (sleeping per small tensor would cost more than
+    /// the kernel).
+    static DEBT_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static KIND: std::cell::Cell<Compute> = const { std::cell::Cell::new(Compute::Cpu) };
+}
+
+/// The simulated backward of tensor `p`: `WORK` dependent operations per element on the
+/// CPU, or a write plus the kernel's time asleep on the "device".
 fn compute(out: &mut [f32], p: usize, step: u64) {
+    if KIND.get() == Compute::Device {
+        out.fill(p as f32 * 0.001 + step as f32 * 1e-6);
+        let debt = DEBT_NS.get() + out.len() as u64 * DEVICE_NS_PER_ELEMENT;
+        if debt >= 200_000 {
+            std::thread::sleep(Duration::from_nanos(debt));
+            DEBT_NS.set(0);
+        } else {
+            DEBT_NS.set(debt);
+        }
+        return;
+    }
     let seed = (p as f32) * 0.001 + step as f32 * 1e-6;
     for (j, g) in out.iter_mut().enumerate() {
         let mut x = seed + j as f32 * 1e-7;
@@ -152,9 +192,22 @@ fn bench_ddp(c: &mut Criterion) {
         Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
         Err(_) => vec![8, 40],
     };
-    for mb in models {
+    let kinds: Vec<Compute> = match std::env::var("DDP_BENCH_COMPUTE").as_deref() {
+        Ok("cpu") => vec![Compute::Cpu],
+        Ok("device") => vec![Compute::Device],
+        _ => vec![Compute::Cpu, Compute::Device],
+    };
+    for (mb, kind) in models
+        .iter()
+        .flat_map(|&mb| kinds.iter().map(move |&k| (mb, k)))
+    {
         let sizes = sizes(mb);
-        let mut g = c.benchmark_group(format!("ddp_step_{mb}MB_2ranks_tcp"));
+        let label = if kind == Compute::Cpu {
+            "cpu"
+        } else {
+            "device"
+        };
+        let mut g = c.benchmark_group(format!("ddp_step_{mb}MB_2ranks_tcp_{label}"));
         g.sample_size(10)
             .warm_up_time(Duration::from_secs(1))
             .measurement_time(Duration::from_secs(5));
@@ -171,7 +224,9 @@ fn bench_ddp(c: &mut Criterion) {
             let (go, go_rx) = mpsc::channel::<u64>();
             let (done, done_rx) = mpsc::channel::<()>();
             let s1 = sizes.clone();
+            KIND.set(kind);
             let peer = std::thread::spawn(move || {
+                KIND.set(kind);
                 let mut r = Rank::new(c1, mode, &s1);
                 while let Ok(iters) = go_rx.recv() {
                     for _ in 0..iters {

@@ -838,14 +838,22 @@ impl TcpTransport {
         let hello_bytes = loop {
             while pd.got < pd.want {
                 match pd.stream.read(&mut pd.buf[pd.got..pd.want]) {
+                    Ok(0) if pd.stage == Stage::Proof => {
+                        // Nothing was trusted yet. Usually a crossing dial: its rank accepted
+                        // ours (the lower rank's connection wins) and dropped this attempt
+                        // mid-handshake. A caller without the secret also ends here; it
+                        // learned nothing, so this is no warning.
+                        tracing::debug!(
+                            rank = self.rank,
+                            from = %pd.addr,
+                            "dropped a connection closed after the challenge (a crossing \
+                             dial given up, or a caller without this job's secret)"
+                        );
+                        self.drop_pending(slot);
+                        return;
+                    }
                     Ok(0) => {
-                        let why = if pd.stage == Stage::Proof {
-                            "authentication failed: it closed the connection after the \
-                             challenge (it does not have this job's secret?)"
-                                .to_string()
-                        } else {
-                            format!("closed during the handshake ({} bytes)", pd.got)
-                        };
+                        let why = format!("closed during the handshake ({} bytes)", pd.got);
                         self.refuse(slot, why);
                         return;
                     }
