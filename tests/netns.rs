@@ -44,7 +44,15 @@ struct Cluster {
     nodes: Vec<String>,
     /// Every namespace created so far (the switch and the nodes), for the clean-up.
     created: Vec<String>,
+    /// One cluster at a time: the tests of this file run in parallel threads, and three
+    /// jobs of several ranks each at once would only compete for the 2 cores.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Held by the live cluster.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Numbers the clusters of this process, so their namespace names never collide.
+static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Runs `ip ARGS`; `Err` with its stderr when it fails.
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -84,12 +92,17 @@ fn delete_stale() {
 impl Cluster {
     /// Creates the switch and `n` node namespaces; node i has 198.18.0.(i+1)/24 on `eth0`.
     fn create(n: usize) -> Result<Cluster, String> {
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         delete_stale();
-        let tag = format!("fci{}", std::process::id());
+        let k = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("fci{}c{k}", std::process::id());
         let mut cluster = Cluster {
             switch: String::new(),
             nodes: Vec::new(),
             created: Vec::new(),
+            _serial: serial,
         };
         // Every namespace is recorded as soon as it exists: an error half-way drops
         // `cluster`, which deletes what was made.
