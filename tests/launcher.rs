@@ -878,3 +878,40 @@ fn max_restarts_needs_a_single_node() {
     assert_ne!(f.code(), Some(0), "{f:?}");
     assert!(f.stderr.contains("--max-restarts"), "{f:?}");
 }
+
+/// The README's commands: the `hello` and `allreduce` examples under ferrorun with 4 ranks,
+/// over the automatic transports (shared memory here) and forced TCP. The examples are built
+/// by `cargo build --examples` (scripts/test does that before the tests); without them this
+/// test says it skipped, and fails under FERROCOMM_REQUIRE_ALL=1.
+#[test]
+fn readme_examples_run_under_ferrorun() {
+    let dir = Path::new(FERRORUN)
+        .parent()
+        .expect("ferrorun has a directory")
+        .join("examples");
+    for (name, expect) in [
+        ("hello", "token went around 4 ranks"),
+        ("allreduce", "all 4 ranks agree: every element is 10"),
+    ] {
+        let bin = dir.join(name);
+        if !bin.is_file() {
+            assert!(
+                std::env::var("FERROCOMM_REQUIRE_ALL").as_deref() != Ok("1"),
+                "FERROCOMM_REQUIRE_ALL=1 but {} is not built (cargo build --examples)",
+                bin.display()
+            );
+            eprintln!("SKIPPED {name}: {} is not built", bin.display());
+            continue;
+        }
+        let bin = bin.to_str().expect("utf-8 path");
+        for transport in ["auto", "tcp"] {
+            let f = start_env(
+                &["--nproc-per-node", "4", "--", bin],
+                &[("FERROCOMM_TRANSPORT", transport)],
+            )
+            .finish();
+            assert_eq!(f.code(), Some(0), "{name} over {transport}: {f:?}");
+            assert!(f.stdout.contains(expect), "{name} over {transport}: {f:?}");
+        }
+    }
+}
