@@ -736,6 +736,8 @@ fn checkpoint_read_by_rank_0_reaches_every_rank() {
 
 /// Selects the example as this executable's rank program; its arguments.
 const EXAMPLE_ARGS: &str = "DDP_EXAMPLE_ARGS";
+/// On attempt 0 of a `--max-restarts` job, rank 1 dies after this step.
+const DIE_AFTER: &str = "DDP_EXAMPLE_DIE_AFTER";
 
 /// Not a test on its own: as a rank started by ferrorun with role `ddp_example`, runs the
 /// `ddp_linear` example's code (this file includes it) with the arguments in
@@ -743,10 +745,24 @@ const EXAMPLE_ARGS: &str = "DDP_EXAMPLE_ARGS";
 #[test]
 fn rank_entry_point() {
     if std::env::var(common::ROLE).as_deref() == Ok("ddp_example") {
-        let args = std::env::var(EXAMPLE_ARGS).unwrap_or_default();
+        let mut args = std::env::var(EXAMPLE_ARGS).unwrap_or_default();
+        // The elastic-restart test: on the first attempt, rank 1 stops after step
+        // `DIE_AFTER` and is then killed (SIGKILL), in the middle of the others' training.
+        let die = std::env::var(DIE_AFTER).ok().filter(|_| {
+            std::env::var("FERROCOMM_RESTART_COUNT").as_deref() == Ok("0")
+                && std::env::var("RANK").as_deref() == Ok("1")
+        });
+        if let Some(step) = &die {
+            args.push_str(&format!(" --max-steps {step}"));
+        }
         let argv = std::iter::once("ddp_linear".to_string())
             .chain(args.split_whitespace().map(str::to_string));
         let code = ddp_linear::cli(argv);
+        if die.is_some() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &std::process::id().to_string()])
+                .status();
+        }
         use std::io::Write;
         let _ = std::io::stdout().flush();
         std::process::exit(code.into());
@@ -838,4 +854,40 @@ fn example_replicas_start_and_end_equal_and_resume_matches() {
     assert_eq!(after.len(), 4);
     assert!(after.values().all(|v| v == &after[&0]), "{lin:?}");
     assert_eq!(after[&0].1.split(',').count(), 6, "{lin:?}");
+}
+
+/// Elastic restart (torchrun's `--max-restarts`): one rank is killed once in the middle of
+/// training; ferrorun restarts the whole group, the example resumes from rank 0's newest
+/// checkpoint, and the final parameters equal those of an undisturbed run, bit for bit.
+#[test]
+fn a_rank_killed_once_under_max_restarts_resumes_to_the_same_parameters() {
+    let model = "--model mlp --hidden 24 --layers 3 --samples 512 --epochs 3 --bucket-cap-mb 0.002";
+    let undisturbed = run_example(model);
+    let want = params_at(&undisturbed, "after");
+    assert_eq!(want.len(), 4, "{undisturbed:?}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let args = format!(
+        "{model} --ckpt-dir {} --ckpt-every 3 --resume",
+        tmp.path().display()
+    );
+    let cmd = common::ferrorun(
+        &["--nproc-per-node", "4", "--max-restarts", "1"],
+        "ddp_example",
+        &[(EXAMPLE_ARGS, args.as_str()), (DIE_AFTER, "7")],
+    );
+    let f = common::Proc::start("ddp_linear under --max-restarts 1", cmd).finish();
+    assert_eq!(f.code(), Some(0), "{f:?}");
+    assert!(
+        f.stderr.contains("restarting the group (restart 1 of 1)"),
+        "{f:?}"
+    );
+    // The first attempt started afresh; the second resumed from the checkpoint of step 6.
+    assert!(f.stdout.contains("starting afresh"), "{f:?}");
+    assert!(f.stdout.contains("RESUMED step=6 epoch=1"), "{f:?}");
+    assert_eq!(params_at(&f, "after"), want, "{f:?}");
+    assert!(
+        f.stdout.contains("EQUAL stage=after all=true step=12"),
+        "{f:?}"
+    );
 }
