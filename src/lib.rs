@@ -15,13 +15,23 @@
 //!             let mut left = [0u32];
 //!             comm.sendrecv(&[me as u32], (me + 1) % n, 0, &mut left, (me + n - 1) % n, 0u32)?;
 //!             assert_eq!(left[0] as usize, (me + n - 1) % n);
+//!             // Every rank contributes me + 1; every rank gets the sum.
+//!             let mut grad = [me as f32 + 1.0; 3];
+//!             comm.all_reduce(&mut grad, ferrocomm::ReduceOp::Sum)?;
+//!             assert_eq!(grad, [(n * (n + 1) / 2) as f32; 3]);
 //!             comm.barrier()
 //!         });
 //!     }
 //! });
 //! ```
 //!
-//! See the README for the launcher, init methods and settings.
+//! Where things are: [`init`] / [`InitOptions`] join a job (`tcp://`, `env://`, `file://`;
+//! [`rendezvous`] holds the stores); [`Communicator`] has point-to-point, the collectives
+//! ([`collective`]: algorithms, selection, asynchronous forms) and sub-communicators;
+//! [`transport`] holds the TCP, shared-memory, in-process and (feature `ibverbs`) verbs
+//! transports; [`ddp`] the data-parallel helpers (Reducer, DistributedSampler, checkpoints);
+//! [`launch`] the `ferrorun` launcher. See the README for the walk-through, the launcher,
+//! init methods and settings.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 

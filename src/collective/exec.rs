@@ -36,7 +36,7 @@
 //! together; only those that wait directly for the stopped rank can name it. So a rank
 //! that times out first tells the schedule's peers at once whom it waits for (a timeout
 //! notice blaming the rank of its first pending receive, else of its first pending send),
-//! then *settles* for a moment ([`settle_time`]): a timeout notice from the very rank it
+//! then *settles* for a moment (`settle_time`): a timeout notice from the very rank it
 //! was waiting for shows that rank alive and waiting in turn, and the blame moves on to
 //! whom that rank waits for. The error then names the rank that is probably stuck, the
 //! ranks it waited for, and the call. (One hop is resolved per settle: in longer chains a

@@ -3,8 +3,8 @@
 //!
 //! # Layout
 //!
-//! A ring is a [`RingHeader`] followed by `cap` bytes of data (`cap` a power of two, a
-//! multiple of [`LINE`]). Positions count bytes ever written; the consumer owns `head`
+//! A ring is a `RingHeader` followed by `cap` bytes of data (`cap` a power of two, a
+//! multiple of `LINE`). Positions count bytes ever written; the consumer owns `head`
 //! (bytes consumed), on its own cache line; the producer keeps its write position to
 //! itself. The bytes from `head` up to the producer's position belong to the consumer, the
 //! rest to the producer. There are no locks.
@@ -21,7 +21,7 @@
 //! transport) costs one cache-line transfer from producer to consumer. A stale line of an
 //! earlier lap cannot match: an old header's stamp names an old position, and payload bytes
 //! would have to equal a position XOR a random 64-bit key. Header bytes 8..12 hold the
-//! payload length; bytes 12..64 are the caller's ([`FIELDS`]).
+//! payload length; bytes 12..64 are the caller's (`FIELDS`).
 //!
 //! The consumer hands space back by storing `head` (release), lazily (see the transport);
 //! the producer reads `head` (acquire) only when its cached copy shows too little room.
