@@ -44,10 +44,7 @@ struct TransportCase {
     nodes: &'static [(usize, &'static str)],
 }
 
-/// The transports every fault trial runs over. A case whose `FERROCOMM_TRANSPORT` value
-/// this build refuses is skipped with a printed line (also under FERROCOMM_REQUIRE_ALL=1:
-/// the transport is absent from the build, not from the machine), so the shared-memory
-/// cases start running by themselves once the shm transport accepts `shm`.
+/// The transports every fault trial runs over.
 const TRANSPORTS: &[TransportCase] = &[
     TransportCase {
         name: "tcp",
@@ -62,7 +59,7 @@ const TRANSPORTS: &[TransportCase] = &[
     TransportCase {
         // Two simulated nodes on this host: shm within each, TCP between them.
         name: "mixed shm+tcp (2 nodes x 2 ranks)",
-        transport: "auto-with-shm",
+        transport: "auto",
         nodes: &[(2, "fci-node-a"), (2, "fci-node-b")],
     },
 ];
@@ -73,42 +70,9 @@ const TRIALS: usize = 20;
 const BATCH: usize = 2;
 /// Survivors (all trials) that named another survivor instead of the dead rank.
 static INDIRECT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-/// Names under /dev/shm that belong to ferrocomm (prefixes).
-const SHM_PREFIXES: &[&str] = &["ferrocomm", "fcshm", "fc-"];
+/// Names under /dev/shm that belong to ferrocomm (`transport::shm::segment_prefix`).
+const SHM_PREFIXES: &[&str] = &["ferrocomm-"];
 
-/// `FERROCOMM_TRANSPORT` value for a case (`auto-with-shm`: auto, but only in a build
-/// that has shm).
-fn transport_value(case: &TransportCase) -> &'static str {
-    match case.transport {
-        "auto-with-shm" => "auto",
-        t => t,
-    }
-}
-
-/// The `FERROCOMM_TRANSPORT` value whose acceptance decides whether the case runs.
-fn needed_value(case: &TransportCase) -> &'static str {
-    match case.transport {
-        "auto-with-shm" => "shm",
-        t => t,
-    }
-}
-
-/// Whether this build accepts `FERROCOMM_TRANSPORT=value`: a world of one is made with
-/// it; a configuration error naming the variable means no.
-fn transport_accepted(value: &str) -> Result<bool, String> {
-    let f = Proc::start(
-        &format!("probe FERROCOMM_TRANSPORT={value}"),
-        by_hand("init", 0, 1, free_port(), &[("FERROCOMM_TRANSPORT", value)]),
-    )
-    .finish();
-    match f.code() {
-        Some(0) => Ok(true),
-        _ if f.stderr.contains("[Config {") && f.stderr.contains("FERROCOMM_TRANSPORT") => {
-            Ok(false)
-        }
-        _ => Err(format!("the probe failed otherwise: {f:?}")),
-    }
-}
 
 /// Entries of /dev/shm with ferrocomm's names.
 fn shm_segments() -> BTreeSet<String> {
@@ -146,7 +110,7 @@ fn launch(case: &TransportCase, tmp: &Path, env: &[(&str, &str)]) -> Vec<Proc> {
         .map(|(i, &(nproc, host))| {
             let (node, nproc) = (i.to_string(), nproc.to_string());
             let mut env: Vec<(&str, &str)> = env.to_vec();
-            env.push(("FERROCOMM_TRANSPORT", transport_value(case)));
+            env.push(("FERROCOMM_TRANSPORT", case.transport));
             env.push(("TMPDIR", tmp));
             if !host.is_empty() {
                 env.push(("FERROCOMM_HOST_ID", host));
@@ -318,20 +282,6 @@ fn killed_ranks_are_named_by_every_survivor_and_by_ferrorun() {
     eprintln!("kill trials: seed {base:#x} (FERROCOMM_FAULT_SEED={base:x} replays it)");
     let mut ran = 0;
     for case in TRANSPORTS {
-        let value = needed_value(case);
-        match transport_accepted(value) {
-            Ok(true) => {}
-            Ok(false) => {
-                // Absent from this build (not a missing machine feature): a skip, even in CI.
-                eprintln!(
-                    "SKIPPED kill trials over {}: this build does not accept \
-                     FERROCOMM_TRANSPORT={value}",
-                    case.name
-                );
-                continue;
-            }
-            Err(e) => panic!("{}: {e}", case.name),
-        }
         let started = Instant::now();
         for first in (0..TRIALS).step_by(BATCH) {
             std::thread::scope(|s| {
