@@ -73,7 +73,6 @@ static INDIRECT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize
 /// Names under /dev/shm that belong to ferrocomm (`transport::shm::segment_prefix`).
 const SHM_PREFIXES: &[&str] = &["ferrocomm-"];
 
-
 /// Entries of /dev/shm with ferrocomm's names.
 fn shm_segments() -> BTreeSet<String> {
     std::fs::read_dir("/dev/shm")
