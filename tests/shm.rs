@@ -7,21 +7,17 @@
 //! Every run has a generous time limit: a hang fails the test instead of blocking the suite.
 //! Nothing here asserts a timing except "noticed within seconds".
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use common::{FERRORUN, Finished, LIMIT, Proc, ROLE, free_port};
 
 use ferrocomm::transport::shm::{ShmConfig, segment_prefix};
 use ferrocomm::{AllReduceAlgo, AllReduceOptions, Communicator, Error, ReduceOp};
-
-const FERRORUN: &str = env!("CARGO_BIN_EXE_ferrorun");
-/// Upper bound for one job; far above what any test needs.
-const LIMIT: Duration = Duration::from_secs(120);
-/// Set in the environment of ranks that are this executable: which program to run.
-const ROLE: &str = "FERROCOMM_SHM_TEST_ROLE";
 
 // ---------------------------------------------------------------- helpers
 
@@ -38,117 +34,21 @@ fn leftovers(job: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn collect(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// A started process whose output is collected.
-struct Proc {
-    child: Child,
-    out: Option<JoinHandle<String>>,
-    err: Option<JoinHandle<String>>,
-}
-
-/// What a finished process left.
-#[derive(Debug)]
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    /// Shown when an assertion prints the output.
-    #[allow(dead_code)]
-    stderr: String,
-}
-
-impl Proc {
-    /// Starts `cmd` (made with [`command`], so the caller's settings win).
-    fn start(mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("process starts");
-        let out = child.stdout.take().map(collect);
-        let err = child.stderr.take().map(collect);
-        Proc { child, out, err }
-    }
-
-    /// Waits for the exit; kills the process and fails the test after [`LIMIT`].
-    fn finish(mut self) -> Output {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                break s;
-            }
-            if start.elapsed() > LIMIT {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                let out = self.out.take().map(|h| h.join().unwrap_or_default());
-                let err = self.err.take().map(|h| h.join().unwrap_or_default());
-                panic!("a job hung for {LIMIT:?}; stdout:\n{out:?}\nstderr:\n{err:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        Output {
-            code: status.code(),
-            stdout: self
-                .out
-                .take()
-                .map(|h| h.join().unwrap_or_default())
-                .unwrap_or_default(),
-            stderr: self
-                .err
-                .take()
-                .map(|h| h.join().unwrap_or_default())
-                .unwrap_or_default(),
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A command for `program` without the settings of the environment the tests run in.
-fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut cmd = Command::new(program);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("FERROCOMM_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
-/// Arguments that make this test executable run [`rank_entry_point`] only.
-fn self_args() -> Vec<String> {
-    vec![
-        "--exact".into(),
-        "rank_entry_point".into(),
-        "--nocapture".into(),
-        "--test-threads".into(),
-        "1".into(),
-    ]
-}
-
-/// ferrorun running this executable as `nproc` ranks with `role`, plus `env`.
+/// ferrorun running this executable as ranks with `role`, plus `env`.
 fn ferrorun(args: &[&str], role: &str, env: &[(&str, &str)]) -> Proc {
-    let exe = std::env::current_exe().expect("test executable path");
-    let mut cmd = command(FERRORUN);
-    cmd.args(args)
+    Proc::start(role, common::ferrorun(args, role, env))
+}
+
+/// [`ferrorun`] pinned to CPUs 0 and 1 with taskset (2 cores on a bigger machine).
+fn ferrorun_on_two_cpus(args: &[&str], role: &str) -> Proc {
+    let mut cmd = Command::new("taskset");
+    common::clean_env(&mut cmd);
+    cmd.args(["-c", "0,1", FERRORUN])
+        .args(args)
         .arg("--")
-        .arg(exe)
-        .args(self_args())
-        .env(ROLE, role)
-        .envs(env.iter().copied());
-    Proc::start(cmd)
+        .args(common::self_as_rank())
+        .env(ROLE, role);
+    Proc::start(role, cmd)
 }
 
 /// Lines of `out` that start with `tag ` (libtest may print on the same line first).
@@ -160,7 +60,7 @@ fn tagged<'a>(out: &'a str, tag: &str) -> Vec<&'a str> {
 }
 
 /// The job ids the ranks printed (`JOB <id>`), checked to be one.
-fn job_of(out: &Output) -> String {
+fn job_of(out: &Finished) -> String {
     let jobs: BTreeSet<&str> = tagged(&out.stdout, "JOB").into_iter().collect();
     assert_eq!(jobs.len(), 1, "one job id expected: {out:?}");
     jobs.into_iter()
@@ -168,13 +68,6 @@ fn job_of(out: &Output) -> String {
         .unwrap_or_default()
         .trim()
         .to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A rank started by the test itself (no launcher), through `env://` with rank 0 hosting
@@ -187,21 +80,14 @@ fn spawn_rank(
     role: &str,
     env: &[(&str, &str)],
 ) -> Proc {
-    let exe = std::env::current_exe().expect("test executable path");
-    let mut cmd = command(exe);
-    cmd.args(self_args())
-        .env(ROLE, role)
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_RANK", rank.to_string())
+    let mut cmd = common::by_hand(role, rank, world, port, env);
+    cmd.env("LOCAL_RANK", rank.to_string())
         .env("LOCAL_WORLD_SIZE", world.to_string())
         .env("FERROCOMM_JOB_ID", job)
         .env("FERROCOMM_TIMEOUT", "60")
-        .env_remove("FERROCOMM_STORE_EXTERNAL")
+        // The test's own settings win over the defaults above.
         .envs(env.iter().copied());
-    Proc::start(cmd)
+    Proc::start(&format!("{role} rank {rank}"), cmd)
 }
 
 fn pattern(n: usize, salt: usize) -> Vec<u8> {
@@ -457,7 +343,7 @@ fn stream(c: &Communicator, _role_rank: usize) {
 #[test]
 fn ranks_of_one_host_exchange_over_shared_memory() {
     let f = ferrorun(&["--nproc-per-node", "3"], "exchange", &[]).finish();
-    assert_eq!(f.code, Some(0), "{f:?}");
+    assert_eq!(f.code(), Some(0), "{f:?}");
     assert_eq!(tagged(&f.stdout, "OK").len(), 3, "{f:?}");
     assert!(leftovers(&job_of(&f)).is_empty(), "segments left behind");
 }
@@ -473,7 +359,7 @@ fn cma_disabled_streams_everything_through_the_rings() {
         ],
     )
     .finish();
-    assert_eq!(f.code, Some(0), "{f:?}");
+    assert_eq!(f.code(), Some(0), "{f:?}");
     assert_eq!(tagged(&f.stdout, "OK").len(), 2, "{f:?}");
     assert!(leftovers(&job_of(&f)).is_empty());
 }
@@ -486,13 +372,13 @@ fn forced_tcp_uses_tcp_between_local_ranks() {
         &[("FERROCOMM_TRANSPORT", "tcp"), ("EXPECT_TRANSPORT", "tcp")],
     )
     .finish();
-    assert_eq!(f.code, Some(0), "{f:?}");
+    assert_eq!(f.code(), Some(0), "{f:?}");
     assert_eq!(tagged(&f.stdout, "OK").len(), 2, "{f:?}");
     assert!(leftovers(&job_of(&f)).is_empty());
 }
 
 /// Starts the two nodes of a job whose nodes have different host identities.
-fn two_hosts(role: &str, env: &[(&str, &str)]) -> (Output, Output) {
+fn two_hosts(role: &str, env: &[(&str, &str)]) -> (Finished, Finished) {
     let port = free_port().to_string();
     let node = |rank: &'static str, host: &'static str| {
         let mut e: Vec<(&str, &str)> = env.to_vec();
@@ -520,7 +406,7 @@ fn two_hosts(role: &str, env: &[(&str, &str)]) -> (Output, Output) {
 #[test]
 fn mixed_world_uses_shm_within_and_tcp_between_hosts() {
     let (f0, f1) = two_hosts("exchange", &[("EXPECT_TRANSPORT", "mixed")]);
-    assert_eq!((f0.code, f1.code), (Some(0), Some(0)), "{f0:?}\n{f1:?}");
+    assert_eq!((f0.code(), f1.code()), (Some(0), Some(0)), "{f0:?}\n{f1:?}");
     assert_eq!(
         tagged(&f0.stdout, "OK").len() + tagged(&f1.stdout, "OK").len(),
         4
@@ -532,7 +418,7 @@ fn mixed_world_uses_shm_within_and_tcp_between_hosts() {
 fn forcing_shm_across_hosts_fails_clearly() {
     let (f0, f1) = two_hosts("exchange", &[("FERROCOMM_TRANSPORT", "shm")]);
     for f in [&f0, &f1] {
-        assert_ne!(f.code, Some(0), "{f:?}");
+        assert_ne!(f.code(), Some(0), "{f:?}");
         let errs = tagged(&f.stdout, "INITERR");
         assert!(!errs.is_empty(), "{f:?}");
         for e in errs {
@@ -556,20 +442,12 @@ fn eight_ranks_on_two_cores_make_progress() {
             .output()
             .is_ok_and(|o| o.status.success());
     let f = if taskset {
-        let exe = std::env::current_exe().expect("exe");
-        let mut cmd = command("taskset");
-        cmd.args(["-c", "0,1", FERRORUN]);
-        cmd.args(&args)
-            .arg("--")
-            .arg(exe)
-            .args(self_args())
-            .env(ROLE, "stress");
-        Proc::start(cmd).finish()
+        ferrorun_on_two_cpus(&args, "stress").finish()
     } else {
         args.truncate(2);
         ferrorun(&args, "stress", &[]).finish()
     };
-    assert_eq!(f.code, Some(0), "{f:?}");
+    assert_eq!(f.code(), Some(0), "{f:?}");
     assert_eq!(tagged(&f.stdout, "OK").len(), 8, "{f:?}");
     assert!(leftovers(&job_of(&f)).is_empty());
 }
@@ -578,7 +456,7 @@ fn eight_ranks_on_two_cores_make_progress() {
 fn collectives_run_over_shared_memory() {
     for nproc in ["2", "3", "4"] {
         let f = ferrorun(&["--nproc-per-node", nproc], "collectives", &[]).finish();
-        assert_eq!(f.code, Some(0), "{nproc} ranks: {f:?}");
+        assert_eq!(f.code(), Some(0), "{nproc} ranks: {f:?}");
         assert_eq!(
             tagged(&f.stdout, "OK").len(),
             nproc.parse().unwrap_or(0),
@@ -592,18 +470,12 @@ fn collectives_run_over_shared_memory() {
 fn collectives_of_eight_ranks_on_two_cores() {
     // As eight_ranks_on_two_cores_make_progress: LOCAL_WORLD_SIZE=8 > cores, so no spin.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let exe = std::env::current_exe().expect("exe");
     let f = if cores > 2 {
-        let mut cmd = command("taskset");
-        cmd.args(["-c", "0,1", FERRORUN, "--nproc-per-node", "8", "--"])
-            .arg(exe)
-            .args(self_args())
-            .env(ROLE, "collectives");
-        Proc::start(cmd).finish()
+        ferrorun_on_two_cpus(&["--nproc-per-node", "8"], "collectives").finish()
     } else {
         ferrorun(&["--nproc-per-node", "8"], "collectives", &[]).finish()
     };
-    assert_eq!(f.code, Some(0), "{f:?}");
+    assert_eq!(f.code(), Some(0), "{f:?}");
     assert_eq!(tagged(&f.stdout, "OK").len(), 8, "{f:?}");
     assert!(leftovers(&job_of(&f)).is_empty());
 }
@@ -626,16 +498,12 @@ fn kill_mid_transfer(victim: usize, env: &[(&str, &str)]) {
         assert!(start.elapsed() < LIMIT, "the ranks never got going");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(
-        victim_proc.child.try_wait().expect("try_wait").is_none(),
-        "the victim exited early"
-    );
+    assert!(victim_proc.running(), "the victim exited early");
     let killed_at = Instant::now();
-    victim_proc.child.kill().expect("kill");
-    let _ = victim_proc.child.wait();
+    victim_proc.kill();
     let s = survivor.finish();
     let noticed = killed_at.elapsed();
-    assert_eq!(s.code, Some(0), "{s:?}");
+    assert_eq!(s.code(), Some(0), "{s:?}");
     let lost = tagged(&s.stdout, "LOST");
     assert_eq!(lost.len(), 1, "{s:?}");
     assert!(

@@ -191,6 +191,17 @@ impl Proc {
         self.child.id()
     }
 
+    /// Whether it has not exited yet.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stdout so far.
     pub fn stdout(&self) -> String {
         self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
