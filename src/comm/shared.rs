@@ -7,6 +7,7 @@
 //! Short operations (posting a send or a receive) take the engine lock directly; a leader
 //! asleep in the kernel is woken to let them in.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::Thread;
@@ -19,13 +20,14 @@ use super::{CommConfig, Placement};
 use crate::error::{Error, Result};
 use crate::transport::{Transport, Waker};
 
-/// What a waiting thread waits for.
-enum Want {
+/// What a waiting thread waits for. The leader borrows the caller's request ids (no
+/// allocation per wait); a follower, whose wish other threads read, owns a copy.
+enum Want<'a> {
     /// Request `id`, whose result it takes.
     One(ReqId),
     /// Any of these requests to be done (results stay in the engine), or, with `Some`,
     /// the engine's count of losses to differ from this one (see [`Engine::losses`]).
-    Any(Vec<ReqId>, Option<u64>),
+    Any(Cow<'a, [ReqId]>, Option<u64>),
 }
 
 /// What a wait ended with.
@@ -38,7 +40,7 @@ enum Got {
 
 /// A thread waiting for requests that another thread's progress may complete.
 struct Follower {
-    want: Want,
+    want: Want<'static>,
     thread: Thread,
     result: Mutex<Option<Got>>,
 }
@@ -215,7 +217,7 @@ impl Shared {
     /// `timeout` it returns [`Error::Timeout`] naming the first request not done, and
     /// leaves every request as it is: the caller decides what to do with them.
     pub(crate) fn wait_any(&self, ids: &[ReqId], timeout: Option<Duration>) -> Result<()> {
-        match self.wait_for(Want::Any(ids.to_vec(), None), timeout)? {
+        match self.wait_for(Want::Any(Cow::Borrowed(ids), None), timeout)? {
             Got::Ready => Ok(()),
             Got::Taken(r) => r.map(|_| ()),
         }
@@ -231,7 +233,7 @@ impl Shared {
         losses: u64,
         timeout: Option<Duration>,
     ) -> Result<()> {
-        match self.wait_for(Want::Any(ids.to_vec(), Some(losses)), timeout)? {
+        match self.wait_for(Want::Any(Cow::Borrowed(ids), Some(losses)), timeout)? {
             Got::Ready => Ok(()),
             Got::Taken(r) => r.map(|_| ()),
         }
@@ -260,7 +262,7 @@ impl Shared {
     /// Waits until `want` is satisfied. The outer error is only a timeout of
     /// [`Want::Any`]; a single request's errors (including its timeout) are inside
     /// [`Got::Taken`].
-    fn wait_for(&self, want: Want, timeout: Option<Duration>) -> Result<Got> {
+    fn wait_for(&self, want: Want<'_>, timeout: Option<Duration>) -> Result<Got> {
         // Read lazily: a request that completes within a few progress passes never reads
         // the clock (a clock read costs about as much as a pass).
         let mut start: Option<Instant> = None;
@@ -320,10 +322,10 @@ impl Shared {
         }
     }
 
-    fn copy_want(want: &Want) -> Want {
+    fn copy_want(want: &Want) -> Want<'static> {
         match want {
             Want::One(id) => Want::One(*id),
-            Want::Any(ids, losses) => Want::Any(ids.clone(), *losses),
+            Want::Any(ids, losses) => Want::Any(Cow::Owned(ids.to_vec()), *losses),
         }
     }
 
