@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | [`Sum`](ReduceOp::Sum) | wrapping addition (two's complement, like C's unsigned `+`) | IEEE addition |
 //! | [`Prod`](ReduceOp::Prod) | wrapping multiplication | IEEE multiplication |
-//! | [`Min`](ReduceOp::Min), [`Max`](ReduceOp::Max) | smallest / largest | smallest / largest; a NaN operand gives NaN |
+//! | [`Min`](ReduceOp::Min), [`Max`](ReduceOp::Max) | smallest / largest | IEEE 754-2019 `minimum` / `maximum`: `-0.0 < +0.0`, and any NaN operand gives the canonical quiet NaN (see [below](#min-and-max-of-floats)) |
 //! | [`Avg`](ReduceOp::Avg) | refused ([`Error::InvalidArgument`]) | sum, then divided by the number of ranks |
 //!
 //! The kernels are plain loops over zipped slices (no indexing, so no bounds checks in the
@@ -20,9 +20,9 @@
 //! `f32` sums compile to `addps` over 4 lanes, unrolled (see `benches/collectives.rs`, group
 //! `kernels`, for their throughput).
 //!
-//! `f16` and `bf16` are reduced in `f32`, one block of [`HALF_BLOCK`] elements at a time:
-//! both operands are widened into two stack arrays, combined with the `f32` kernel, and the
-//! result is rounded back to the half type (round to nearest, ties to even). Per-element and
+//! `f16` and `bf16` sums and products are computed in `f32`, one block of [`HALF_BLOCK`]
+//! elements at a time: both operands are widened into two stack arrays, combined with the
+//! `f32` kernel, and the result is rounded back to the half type (round to nearest, ties to even). Per-element and
 //! per-block conversion give bit-identical results (every binary operation is rounded back
 //! to the half type either way; and since `f32` has more than twice the precision of either
 //! half type plus two bits, the double rounding equals a direct, correctly rounded half
@@ -31,11 +31,45 @@
 //! when the CPU has them). Partial results travel between ranks in the half type, as in NCCL
 //! and Gloo: carrying `f32` would double the bytes on the wire.
 //!
-//! Every binary reduction has a defined operand order ([`Order`]): the collectives always
-//! put the operand of the lower rank (or of the lower block of ranks) first. Addition and
-//! multiplication are commutative in IEEE arithmetic except for the payload of a NaN result,
-//! and `min`/`max` choose between equal values such as `-0.0` and `+0.0` by position, so a
-//! fixed order is what makes every rank's result bit-identical.
+//! # Min and max of floats
+//!
+//! For `f16`, `bf16`, `f32` and `f64`, [`Min`](ReduceOp::Min) and [`Max`](ReduceOp::Max)
+//! are the `minimum` and `maximum` operations of IEEE 754-2019 (section 9.6), with one
+//! choice of NaN made explicit:
+//!
+//! - `-0.0` is smaller than `+0.0`: `min(-0.0, +0.0) = -0.0` and `max(-0.0, +0.0) = +0.0`,
+//!   whichever comes first.
+//! - If any operand is a NaN (quiet or signalling, of any sign and payload), the result is
+//!   the canonical quiet NaN of the type: positive, the quiet bit set, the rest of the
+//!   payload zero (`f16` `0x7E00`, `bf16` `0x7FC0`, `f32` `0x7FC0_0000`, `f64`
+//!   `0x7FF8_0000_0000_0000`). Input payloads are not carried through.
+//! - Otherwise the smaller (larger) value, bit for bit one of the operands.
+//!
+//! Both operations are then commutative and associative down to the bits, so a reduction
+//! over ranks gives exactly the bits of the sequential one, `min(...min(min(x0, x1), x2)...,
+//! xP-1)`, whatever the algorithm, the operand order it uses and the number of ranks: the
+//! same answer on every rank, from every collective, for every world size. (Rust's
+//! `f32::min` differs: it ignores a NaN operand and may return either zero.) Integers have
+//! no such cases: their min and max are exact.
+//!
+//! These kernels work on the bit patterns and never convert: `f32`/`f64` compare as floats
+//! and build the result from comparison masks (`cmpltps`, `cmpunordps`, `andps`/`andnps`/
+//! `orps`), `f16`/`bf16` compare integer keys that order like the values (a few shifts,
+//! xors and `pcmpgtw` per 8 lanes), all vectorised without SSE4 or AVX.
+//!
+//! # Operand order
+//!
+//! Every binary reduction has a defined operand order ([`Order`]), fixed by the algorithm:
+//! the tree and doubling algorithms put the operand of the lower rank (or of the lower block
+//! of ranks; in a rooted tree, counting from the root) first, the ring puts the partial
+//! result received from its left neighbour first (so a ring segment is reduced in rank
+//! order rotated to start at some rank). Addition and multiplication are commutative in
+//! IEEE arithmetic except for the payload of a NaN result, and not associative, so the
+//! order matters to the bits of a float `Sum`, `Prod` or `Avg`: different algorithms (and
+//! world sizes) may round differently, within the usual bounds. Within one call every
+//! element is either computed by one rank and copied to the others or computed from equal
+//! inputs in the same order by every rank that computes it, so every rank gets the same
+//! bytes. `Min` and `Max` do not depend on the order at all.
 
 use half::{bf16, f16};
 
@@ -176,9 +210,13 @@ pub enum ReduceOp {
     Sum = 1,
     /// Product (wrapping for integers).
     Prod = 2,
-    /// Minimum (NaN if any operand is NaN).
+    /// Minimum. Floats: IEEE 754-2019 `minimum` (`-0.0 < +0.0`; any NaN operand gives the
+    /// canonical quiet NaN), so the result is that of a sequential reduction whatever the
+    /// algorithm; see the [module documentation](self#min-and-max-of-floats).
     Min = 3,
-    /// Maximum (NaN if any operand is NaN).
+    /// Maximum. Floats: IEEE 754-2019 `maximum` (`-0.0 < +0.0`; any NaN operand gives the
+    /// canonical quiet NaN), so the result is that of a sequential reduction whatever the
+    /// algorithm; see the [module documentation](self#min-and-max-of-floats).
     Max = 4,
     /// Sum divided by the number of ranks; floating-point types only.
     Avg = 5,
@@ -246,7 +284,9 @@ impl std::fmt::Display for ReduceOp {
     }
 }
 
-/// Which operand of a binary reduction comes first (is the left operand).
+/// Which operand of a binary reduction comes first (is the left operand). It can change the
+/// bits of a float sum or product (NaN payloads); float min and max, and every integer
+/// operation, give the same result either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Order {
     /// `acc = acc ∘ other`: the accumulator's (this rank's) value first.
@@ -284,6 +324,16 @@ pub fn reduce_bytes(
     }
     let op = op.combining();
     let first = order == Order::TheirsFirst;
+    if matches!(op, ReduceOp::Min | ReduceOp::Max) && dtype.is_float() {
+        // IEEE 754-2019 minimum/maximum: the operand order does not matter.
+        match dtype {
+            DType::F16 => min_max_f16(op, cast_mut(acc)?, cast(other)?),
+            DType::BF16 => min_max_bf16(op, cast_mut(acc)?, cast(other)?),
+            DType::F32 => min_max_f32(op, cast_mut(acc)?, cast(other)?),
+            _ => min_max_f64(op, cast_mut(acc)?, cast(other)?),
+        }
+        return Ok(());
+    }
     match dtype {
         DType::U8 => kernel::<u8>(op, cast_mut(acc)?, cast(other)?, first),
         DType::U16 => kernel::<u16>(op, cast_mut(acc)?, cast(other)?, first),
@@ -387,25 +437,121 @@ macro_rules! int_arith {
 int_arith!(u8, u16, u32, u64, i8, i16, i32, i64);
 
 macro_rules! float_arith {
-    ($($t:ty),*) => {$(
+    ($($t:ty: $min:ident, $max:ident),*) => {$(
         impl Arith for $t {
             #[inline(always)]
             fn add(self, b: Self) -> Self { self + b }
             #[inline(always)]
             fn mul(self, b: Self) -> Self { self * b }
-            // NaN-propagating, and the first operand wins ties (-0.0 against +0.0): a
-            // compare and a select per lane.
+            // `reduce_bytes` runs float min/max on the bit patterns directly; these say the
+            // same, so that the trait means one thing.
             #[inline(always)]
-            #[allow(clippy::eq_op)]
-            fn min(self, b: Self) -> Self { if b < self || b != b { b } else { self } }
+            fn min(self, b: Self) -> Self { <$t>::from_bits($min(self.to_bits(), b.to_bits())) }
             #[inline(always)]
-            #[allow(clippy::eq_op)]
-            fn max(self, b: Self) -> Self { if b > self || b != b { b } else { self } }
+            fn max(self, b: Self) -> Self { <$t>::from_bits($max(self.to_bits(), b.to_bits())) }
         }
     )*};
 }
 
-float_arith!(f32, f64);
+float_arith!(f32: min_f32, max_f32, f64: min_f64, max_f64);
+
+/// IEEE 754-2019 `minimum` and `maximum` for a 16-bit float format, on its bits (`$u` the
+/// bits, `$i` the signed integer of the same width, `$inf` the bits of +infinity, `$qnan`
+/// the canonical quiet NaN), and the slice kernel that applies one of them.
+///
+/// Every bit pattern that is not a NaN gets a key, a signed integer that orders like the
+/// value with `-0.0 < +0.0`: a positive float's bits as they are, a negative float's bits
+/// with everything but the sign flipped (a larger magnitude then gives a smaller key).
+/// Different patterns have different keys, so the operand with the smaller (larger) key is
+/// the answer whatever the operand order. A NaN operand, quiet or signalling, whatever its
+/// sign and payload, gives `$qnan`. No conversion to `f32`: each lane is shifts, xors,
+/// integer compares and selects, which LLVM vectorises (8 lanes with SSE2).
+macro_rules! ieee_min_max {
+    ($($min:ident, $max:ident, $slices:ident: $u:ty, $i:ty, $inf:expr, $qnan:expr;)*) => {$(
+        #[inline(always)]
+        fn $min(a: $u, b: $u) -> $u {
+            let key = |x: $u| {
+                let s = x as $i;
+                s ^ ((s >> (<$i>::BITS - 1)) as $u >> 1) as $i
+            };
+            let nan = |x: $u| x & (<$u>::MAX >> 1) > $inf;
+            let r = if key(b) < key(a) { b } else { a };
+            if nan(a) | nan(b) { $qnan } else { r }
+        }
+
+        #[inline(always)]
+        fn $max(a: $u, b: $u) -> $u {
+            let key = |x: $u| {
+                let s = x as $i;
+                s ^ ((s >> (<$i>::BITS - 1)) as $u >> 1) as $i
+            };
+            let nan = |x: $u| x & (<$u>::MAX >> 1) > $inf;
+            let r = if key(b) > key(a) { b } else { a };
+            if nan(a) | nan(b) { $qnan } else { r }
+        }
+
+        /// `acc[i] = minimum(acc[i], other[i])` (`maximum` for [`ReduceOp::Max`]).
+        fn $slices(op: ReduceOp, acc: &mut [$u], other: &[$u]) {
+            if op == ReduceOp::Max {
+                zip_with(acc, other, $max)
+            } else {
+                zip_with(acc, other, $min)
+            }
+        }
+    )*};
+}
+
+ieee_min_max! {
+    min_f16, max_f16, min_max_f16: u16, i16, 0x7C00, 0x7E00;
+    min_bf16, max_bf16, min_max_bf16: u16, i16, 0x7F80, 0x7FC0;
+}
+
+/// IEEE 754-2019 `minimum` and `maximum` for `f32`/`f64` (`$t`), on its bits (`$u`), with
+/// `$qnan` the canonical quiet NaN; and the slice kernel that applies one of them.
+///
+/// The operands are compared as floats and the result is assembled from the comparison
+/// masks: the smaller (larger) operand, or, when they compare equal, `a | b` (`a & b`).
+/// Equal floats have equal bits except `-0.0` and `+0.0`, where OR keeps the sign bit (so
+/// `minimum` gives `-0.0`) and AND clears it (`maximum` gives `+0.0`). Either operand a NaN
+/// gives `$qnan`. Two compares, three mask operations and a NaN select per vector
+/// (`cmpltps`, `andnps`/`orps`, `cmpunordps`).
+macro_rules! ieee_min_max_float {
+    ($($min:ident, $max:ident, $slices:ident: $t:ty, $u:ty, $qnan:expr;)*) => {$(
+        #[inline(always)]
+        fn $min(a: $u, b: $u) -> $u {
+            let (x, y) = (<$t>::from_bits(a), <$t>::from_bits(b));
+            // `b`, `a`, or when equal (or unordered) `a | b`.
+            let b_less: $u = if y < x { !0 } else { 0 };
+            let a_less: $u = if x < y { !0 } else { 0 };
+            let r = (a & !b_less) | (b & !a_less);
+            if x.is_nan() | y.is_nan() { $qnan } else { r }
+        }
+
+        #[inline(always)]
+        fn $max(a: $u, b: $u) -> $u {
+            let (x, y) = (<$t>::from_bits(a), <$t>::from_bits(b));
+            // `b`, `a`, or when equal (or unordered) `a & b`.
+            let b_more: $u = if y > x { !0 } else { 0 };
+            let a_more: $u = if x > y { !0 } else { 0 };
+            let r = (a | b_more) & (b | a_more);
+            if x.is_nan() | y.is_nan() { $qnan } else { r }
+        }
+
+        /// `acc[i] = minimum(acc[i], other[i])` (`maximum` for [`ReduceOp::Max`]).
+        fn $slices(op: ReduceOp, acc: &mut [$u], other: &[$u]) {
+            if op == ReduceOp::Max {
+                zip_with(acc, other, $max)
+            } else {
+                zip_with(acc, other, $min)
+            }
+        }
+    )*};
+}
+
+ieee_min_max_float! {
+    min_f32, max_f32, min_max_f32: f32, u32, 0x7FC0_0000;
+    min_f64, max_f64, min_max_f64: f64, u64, 0x7FF8_0000_0000_0000;
+}
 
 #[inline(always)]
 fn zip_with<T: Copy>(acc: &mut [T], other: &[T], f: impl Fn(T, T) -> T) {
@@ -565,19 +711,228 @@ mod reduce_tests {
         assert_eq!(run(ReduceOp::Min, &a, &b, Order::MineFirst), [1, -7]);
     }
 
+    /// A float element type seen through its bits, for the min/max tests.
+    trait Float: Element {
+        const CANONICAL_NAN: u64;
+        /// Interesting bit patterns: zeros, ±1, infinities, the smallest subnormals, the
+        /// largest finite values, quiet and signalling NaNs of both signs with payloads.
+        const SPECIALS: &'static [u64];
+        fn from_u64(bits: u64) -> Self;
+        fn to_u64(self) -> u64;
+        fn wide(self) -> f64;
+    }
+
+    macro_rules! test_float {
+        ($t:ty, $u:ty, $nan:expr, [$($s:expr),* $(,)?], $wide:expr) => {
+            impl Float for $t {
+                const CANONICAL_NAN: u64 = $nan;
+                const SPECIALS: &'static [u64] = &[$($s),*];
+                fn from_u64(bits: u64) -> Self { <$t>::from_bits(bits as $u) }
+                fn to_u64(self) -> u64 { self.to_bits() as u64 }
+                fn wide(self) -> f64 { ($wide)(self) }
+            }
+        };
+    }
+
+    test_float!(
+        f16,
+        u16,
+        0x7E00,
+        [
+            0x0000, 0x8000, 0x3C00, 0xBC00, 0x7C00, 0xFC00, 0x0001, 0x8001, 0x7BFF, 0xFBFF, 0x7E00,
+            0xFE00, 0x7E01, 0x7C01, 0xFD55, 0x7FFF,
+        ],
+        |x: f16| x.to_f64()
+    );
+    test_float!(
+        bf16,
+        u16,
+        0x7FC0,
+        [
+            0x0000, 0x8000, 0x3F80, 0xBF80, 0x7F80, 0xFF80, 0x0001, 0x8001, 0x7F7F, 0xFF7F, 0x7FC0,
+            0xFFC0, 0x7FC1, 0x7F81, 0xFFAA, 0x7FFF,
+        ],
+        |x: bf16| x.to_f64()
+    );
+    test_float!(
+        f32,
+        u32,
+        0x7FC0_0000,
+        [
+            0x0000_0000,
+            0x8000_0000,
+            0x3F80_0000,
+            0xBF80_0000,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x0000_0001,
+            0x8000_0001,
+            0x7F7F_FFFF,
+            0xFF7F_FFFF,
+            0x7FC0_0000,
+            0xFFC0_0000,
+            0x7FC0_0001,
+            0x7F80_0001,
+            0xFFA0_5555,
+            0x7FFF_FFFF,
+        ],
+        |x: f32| x as f64
+    );
+    test_float!(
+        f64,
+        u64,
+        0x7FF8_0000_0000_0000,
+        [
+            0,
+            0x8000_0000_0000_0000,
+            0x3FF0_0000_0000_0000,
+            0xBFF0_0000_0000_0000,
+            0x7FF0_0000_0000_0000,
+            0xFFF0_0000_0000_0000,
+            1,
+            0x8000_0000_0000_0001,
+            0x7FEF_FFFF_FFFF_FFFF,
+            0xFFEF_FFFF_FFFF_FFFF,
+            0x7FF8_0000_0000_0000,
+            0xFFF8_0000_0000_0000,
+            0x7FF8_0000_0000_0001,
+            0x7FF0_0000_0000_0001,
+            0xFFF5_5555_5555_5555,
+            0x7FFF_FFFF_FFFF_FFFF,
+        ],
+        |x: f64| x
+    );
+
+    /// IEEE 754-2019 `minimum`/`maximum` with the canonical NaN, written independently of
+    /// the kernels: through `f64` (exact for every type) and `total_cmp`, which orders
+    /// `-0.0` before `+0.0`.
+    fn reference<T: Float>(op: ReduceOp, a: T, b: T) -> u64 {
+        let (x, y) = (a.wide(), b.wide());
+        if x.is_nan() || y.is_nan() {
+            return T::CANONICAL_NAN;
+        }
+        let b_wins = match op {
+            ReduceOp::Min => y.total_cmp(&x).is_lt(),
+            _ => y.total_cmp(&x).is_gt(),
+        };
+        if b_wins { b.to_u64() } else { a.to_u64() }
+    }
+
+    /// Every pair of `a` and `b` (as bits) through the kernel in both orders, against the
+    /// reference; also checks that the kernel is associative on a triple of specials.
+    fn check_min_max<T: Float>(a_bits: &[u64], b_bits: &[u64]) {
+        let (mut a, mut b) = (vec![], vec![]);
+        for &x in a_bits {
+            for &y in b_bits {
+                a.push(T::from_u64(x));
+                b.push(T::from_u64(y));
+            }
+        }
+        for op in [ReduceOp::Min, ReduceOp::Max] {
+            for order in [Order::MineFirst, Order::TheirsFirst] {
+                let got = run(op, &a, &b, order);
+                for i in 0..a.len() {
+                    assert_eq!(
+                        got[i].to_u64(),
+                        reference(op, a[i], b[i]),
+                        "{} {op} of {:#x} and {:#x}, {order:?}",
+                        T::DTYPE,
+                        a[i].to_u64(),
+                        b[i].to_u64(),
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
-    fn float_min_max_propagate_nan_and_keep_order_on_ties() {
-        let a = [1.0f32, f32::NAN, 2.0, -0.0];
-        let b = [f32::NAN, 1.0, 1.0, 0.0];
-        let m = run(ReduceOp::Min, &a, &b, Order::MineFirst);
-        assert!(m[0].is_nan() && m[1].is_nan());
-        assert_eq!(m[2], 1.0);
-        assert!(m[3].is_sign_negative(), "ties keep the first operand");
-        let m = run(ReduceOp::Min, &a, &b, Order::TheirsFirst);
-        assert!(m[3].is_sign_positive(), "the received operand is first");
-        let m = run(ReduceOp::Max, &a, &b, Order::MineFirst);
-        assert!(m[0].is_nan() && m[1].is_nan());
-        assert_eq!(m[2], 2.0);
+    fn float_min_max_are_ieee_minimum_maximum_whatever_the_order() {
+        fn each<T: Float>() {
+            let (z, nz) = (T::from_u64(0), T::from_u64(T::SPECIALS[1]));
+            assert!(nz.wide() == 0.0 && nz.wide().is_sign_negative());
+            for order in [Order::MineFirst, Order::TheirsFirst] {
+                // The rule of the documentation, spelt out.
+                let m = run(ReduceOp::Min, &[z, nz], &[nz, z], order);
+                assert_eq!(
+                    [m[0].to_u64(), m[1].to_u64()],
+                    [nz.to_u64(); 2],
+                    "{}",
+                    T::DTYPE
+                );
+                let m = run(ReduceOp::Max, &[z, nz], &[nz, z], order);
+                assert_eq!([m[0].to_u64(), m[1].to_u64()], [0, 0], "{}", T::DTYPE);
+            }
+            // Every pair of specials, so every combination of ±0, ±inf and NaNs.
+            check_min_max::<T>(T::SPECIALS, T::SPECIALS);
+            // Associative and commutative down to the bits: every tree gives one answer.
+            for op in [ReduceOp::Min, ReduceOp::Max] {
+                let s = T::SPECIALS;
+                for &x in s {
+                    for &y in s {
+                        for &w in s {
+                            let (x, y, w) = (T::from_u64(x), T::from_u64(y), T::from_u64(w));
+                            let left = run(
+                                op,
+                                &run(op, &[x], &[y], Order::MineFirst),
+                                &[w],
+                                Order::MineFirst,
+                            );
+                            let right = run(
+                                op,
+                                &[x],
+                                &run(op, &[w], &[y], Order::TheirsFirst),
+                                Order::MineFirst,
+                            );
+                            assert_eq!(left[0].to_u64(), right[0].to_u64(), "{} {op}", T::DTYPE);
+                        }
+                    }
+                }
+            }
+        }
+        each::<f16>();
+        each::<bf16>();
+        each::<f32>();
+        each::<f64>();
+    }
+
+    #[test]
+    fn half_min_max_match_the_reference_for_every_bit_pattern() {
+        // Every f16 and bf16 against the specials, in both positions.
+        let all: Vec<u64> = (0..=u16::MAX as u64).collect();
+        check_min_max::<f16>(&all, f16::SPECIALS);
+        check_min_max::<f16>(f16::SPECIALS, &all);
+        check_min_max::<bf16>(&all, bf16::SPECIALS);
+        check_min_max::<bf16>(bf16::SPECIALS, &all);
+    }
+
+    #[test]
+    fn wide_min_max_match_the_reference_on_random_bits() {
+        // Random patterns, half of them with the exponent forced all-ones (infinities and
+        // NaNs) or zero (zeros and subnormals), so the special cases are common.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut pats32 = vec![];
+        let mut pats64 = vec![];
+        for _ in 0..4096 {
+            let r = next();
+            let (e32, e64) = match r % 4 {
+                0 => (0x7F80_0000u64, 0x7FF0_0000_0000_0000u64),
+                1 => (0, 0),
+                _ => (r & 0x7F80_0000, r & 0x7FF0_0000_0000_0000),
+            };
+            let m = next();
+            pats32.push((m & 0x807F_FFFF) | e32);
+            pats64.push((m & 0x800F_FFFF_FFFF_FFFF) | e64);
+        }
+        check_min_max::<f32>(&pats32[..256], &pats32[256..512]);
+        check_min_max::<f32>(&pats32[..64], &pats32[..64]);
+        check_min_max::<f64>(&pats64[..256], &pats64[256..512]);
+        check_min_max::<f64>(&pats64[..64], &pats64[..64]);
     }
 
     #[test]
@@ -636,8 +991,10 @@ mod reduce_tests {
             let exact = |x: f64, y: f64| match op {
                 ReduceOp::Sum => x + y,
                 ReduceOp::Prod => x * y,
-                ReduceOp::Min => x.min(y),
-                _ => x.max(y),
+                // IEEE minimum/maximum (no NaN among the values; -0.0 < +0.0).
+                ReduceOp::Min if y.total_cmp(&x).is_lt() => y,
+                ReduceOp::Max if y.total_cmp(&x).is_gt() => y,
+                _ => x,
             };
             let got = run(op, &a16, &b16, Order::MineFirst);
             for i in 0..got.len() {
