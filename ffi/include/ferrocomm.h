@@ -77,21 +77,22 @@
  *
  * What a failure leaves usable:
  * - Argument errors (`INVALID_ARGUMENT`, `INVALID_HANDLE`, `BUSY`, `CONFIG`) change
- *   nothing: the communicator stays usable. So does a `ferrocomm_recv` that timed out with
- *   nothing matched (the receive is withdrawn).
- * - After `TIMEOUT` (of anything else), `PEER_LOST`, `PEER_MISBEHAVED`,
- *   `COLLECTIVE_MISMATCH`, `IO`, `PANIC` or `ABORTED` the failure is fatal for the WORLD:
- *   the communicator the call was made on, the communicator it came from and every other
- *   communicator of the same ferrocomm_init/ferrocomm_init_url call (its dups, splits and
- *   groups) are unusable. Every later operation on any of them fails with the same error
- *   ("sticky"), and requests in flight on them complete with it. A mismatch on a dup thus
- *   fails the world communicator too (like NCCL's communicator abort, at the granularity of
- *   the world: its communicators share connections and one failed collective leaves them
- *   in an unknown state). Free them all; a program that continues joins a new world with
- *   ferrocomm_init_url (a new rendezvous). Communicators of another world in the same
- *   process are not affected.
+ *   nothing: the communicator stays usable. So does a `TIMEOUT` of a point-to-point
+ *   operation that could be withdrawn (a receive that nothing matched).
+ * - After any other `TIMEOUT` (a collective's, a transfer's in flight), `PEER_LOST`,
+ *   `PEER_MISBEHAVED`, `COLLECTIVE_MISMATCH`, `IO` or `ABORTED` the failure is fatal for
+ *   the WORLD: the communicator the call was made on, the communicator it came from and
+ *   every other communicator of the same ferrocomm_init/ferrocomm_init_url call (its dups,
+ *   splits and groups) are unusable. Every later operation on any of them fails with the
+ *   same error ("sticky"), and requests in flight on them complete with it. A mismatch on
+ *   a dup thus fails the world communicator too (like NCCL's communicator abort, at the
+ *   granularity of the world: its communicators share connections, and one failed
+ *   collective leaves them in an unknown state). Free them all; a program that continues
+ *   joins a new world with ferrocomm_init_url (a new rendezvous). Communicators of another
+ *   world in the same process are not affected.
  * - `ferrocomm_comm_abort` has the same scope: every communicator of the world, at any
  *   size, one rank included.
+ * - After `PANIC` (a bug) nothing is promised: free the communicators of that world.
  */
 FERROCOMM_ENUM_(ferrocomm_result) {
     /** Success. */
