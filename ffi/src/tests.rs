@@ -917,6 +917,19 @@ fn abort_of_a_one_rank_world_fails_every_later_call() {
             }
             aborted(ferrocomm_allreduce(dup, p, p, 4, f32c, sum));
             aborted(ferrocomm_barrier(dup));
+            let (bufs, counts) = ([p], [4usize]);
+            aborted(ferrocomm_allreduce_many(
+                comm,
+                bufs.as_ptr(),
+                counts.as_ptr(),
+                1,
+                f32c,
+                sum,
+                0,
+            ));
+            let mut sub = null_mut();
+            aborted(ferrocomm_comm_split(comm, 0, 0, &mut sub));
+            assert!(sub.is_null());
             ok(ferrocomm_comm_free(dup));
         }
     });
