@@ -14,9 +14,22 @@
  *   ferrocomm_comm_dup gives each thread its own. Requests may be waited for on any thread.
  * - Blocking calls give up after FERROCOMM_OP_TIMEOUT seconds (default 1800) with
  *   FERROCOMM_ERR_TIMEOUT.
+ * - Scope of a failure: see ferrocomm_result below. In short, every communicator made from
+ *   one ferrocomm_init/ferrocomm_init_url call (the world and its dups, splits and groups)
+ *   fails together; other worlds are not affected.
+ *
+ * Needs C99 or later (<stdint.h>, // comments), or C++11 or later. Clean under
+ * -Wall -Wextra -pedantic -Wc++-compat.
  *
  * Link with -lferrocomm (or pkg-config --cflags --libs ferrocomm). See the README.
  */
+#if defined(__cplusplus)
+#if __cplusplus < 201103L
+#error "ferrocomm.h needs C++11 or later (e.g. -std=c++11)"
+#endif
+#elif !defined(__STDC_VERSION__) || __STDC_VERSION__ < 199901L
+#error "ferrocomm.h needs C99 or later (e.g. -std=c99 or -std=c11)"
+#endif
 
 #ifndef FERROCOMM_H
 #define FERROCOMM_H
@@ -32,6 +45,157 @@
  * Never dereferenced. (The address 1: no buffer of any element type lies there.)
  */
 #define FERROCOMM_IN_PLACE ((void *)1)
+
+/*
+ * ferrocomm_result, ferrocomm_dtype and ferrocomm_op.
+ *
+ * In C each is a uint32_t (the ABI: every function takes and returns them as 32-bit
+ * unsigned integers), and the values are the constants of an enumeration with another tag
+ * (enum ferrocomm_result_code, enum ferrocomm_dtype_code, enum ferrocomm_op_code), so no
+ * name is both a typedef and a tag. In C++ each is an enumeration with uint32_t as its
+ * underlying type (the same ABI): passing an integer, or a data type where an operation
+ * belongs, does not compile there.
+ *
+ * Data types and operations have disjoint values (0x100 + n and 0x200 + n; 0 is neither),
+ * so in C, where both are integers, swapped arguments are caught when called:
+ * FERROCOMM_ERR_INVALID_ARGUMENT naming the argument and the swap. (Wrapping them in
+ * structures would catch it at compile time in C too, but costs every C caller compound
+ * literals and switch statements; MPICH's integer handles made the same choice.) The values
+ * are fixed: new ones may be added, existing ones never change.
+ */
+#if defined(__cplusplus)
+#define FERROCOMM_ENUM_(name) enum name : uint32_t
+#else
+#define FERROCOMM_ENUM_(name) typedef uint32_t name; enum name##_code
+#endif
+
+/**
+ * What a ferrocomm function returns: `FERROCOMM_OK` (0) or the kind of failure. The codes
+ * are fixed: new codes may be added at the end, existing ones never change meaning.
+ * `ferrocomm_last_error()` gives the full message of the most recent failure on the
+ * calling thread.
+ *
+ * What a failure leaves usable:
+ * - Argument errors (`INVALID_ARGUMENT`, `INVALID_HANDLE`, `BUSY`, `CONFIG`) change
+ *   nothing: the communicator stays usable. So does a `TIMEOUT` of a point-to-point
+ *   operation that could be withdrawn (a receive that nothing matched).
+ * - After any other `TIMEOUT` (a collective's, a transfer's in flight), `PEER_LOST`,
+ *   `PEER_MISBEHAVED`, `COLLECTIVE_MISMATCH`, `IO` or `ABORTED` the failure is fatal for
+ *   the WORLD: the communicator the call was made on, the communicator it came from and
+ *   every other communicator of the same ferrocomm_init/ferrocomm_init_url call (its dups,
+ *   splits and groups) are unusable. Every later operation on any of them fails with the
+ *   same error ("sticky"), and requests in flight on them complete with it. A mismatch on
+ *   a dup thus fails the world communicator too (like NCCL's communicator abort, at the
+ *   granularity of the world: its communicators share connections, and one failed
+ *   collective leaves them in an unknown state). Free them all; a program that continues
+ *   joins a new world with ferrocomm_init_url (a new rendezvous). Communicators of another
+ *   world in the same process are not affected.
+ * - `ferrocomm_comm_abort` has the same scope: every communicator of the world, at any
+ *   size, one rank included.
+ * - After `PANIC` (a bug) nothing is promised: free the communicators of that world.
+ */
+FERROCOMM_ENUM_(ferrocomm_result) {
+    /** Success. */
+    FERROCOMM_OK = 0,
+    /**
+     * An argument was refused: a null pointer, a buffer too small or misaligned for its
+     * data type, a rank or root out of range, an unknown data type, operation or flag, a
+     * data type passed as an operation or the reverse. Nothing was sent or changed.
+     */
+    FERROCOMM_ERR_INVALID_ARGUMENT = 1,
+    /**
+     * A handle is null, was already freed (or waited for), or is of the wrong kind (a
+     * request where a communicator is expected). Nothing was changed.
+     */
+    FERROCOMM_ERR_INVALID_HANDLE = 2,
+    /**
+     * Another thread is inside a call on the same communicator. A communicator is used by
+     * one thread at a time; give each thread its own with `ferrocomm_comm_dup`.
+     */
+    FERROCOMM_ERR_BUSY = 3,
+    /**
+     * A setting from the environment or the init URL (an environment variable, a URL, a
+     * RANK or WORLD_SIZE read from the environment) is malformed or out of range.
+     */
+    FERROCOMM_ERR_CONFIG = 4,
+    /**
+     * An operation waited longer than its timeout (`FERROCOMM_TIMEOUT` for init,
+     * `FERROCOMM_OP_TIMEOUT` for operations).
+     */
+    FERROCOMM_ERR_TIMEOUT = 5,
+    /** A peer's process died or its connection closed while an operation needed it. */
+    FERROCOMM_ERR_PEER_LOST = 6,
+    /** A peer (or a stranger) broke the protocol. */
+    FERROCOMM_ERR_PEER_MISBEHAVED = 7,
+    /** The rendezvous store belongs to another job (other job id or world size). */
+    FERROCOMM_ERR_JOB_MISMATCH = 8,
+    /** Ranks called different collectives (or the same with different arguments). */
+    FERROCOMM_ERR_COLLECTIVE_MISMATCH = 9,
+    /** An operating-system call failed. */
+    FERROCOMM_ERR_IO = 10,
+    /** The world was aborted (`ferrocomm_comm_abort` or a fatal error). */
+    FERROCOMM_ERR_ABORTED = 11,
+    /**
+     * A bug in ferrocomm: a Rust panic was caught at the library boundary. The message
+     * says where; please report it. Free the communicator involved.
+     */
+    FERROCOMM_ERR_PANIC = 12,
+    /** An error this version of the C ABI has no code for (a newer Rust error kind). */
+    FERROCOMM_ERR_INTERNAL = 13
+};
+
+/**
+ * Element types of buffers (`MPI_Datatype`, `ncclDataType_t`). `FERROCOMM_F16` and
+ * `FERROCOMM_BF16` buffers hold the 16-bit patterns (`uint16_t` in C). Any other value is
+ * refused with `FERROCOMM_ERR_INVALID_ARGUMENT`.
+ */
+FERROCOMM_ENUM_(ferrocomm_dtype) {
+    /** `uint8_t` (also raw bytes). */
+    FERROCOMM_U8 = 0x100,
+    /** `int8_t`. */
+    FERROCOMM_I8 = 0x101,
+    /** `uint16_t`. */
+    FERROCOMM_U16 = 0x102,
+    /** `int16_t`. */
+    FERROCOMM_I16 = 0x103,
+    /** `uint32_t`. */
+    FERROCOMM_U32 = 0x104,
+    /** `int32_t`. */
+    FERROCOMM_I32 = 0x105,
+    /** `uint64_t`. */
+    FERROCOMM_U64 = 0x106,
+    /** `int64_t`. */
+    FERROCOMM_I64 = 0x107,
+    /** IEEE 754 binary16 (`_Float16`; stored as `uint16_t`). */
+    FERROCOMM_F16 = 0x108,
+    /** bfloat16 (the upper half of an IEEE 754 binary32; stored as `uint16_t`). */
+    FERROCOMM_BF16 = 0x109,
+    /** `float`. */
+    FERROCOMM_F32 = 0x10A,
+    /** `double`. */
+    FERROCOMM_F64 = 0x10B
+};
+
+/**
+ * Reduction operations of the collectives that combine values (`MPI_Op`, `ncclRedOp_t`; in
+ * NCCL's order). Any other value is refused with `FERROCOMM_ERR_INVALID_ARGUMENT`.
+ */
+FERROCOMM_ENUM_(ferrocomm_op) {
+    /** Sum (wrapping for integer types). */
+    FERROCOMM_SUM = 0x200,
+    /** Product (wrapping for integer types). */
+    FERROCOMM_PROD = 0x201,
+    /** Maximum (NaN if any operand is NaN). */
+    FERROCOMM_MAX = 0x202,
+    /** Minimum (NaN if any operand is NaN). */
+    FERROCOMM_MIN = 0x203,
+    /**
+     * Sum divided by the number of ranks; floating-point types only (an integer type gives
+     * `FERROCOMM_ERR_INVALID_ARGUMENT`).
+     */
+    FERROCOMM_AVG = 0x204
+};
+#undef FERROCOMM_ENUM_
 
 /**
  * Default bucket size of `ferrocomm_allreduce_many`: 25 MiB, PyTorch DDP's `bucket_cap_mb`.
@@ -64,203 +228,6 @@
  * the ranks instead of padding it with repeated indices.
  */
 #define FERROCOMM_SAMPLER_DROP_LAST 2
-
-/**
- * What a ferrocomm function returns: `FERROCOMM_OK` (0) or the kind of failure. The codes
- * are fixed: new codes may be added at the end, existing ones never change meaning.
- * `ferrocomm_last_error()` gives the full message of the most recent failure on the
- * calling thread.
- *
- * Communicator state after a failure: argument errors (`INVALID_ARGUMENT`,
- * `INVALID_HANDLE`, `BUSY`, `CONFIG`) change nothing and the communicator stays usable;
- * after `TIMEOUT`, `PEER_LOST`, `PEER_MISBEHAVED`, `COLLECTIVE_MISMATCH`, `IO` and
- * `ABORTED` the communicator is unusable and every later operation on it fails with the
- * same error ("sticky"); free it.
- */
-enum ferrocomm_result
-#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
-  : uint32_t
-#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
- {
-    /**
-     * Success.
-     */
-    FERROCOMM_OK = 0,
-    /**
-     * An argument was refused: a null pointer, a buffer too small or misaligned for its
-     * data type, a rank out of range, an unknown data type, operation or flag. Nothing was
-     * sent or changed.
-     */
-    FERROCOMM_ERR_INVALID_ARGUMENT = 1,
-    /**
-     * A handle is null, was already freed (or waited for), or is of the wrong kind (a
-     * request where a communicator is expected). Nothing was changed.
-     */
-    FERROCOMM_ERR_INVALID_HANDLE = 2,
-    /**
-     * Another thread is inside a call on the same communicator. A communicator is used by
-     * one thread at a time; give each thread its own with `ferrocomm_comm_dup`.
-     */
-    FERROCOMM_ERR_BUSY = 3,
-    /**
-     * A setting (environment variable, init URL) is malformed or out of range.
-     */
-    FERROCOMM_ERR_CONFIG = 4,
-    /**
-     * An operation waited longer than its timeout (`FERROCOMM_TIMEOUT` for init,
-     * `FERROCOMM_OP_TIMEOUT` for operations).
-     */
-    FERROCOMM_ERR_TIMEOUT = 5,
-    /**
-     * A peer's process died or its connection closed while an operation needed it.
-     */
-    FERROCOMM_ERR_PEER_LOST = 6,
-    /**
-     * A peer (or a stranger) broke the protocol.
-     */
-    FERROCOMM_ERR_PEER_MISBEHAVED = 7,
-    /**
-     * The rendezvous store belongs to another job (other job id or world size).
-     */
-    FERROCOMM_ERR_JOB_MISMATCH = 8,
-    /**
-     * Ranks called different collectives (or the same with different arguments).
-     */
-    FERROCOMM_ERR_COLLECTIVE_MISMATCH = 9,
-    /**
-     * An operating-system call failed.
-     */
-    FERROCOMM_ERR_IO = 10,
-    /**
-     * The communicator was aborted (`ferrocomm_comm_abort` or a fatal error).
-     */
-    FERROCOMM_ERR_ABORTED = 11,
-    /**
-     * A bug in ferrocomm: a Rust panic was caught at the library boundary. The message
-     * says where; please report it. Free the communicator involved.
-     */
-    FERROCOMM_ERR_PANIC = 12,
-    /**
-     * An error this version of the C ABI has no code for (a newer Rust error kind).
-     */
-    FERROCOMM_ERR_INTERNAL = 13,
-};
-#ifndef __cplusplus
-#if __STDC_VERSION__ >= 202311L
-typedef enum ferrocomm_result ferrocomm_result;
-#else
-typedef uint32_t ferrocomm_result;
-#endif // __STDC_VERSION__ >= 202311L
-#endif // __cplusplus
-
-/**
- * Element types of buffers. Functions take the data type as a plain `uint32_t` holding one
- * of these values and refuse anything else with `FERROCOMM_ERR_INVALID_ARGUMENT`. The
- * values are fixed. `FERROCOMM_F16` and `FERROCOMM_BF16` buffers hold the 16-bit patterns
- * (`uint16_t` in C).
- */
-enum ferrocomm_dtype
-#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
-  : uint32_t
-#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
- {
-    /**
-     * `uint8_t` (also raw bytes).
-     */
-    FERROCOMM_U8 = 0,
-    /**
-     * `int8_t`.
-     */
-    FERROCOMM_I8 = 1,
-    /**
-     * `uint16_t`.
-     */
-    FERROCOMM_U16 = 2,
-    /**
-     * `int16_t`.
-     */
-    FERROCOMM_I16 = 3,
-    /**
-     * `uint32_t`.
-     */
-    FERROCOMM_U32 = 4,
-    /**
-     * `int32_t`.
-     */
-    FERROCOMM_I32 = 5,
-    /**
-     * `uint64_t`.
-     */
-    FERROCOMM_U64 = 6,
-    /**
-     * `int64_t`.
-     */
-    FERROCOMM_I64 = 7,
-    /**
-     * IEEE 754 binary16 (`_Float16`; stored as `uint16_t`).
-     */
-    FERROCOMM_F16 = 8,
-    /**
-     * bfloat16 (the upper half of an IEEE 754 binary32; stored as `uint16_t`).
-     */
-    FERROCOMM_BF16 = 9,
-    /**
-     * `float`.
-     */
-    FERROCOMM_F32 = 10,
-    /**
-     * `double`.
-     */
-    FERROCOMM_F64 = 11,
-};
-#ifndef __cplusplus
-#if __STDC_VERSION__ >= 202311L
-typedef enum ferrocomm_dtype ferrocomm_dtype;
-#else
-typedef uint32_t ferrocomm_dtype;
-#endif // __STDC_VERSION__ >= 202311L
-#endif // __cplusplus
-
-/**
- * Reduction operations of the collectives that combine values. Functions take the
- * operation as a plain `uint32_t` holding one of these values and refuse anything else with
- * `FERROCOMM_ERR_INVALID_ARGUMENT`. The values are fixed and the same as NCCL's
- * (`ncclSum` .. `ncclAvg`).
- */
-enum ferrocomm_op
-#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
-  : uint32_t
-#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
- {
-    /**
-     * Sum (wrapping for integer types).
-     */
-    FERROCOMM_SUM = 0,
-    /**
-     * Product (wrapping for integer types).
-     */
-    FERROCOMM_PROD = 1,
-    /**
-     * Maximum (NaN if any operand is NaN).
-     */
-    FERROCOMM_MAX = 2,
-    /**
-     * Minimum (NaN if any operand is NaN).
-     */
-    FERROCOMM_MIN = 3,
-    /**
-     * Sum divided by the number of ranks; floating-point types only (an integer type gives
-     * `FERROCOMM_ERR_INVALID_ARGUMENT`).
-     */
-    FERROCOMM_AVG = 4,
-};
-#ifndef __cplusplus
-#if __STDC_VERSION__ >= 202311L
-typedef enum ferrocomm_op ferrocomm_op;
-#else
-typedef uint32_t ferrocomm_op;
-#endif // __STDC_VERSION__ >= 202311L
-#endif // __cplusplus
 
 /**
  * A communicator: a group of ranks that exchange messages (`MPI_Comm`, `ncclComm_t`). An
@@ -329,7 +296,7 @@ const char *ferrocomm_version(void);
  * # Safety
  * `size` must be NULL or valid for writing one `size_t`.
  */
-ferrocomm_result ferrocomm_dtype_size(uint32_t dtype, size_t *size);
+ferrocomm_result ferrocomm_dtype_size(ferrocomm_dtype dtype, size_t *size);
 
 /**
  * Reduces `count` elements of `dtype` element-wise with `op` over every rank
@@ -364,8 +331,8 @@ ferrocomm_result ferrocomm_allreduce(struct ferrocomm_comm_t *comm,
                                      const void *sendbuf,
                                      void *recvbuf,
                                      size_t count,
-                                     uint32_t dtype,
-                                     uint32_t op);
+                                     ferrocomm_dtype dtype,
+                                     ferrocomm_op op);
 
 /**
  * Non-blocking `ferrocomm_allreduce` (`MPI_Iallreduce`): starts the reduction and stores a
@@ -403,8 +370,8 @@ ferrocomm_result ferrocomm_iallreduce(struct ferrocomm_comm_t *comm,
                                       const void *sendbuf,
                                       void *recvbuf,
                                       size_t count,
-                                      uint32_t dtype,
-                                      uint32_t op,
+                                      ferrocomm_dtype dtype,
+                                      ferrocomm_op op,
                                       struct ferrocomm_request_t **request);
 
 /**
@@ -424,7 +391,7 @@ ferrocomm_result ferrocomm_iallreduce(struct ferrocomm_comm_t *comm,
 ferrocomm_result ferrocomm_broadcast(struct ferrocomm_comm_t *comm,
                                      void *buf,
                                      size_t count,
-                                     uint32_t dtype,
+                                     ferrocomm_dtype dtype,
                                      size_t root);
 
 /**
@@ -441,7 +408,7 @@ ferrocomm_result ferrocomm_broadcast(struct ferrocomm_comm_t *comm,
 ferrocomm_result ferrocomm_ibroadcast(struct ferrocomm_comm_t *comm,
                                       void *buf,
                                       size_t count,
-                                      uint32_t dtype,
+                                      ferrocomm_dtype dtype,
                                       size_t root,
                                       struct ferrocomm_request_t **request);
 
@@ -469,8 +436,8 @@ ferrocomm_result ferrocomm_reduce(struct ferrocomm_comm_t *comm,
                                   const void *sendbuf,
                                   void *recvbuf,
                                   size_t count,
-                                  uint32_t dtype,
-                                  uint32_t op,
+                                  ferrocomm_dtype dtype,
+                                  ferrocomm_op op,
                                   size_t root);
 
 /**
@@ -488,8 +455,8 @@ ferrocomm_result ferrocomm_ireduce(struct ferrocomm_comm_t *comm,
                                    const void *sendbuf,
                                    void *recvbuf,
                                    size_t count,
-                                   uint32_t dtype,
-                                   uint32_t op,
+                                   ferrocomm_dtype dtype,
+                                   ferrocomm_op op,
                                    size_t root,
                                    struct ferrocomm_request_t **request);
 
@@ -516,7 +483,7 @@ ferrocomm_result ferrocomm_allgather(struct ferrocomm_comm_t *comm,
                                      const void *sendbuf,
                                      void *recvbuf,
                                      size_t count,
-                                     uint32_t dtype);
+                                     ferrocomm_dtype dtype);
 
 /**
  * Non-blocking `ferrocomm_allgather`: the contribution is copied at the call; `recvbuf`
@@ -531,7 +498,7 @@ ferrocomm_result ferrocomm_iallgather(struct ferrocomm_comm_t *comm,
                                       const void *sendbuf,
                                       void *recvbuf,
                                       size_t count,
-                                      uint32_t dtype,
+                                      ferrocomm_dtype dtype,
                                       struct ferrocomm_request_t **request);
 
 /**
@@ -558,8 +525,8 @@ ferrocomm_result ferrocomm_reduce_scatter(struct ferrocomm_comm_t *comm,
                                           const void *sendbuf,
                                           void *recvbuf,
                                           size_t count,
-                                          uint32_t dtype,
-                                          uint32_t op);
+                                          ferrocomm_dtype dtype,
+                                          ferrocomm_op op);
 
 /**
  * Non-blocking `ferrocomm_reduce_scatter`: the input is copied at the call; this rank's
@@ -576,8 +543,8 @@ ferrocomm_result ferrocomm_ireduce_scatter(struct ferrocomm_comm_t *comm,
                                            const void *sendbuf,
                                            void *recvbuf,
                                            size_t count,
-                                           uint32_t dtype,
-                                           uint32_t op,
+                                           ferrocomm_dtype dtype,
+                                           ferrocomm_op op,
                                            struct ferrocomm_request_t **request);
 
 /**
@@ -603,7 +570,7 @@ ferrocomm_result ferrocomm_gather(struct ferrocomm_comm_t *comm,
                                   const void *sendbuf,
                                   void *recvbuf,
                                   size_t count,
-                                  uint32_t dtype,
+                                  ferrocomm_dtype dtype,
                                   size_t root);
 
 /**
@@ -620,7 +587,7 @@ ferrocomm_result ferrocomm_igather(struct ferrocomm_comm_t *comm,
                                    const void *sendbuf,
                                    void *recvbuf,
                                    size_t count,
-                                   uint32_t dtype,
+                                   ferrocomm_dtype dtype,
                                    size_t root,
                                    struct ferrocomm_request_t **request);
 
@@ -647,7 +614,7 @@ ferrocomm_result ferrocomm_scatter(struct ferrocomm_comm_t *comm,
                                    const void *sendbuf,
                                    void *recvbuf,
                                    size_t count,
-                                   uint32_t dtype,
+                                   ferrocomm_dtype dtype,
                                    size_t root);
 
 /**
@@ -664,7 +631,7 @@ ferrocomm_result ferrocomm_iscatter(struct ferrocomm_comm_t *comm,
                                     const void *sendbuf,
                                     void *recvbuf,
                                     size_t count,
-                                    uint32_t dtype,
+                                    ferrocomm_dtype dtype,
                                     size_t root,
                                     struct ferrocomm_request_t **request);
 
@@ -690,7 +657,7 @@ ferrocomm_result ferrocomm_alltoall(struct ferrocomm_comm_t *comm,
                                     const void *sendbuf,
                                     void *recvbuf,
                                     size_t count,
-                                    uint32_t dtype);
+                                    ferrocomm_dtype dtype);
 
 /**
  * Non-blocking `ferrocomm_alltoall`: `sendbuf` is copied at the call; `recvbuf` receives
@@ -705,7 +672,7 @@ ferrocomm_result ferrocomm_ialltoall(struct ferrocomm_comm_t *comm,
                                      const void *sendbuf,
                                      void *recvbuf,
                                      size_t count,
-                                     uint32_t dtype,
+                                     ferrocomm_dtype dtype,
                                      struct ferrocomm_request_t **request);
 
 /**
@@ -754,8 +721,8 @@ ferrocomm_result ferrocomm_allreduce_many(struct ferrocomm_comm_t *comm,
                                           void *const *bufs,
                                           const size_t *counts,
                                           size_t n,
-                                          uint32_t dtype,
-                                          uint32_t op,
+                                          ferrocomm_dtype dtype,
+                                          ferrocomm_op op,
                                           size_t bucket_bytes);
 
 /**
@@ -790,9 +757,11 @@ ferrocomm_result ferrocomm_init(struct ferrocomm_comm_t **comm);
  * - `rank`: this process's rank in `0..world_size`, or -1 to take it from the environment
  *   or have the store assign one.
  *
- * Blocking, ownership and errors as `ferrocomm_init`; also `INVALID_ARGUMENT` for a
- * `url` that is not UTF-8 or a `world_size`/`rank` below -1, `CONFIG` for a malformed URL
- * or a rank out of range.
+ * Blocking, ownership and errors as `ferrocomm_init`; also:
+ * - `INVALID_ARGUMENT` for a `url` that is not UTF-8, a `world_size` or `rank` below -1,
+ *   a `world_size` of 0, or a `rank` of at least `world_size` when both are given here;
+ * - `CONFIG` for a malformed URL or environment variable, and for a rank out of range
+ *   when the rank or the world size comes from the environment (RANK, WORLD_SIZE, ...).
  *
  * Thread safety: any thread may call it; each call makes a new world (one per process is
  * the usual case).
@@ -901,6 +870,11 @@ ferrocomm_result ferrocomm_comm_node_index(struct ferrocomm_comm_t *comm, size_t
  * Collective: every rank of `comm` must call it, in the same order relative to its other
  * communicator-creating calls. Sends nothing and does not block.
  *
+ * The dup belongs to `comm`'s world: it shares its connections, and a fatal error on
+ * either (a collective mismatch on the dup, a lost peer, an abort) fails both and every
+ * other communicator of the world (see `ferrocomm_result`). A dup of a failed communicator
+ * is made, and fails every operation with the same error.
+ *
  * Ownership: `*newcomm` is a new handle owned by the caller (`ferrocomm_comm_free`); NULL
  * on failure.
  *
@@ -967,10 +941,13 @@ ferrocomm_result ferrocomm_comm_create_group(struct ferrocomm_comm_t *comm,
                                              struct ferrocomm_comm_t **newcomm);
 
 /**
- * Aborts every communicator of this process's world: calls blocked in any thread return
- * `FERROCOMM_ERR_ABORTED` (with `reason` in the message), and so does every later call on
- * them. For a watchdog thread or a signal-driven shutdown; the handles still need
- * `ferrocomm_comm_free`.
+ * Aborts every communicator of `comm`'s world (`comm`, the communicator it came from, and
+ * every dup, split and group of the same `ferrocomm_init`; see `ferrocomm_result` for this
+ * scope): calls blocked in any thread return `FERROCOMM_ERR_ABORTED` (with `reason` in the
+ * message), and so does every later call on them, on every path (point-to-point,
+ * collectives, requests), at any size, one rank included. Communicators of another world
+ * are not affected. For a watchdog thread or a signal-driven shutdown; the handles still
+ * need `ferrocomm_comm_free`.
  *
  * Thread safety: any thread, also while another thread is blocked in a call on `comm`.
  * Does not block. `reason` may be NULL.
@@ -1036,7 +1013,7 @@ const char *ferrocomm_strerror(uint32_t code);
 ferrocomm_result ferrocomm_send(struct ferrocomm_comm_t *comm,
                                 const void *buf,
                                 size_t count,
-                                uint32_t dtype,
+                                ferrocomm_dtype dtype,
                                 size_t dst,
                                 uint32_t tag);
 
@@ -1063,7 +1040,7 @@ ferrocomm_result ferrocomm_send(struct ferrocomm_comm_t *comm,
 ferrocomm_result ferrocomm_recv(struct ferrocomm_comm_t *comm,
                                 void *buf,
                                 size_t count,
-                                uint32_t dtype,
+                                ferrocomm_dtype dtype,
                                 int64_t src,
                                 int64_t tag,
                                 struct ferrocomm_status_t *status);
@@ -1084,7 +1061,7 @@ ferrocomm_result ferrocomm_recv(struct ferrocomm_comm_t *comm,
 ferrocomm_result ferrocomm_sendrecv(struct ferrocomm_comm_t *comm,
                                     const void *sendbuf,
                                     size_t sendcount,
-                                    uint32_t dtype,
+                                    ferrocomm_dtype dtype,
                                     size_t dst,
                                     uint32_t sendtag,
                                     void *recvbuf,
@@ -1118,7 +1095,7 @@ ferrocomm_result ferrocomm_sendrecv(struct ferrocomm_comm_t *comm,
 ferrocomm_result ferrocomm_isend(struct ferrocomm_comm_t *comm,
                                  const void *buf,
                                  size_t count,
-                                 uint32_t dtype,
+                                 ferrocomm_dtype dtype,
                                  size_t dst,
                                  uint32_t tag,
                                  struct ferrocomm_request_t **request);
@@ -1145,7 +1122,7 @@ ferrocomm_result ferrocomm_isend(struct ferrocomm_comm_t *comm,
 ferrocomm_result ferrocomm_irecv(struct ferrocomm_comm_t *comm,
                                  void *buf,
                                  size_t count,
-                                 uint32_t dtype,
+                                 ferrocomm_dtype dtype,
                                  int64_t src,
                                  int64_t tag,
                                  struct ferrocomm_request_t **request);
@@ -1202,7 +1179,7 @@ ferrocomm_result ferrocomm_irecv(struct ferrocomm_comm_t *comm,
 ferrocomm_result ferrocomm_reducer_new(struct ferrocomm_comm_t *comm,
                                        size_t n,
                                        const char *const *names,
-                                       const uint32_t *dtypes,
+                                       const ferrocomm_dtype *dtypes,
                                        const size_t *numels,
                                        const size_t *const *shapes,
                                        const size_t *ndims,
@@ -1348,7 +1325,7 @@ ferrocomm_result ferrocomm_reducer_free(struct ferrocomm_reducer_t *reducer);
 ferrocomm_result ferrocomm_broadcast_parameters(struct ferrocomm_comm_t *comm,
                                                 void *const *bufs,
                                                 const size_t *counts,
-                                                const uint32_t *dtypes,
+                                                const ferrocomm_dtype *dtypes,
                                                 size_t n);
 
 /**

@@ -66,7 +66,7 @@ struct bf16 {
 template <class T> struct dtype_of;
 #define FERROCOMM_HPP_DTYPE(T, D)                                                            \
     template <> struct dtype_of<T> {                                                         \
-        static constexpr std::uint32_t value = D;                                            \
+        static constexpr ferrocomm_dtype value = D;                                          \
     }
 FERROCOMM_HPP_DTYPE(std::uint8_t, FERROCOMM_U8);
 FERROCOMM_HPP_DTYPE(std::int8_t, FERROCOMM_I8);
@@ -97,7 +97,7 @@ concept MutableBuffer =
     Buffer<R> && !std::is_const_v<std::remove_reference_t<std::ranges::range_reference_t<R>>>;
 
 /// The data type code of a buffer's elements.
-template <Buffer R> constexpr std::uint32_t dtype_v =
+template <Buffer R> constexpr ferrocomm_dtype dtype_v =
     dtype_of<std::remove_cv_t<std::ranges::range_value_t<R>>>::value;
 
 /// What a completed operation reports: source, tag, bytes, error.
@@ -294,7 +294,7 @@ class Communicator {
     template <MutableBuffer R> void all_reduce(R &buf, Op op = Op::sum) const {
         auto b = detail::span_of(buf);
         check(ferrocomm_allreduce(h_, FERROCOMM_IN_PLACE, b.data(), b.size(), dtype_v<R>,
-                                  std::uint32_t(op)));
+                                  ferrocomm_op(op)));
     }
     /// Reduces `send` over every rank into `recv` (same length).
     template <Buffer S, MutableBuffer R>
@@ -304,7 +304,7 @@ class Communicator {
         auto r = detail::span_of(recv);
         detail::require(s.size() == r.size(), "all_reduce: recv must be as long as send");
         check(ferrocomm_allreduce(h_, s.data(), r.data(), s.size(), dtype_v<R>,
-                                  std::uint32_t(op)));
+                                  ferrocomm_op(op)));
     }
     /// Copies the root's `buf` to every rank (ferrocomm_broadcast).
     template <MutableBuffer R> void broadcast(R &buf, std::size_t root) const {
@@ -319,14 +319,14 @@ class Communicator {
         auto r = detail::span_of(recv);
         detail::require(rank() != root || r.size() == s.size(),
                         "reduce: recv must be as long as send at the root");
-        check(ferrocomm_reduce(h_, s.data(), r.data(), s.size(), dtype_v<R>, std::uint32_t(op),
+        check(ferrocomm_reduce(h_, s.data(), r.data(), s.size(), dtype_v<R>, ferrocomm_op(op),
                                root));
     }
     /// In-place reduce: `buf` is the contribution, and at the root the result.
     template <MutableBuffer R> void reduce(R &buf, Op op, std::size_t root) const {
         auto b = detail::span_of(buf);
         check(ferrocomm_reduce(h_, FERROCOMM_IN_PLACE, b.data(), b.size(), dtype_v<R>,
-                               std::uint32_t(op), root));
+                               ferrocomm_op(op), root));
     }
     /// Gathers every rank's `send` into every rank's `recv` (size() blocks).
     template <Buffer S, MutableBuffer R>
@@ -354,7 +354,7 @@ class Communicator {
         detail::require(s.size() == r.size() * size(),
                         "reduce_scatter: send must hold size() blocks of recv's length");
         check(ferrocomm_reduce_scatter(h_, s.data(), r.data(), r.size(), dtype_v<R>,
-                                       std::uint32_t(op)));
+                                       ferrocomm_op(op)));
     }
     /// Gathers every rank's `send` into the root's `recv` (size() blocks; ignored elsewhere).
     template <Buffer S, MutableBuffer R>
@@ -399,7 +399,7 @@ class Communicator {
             counts.push_back(b.size());
         }
         check(ferrocomm_allreduce_many(h_, ptrs.data(), counts.data(), ptrs.size(),
-                                       dtype_of<std::remove_cv_t<T>>::value, std::uint32_t(op),
+                                       dtype_of<std::remove_cv_t<T>>::value, ferrocomm_op(op),
                                        bucket_bytes));
     }
 
@@ -412,7 +412,7 @@ class Communicator {
         auto b = detail::span_of(buf);
         ferrocomm_request_t *h = nullptr;
         check(ferrocomm_iallreduce(h_, FERROCOMM_IN_PLACE, b.data(), b.size(), dtype_v<R>,
-                                   std::uint32_t(op), &h));
+                                   ferrocomm_op(op), &h));
         return Request(h);
     }
     /// Starts an all_reduce of `send` into `recv` (send is copied at once).
@@ -424,7 +424,7 @@ class Communicator {
         detail::require(s.size() == r.size(), "iall_reduce: recv must be as long as send");
         ferrocomm_request_t *h = nullptr;
         check(ferrocomm_iallreduce(h_, s.data(), r.data(), s.size(), dtype_v<R>,
-                                   std::uint32_t(op), &h));
+                                   ferrocomm_op(op), &h));
         return Request(h);
     }
     /// Starts a broadcast of the root's `buf` (ferrocomm_ibroadcast).

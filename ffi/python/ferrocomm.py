@@ -60,8 +60,8 @@ ERR_ABORTED = 11
 ERR_PANIC = 12
 ERR_INTERNAL = 13
 
-# ferrocomm_dtype codes (ferrocomm.h).
-U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64 = range(12)
+# ferrocomm_dtype codes (ferrocomm.h): 0x100 + n, disjoint from the operations' codes.
+U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64 = range(0x100, 0x10C)
 _DTYPES = {
     np.dtype(np.uint8): U8,
     np.dtype(np.int8): I8,
@@ -76,8 +76,8 @@ _DTYPES = {
     np.dtype(np.float64): F64,
 }
 
-# ferrocomm_op codes (ferrocomm.h); methods also take the names "sum", "prod", ...
-SUM, PROD, MAX, MIN, AVG = range(5)
+# ferrocomm_op codes (ferrocomm.h): 0x200 + n; methods also take the names "sum", "prod", ...
+SUM, PROD, MAX, MIN, AVG = range(0x200, 0x205)
 _OPS = {"sum": SUM, "prod": PROD, "max": MAX, "min": MIN, "avg": AVG}
 
 # FERROCOMM_IN_PLACE: the address 1.
@@ -262,9 +262,18 @@ def _buffer(arr, dtype, writable):
         raise ValueError("buffers must be C-contiguous (np.ascontiguousarray)")
     if not arr.dtype.isnative:
         raise ValueError("buffers must be in native byte order")
+    if not arr.flags.aligned:
+        raise ValueError("buffers must be aligned for their element type (np.ascontiguousarray)")
     if writable and not arr.flags.writeable:
         raise ValueError("receive buffers must be writable")
     return arr.ctypes.data, arr.size, _dtype_code(arr, dtype)
+
+
+def _length(buf, want, what):
+    """Refuses a buffer (from _buffer) that does not hold exactly `want` elements: the
+    library trusts the lengths it is given and would write past the end of a shorter one."""
+    if buf[1] != want:
+        raise ValueError(f"{what} has {buf[1]} elements but must have {want}")
 
 
 def _op(op):
@@ -502,6 +511,7 @@ class Communicator:
             return array if self.rank == root else None
         r = _buffer(out, dtype, True)
         _same(s, r, "reduce")
+        _length(r, s[1], "reduce: out")
         _check(_lib.ferrocomm_reduce(self._h, s[0], r[0], s[1], s[2], _op(op), root))
         return out if self.rank == root else None
 
@@ -513,6 +523,7 @@ class Communicator:
             out = np.empty(self.size * array.size, dtype=array.dtype)
         r = _buffer(out, dtype, True)
         _same(s, r, "all_gather")
+        _length(r, self.size * s[1], "all_gather: out (size * len(array))")
         _check(_lib.ferrocomm_allgather(self._h, s[0], r[0], s[1], s[2]))
         return out
 
@@ -521,6 +532,7 @@ class Communicator:
         s = _buffer(array, dtype, False)
         r = _buffer(out, dtype, True)
         _same(s, r, "iall_gather")
+        _length(r, self.size * s[1], "iall_gather: out (size * len(array))")
         h = _p()
         _check(_lib.ferrocomm_iallgather(self._h, s[0], r[0], s[1], s[2], ctypes.byref(h)))
         return Request(h.value, (array, out))
@@ -547,6 +559,7 @@ class Communicator:
                 out = np.empty(self.size * array.size, dtype=array.dtype)
             r = _buffer(out, dtype, True)
             _same(s, r, "gather")
+            _length(r, self.size * s[1], "gather: out (size * len(array))")
             rp = r[0]
         else:
             rp = None
@@ -561,6 +574,7 @@ class Communicator:
         if self.rank == root:
             s = _buffer(array, dtype, False)
             _same(s, r, "scatter")
+            _length(s, self.size * r[1], "scatter: array (size * len(out))")
             sp = s[0]
         _check(_lib.ferrocomm_scatter(self._h, sp, r[0], r[1], r[2], root))
         return out

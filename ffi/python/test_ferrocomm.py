@@ -103,7 +103,7 @@ class OneRank(unittest.TestCase):
         x = np.zeros(1)
         self.assertEqual(lib.ferrocomm_send(self.comm.handle, x.ctypes.data, 1, 99, 0, 0),
                          ferrocomm.ERR_INVALID_ARGUMENT)
-        self.assertIn("99 is not a ferrocomm_dtype", ferrocomm.last_error())
+        self.assertIn("99 (0x63) is not a ferrocomm_dtype", ferrocomm.last_error())
         self.assertEqual(lib.ferrocomm_barrier(None), ferrocomm.ERR_INVALID_HANDLE)
 
     def test_double_close_and_stale_handles(self):
@@ -175,11 +175,78 @@ class Collectives(unittest.TestCase):
         self.assertIn("root", e.exception.message)
         with self.assertRaises(ferrocomm.Error) as e:
             c.all_reduce(np.zeros(3), op=9)
-        self.assertIn("9 is not a ferrocomm_op", e.exception.message)
+        self.assertIn("9 (0x9) is not a ferrocomm_op", e.exception.message)
+        with self.assertRaises(ferrocomm.Error) as e:
+            c.all_reduce(np.zeros(3), op=ferrocomm.F64)
+        self.assertIn("swapped", e.exception.message)
         with self.assertRaises(ValueError):
             c.all_reduce(np.zeros(3), op="mean")
         with self.assertRaises(TypeError):
             c.all_reduce(np.zeros(3), out=np.zeros(3, dtype=np.float32))
+
+    def test_every_output_array_is_checked_before_the_call(self):
+        """Each array a call writes is checked (length, element type, contiguity,
+        alignment, writability) before the library sees it: an output array shorter than
+        the call's result used to be written past its end."""
+        c = self.comm
+        x = np.arange(6, dtype=np.float32)
+
+        def unaligned(n):
+            return np.frombuffer(bytearray(4 * n + 1), dtype=np.float32, offset=1, count=n)
+
+        def readonly(n):
+            a = np.zeros(n, dtype=np.float32)
+            a.flags.writeable = False
+            return a
+
+        # (name, call taking the output array, the right length of the output)
+        calls = [
+            ("all_reduce", lambda o: c.all_reduce(x, out=o), 6),
+            ("iall_reduce", lambda o: c.iall_reduce(x, out=o).wait(), 6),
+            ("reduce", lambda o: c.reduce(x, "sum", 0, out=o), 6),
+            ("all_gather", lambda o: c.all_gather(x, out=o), 6),
+            ("iall_gather", lambda o: c.iall_gather(x, o).wait(), 6),
+            ("gather", lambda o: c.gather(x, 0, out=o), 6),
+            ("scatter", lambda o: c.scatter(x, o, 0), 6),
+            ("reduce_scatter", lambda o: c.reduce_scatter(x, out=o), 6),
+            ("all_to_all", lambda o: c.all_to_all(x, out=o), 6),
+            ("recv", lambda o: c.sendrecv(x, 0, o, 0, sendtag=3, recvtag=3), 6),
+            ("broadcast", lambda o: c.broadcast(o, 0), 6),
+        ]
+        for name, call, n in calls:
+            with self.subTest(name):
+                good = np.zeros(n, dtype=np.float32)
+                call(good)
+                bad = {
+                    "too short": (np.zeros(n + 8, dtype=np.float32)[: n - 1], ValueError),
+                    "too long": (np.zeros(n + 1, dtype=np.float32), ValueError),
+                    "of another type": (np.zeros(n, dtype=np.float64), TypeError),
+                    "not contiguous": (np.zeros(2 * n, dtype=np.float32)[::2], ValueError),
+                    "unaligned": (unaligned(n), ValueError),
+                    "read-only": (readonly(n), ValueError),
+                }
+                if name in ("recv", "broadcast"):
+                    # Point-to-point receives may be longer than the message; broadcast's
+                    # one array sets the count itself.
+                    del bad["too long"]
+                    if name == "broadcast":
+                        del bad["too short"], bad["of another type"]
+                for what, (arr, exc) in bad.items():
+                    with self.subTest(name=name, what=what):
+                        if name == "recv" and what == "too short":
+                            # The library refuses the longer message (nothing is written).
+                            with self.assertRaises(ferrocomm.Error):
+                                call(arr)
+                            continue
+                        with self.assertRaises(exc):
+                            call(arr)
+        # Inputs are checked too: scatter's array at the root must hold size * len(out).
+        with self.assertRaises(ValueError):
+            c.scatter(np.zeros(5, dtype=np.float32), np.zeros(6, dtype=np.float32), 0)
+        with self.assertRaises(ValueError):
+            c.send(np.zeros(8, dtype=np.float32)[::2], 0)
+        # The communicator still works: every refusal happened before the library ran.
+        np.testing.assert_array_equal(c.all_gather(x), x)
 
 
 class Ddp(unittest.TestCase):

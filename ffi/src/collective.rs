@@ -22,7 +22,9 @@ use ferrocomm_rs::{CollHandle, DType, Element};
 use crate::comm::{ferrocomm_comm_t, with_comm};
 use crate::error::{Fail, boundary, ferrocomm_result};
 use crate::request::{Pending, ferrocomm_request_t, register};
-use crate::types::{byte_len, check_ptr, dtype, out_ptr, put, reduce_op, with_dtype};
+use crate::types::{
+    byte_len, check_ptr, dtype, ferrocomm_dtype, ferrocomm_op, out_ptr, put, reduce_op, with_dtype,
+};
 
 /// The address `FERROCOMM_IN_PLACE` stands for.
 const IN_PLACE: usize = 1;
@@ -322,8 +324,8 @@ pub unsafe extern "C" fn ferrocomm_allreduce(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
-    op: u32,
+    dtype: ferrocomm_dtype,
+    op: ferrocomm_op,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_allreduce";
     boundary(OP, || {
@@ -373,8 +375,8 @@ pub unsafe extern "C" fn ferrocomm_iallreduce(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
-    op: u32,
+    dtype: ferrocomm_dtype,
+    op: ferrocomm_op,
     request: *mut *mut ferrocomm_request_t,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_iallreduce";
@@ -418,7 +420,7 @@ pub unsafe extern "C" fn ferrocomm_broadcast(
     comm: *mut ferrocomm_comm_t,
     buf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     root: usize,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_broadcast";
@@ -448,7 +450,7 @@ pub unsafe extern "C" fn ferrocomm_ibroadcast(
     comm: *mut ferrocomm_comm_t,
     buf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     root: usize,
     request: *mut *mut ferrocomm_request_t,
 ) -> ferrocomm_result {
@@ -520,8 +522,8 @@ pub unsafe extern "C" fn ferrocomm_reduce(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
-    op: u32,
+    dtype: ferrocomm_dtype,
+    op: ferrocomm_op,
     root: usize,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_reduce";
@@ -559,8 +561,8 @@ pub unsafe extern "C" fn ferrocomm_ireduce(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
-    op: u32,
+    dtype: ferrocomm_dtype,
+    op: ferrocomm_op,
     root: usize,
     request: *mut *mut ferrocomm_request_t,
 ) -> ferrocomm_result {
@@ -630,7 +632,7 @@ pub unsafe extern "C" fn ferrocomm_allgather(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_allgather";
     boundary(OP, || {
@@ -656,7 +658,7 @@ pub unsafe extern "C" fn ferrocomm_iallgather(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     request: *mut *mut ferrocomm_request_t,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_iallgather";
@@ -727,8 +729,8 @@ pub unsafe extern "C" fn ferrocomm_reduce_scatter(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
-    op: u32,
+    dtype: ferrocomm_dtype,
+    op: ferrocomm_op,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_reduce_scatter";
     boundary(OP, || {
@@ -765,8 +767,8 @@ pub unsafe extern "C" fn ferrocomm_ireduce_scatter(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
-    op: u32,
+    dtype: ferrocomm_dtype,
+    op: ferrocomm_op,
     request: *mut *mut ferrocomm_request_t,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_ireduce_scatter";
@@ -841,7 +843,7 @@ pub unsafe extern "C" fn ferrocomm_gather(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     root: usize,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_gather";
@@ -871,7 +873,7 @@ pub unsafe extern "C" fn ferrocomm_igather(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     root: usize,
     request: *mut *mut ferrocomm_request_t,
 ) -> ferrocomm_result {
@@ -946,7 +948,7 @@ pub unsafe extern "C" fn ferrocomm_scatter(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     root: usize,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_scatter";
@@ -982,7 +984,7 @@ pub unsafe extern "C" fn ferrocomm_iscatter(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     root: usize,
     request: *mut *mut ferrocomm_request_t,
 ) -> ferrocomm_result {
@@ -1049,7 +1051,7 @@ pub unsafe extern "C" fn ferrocomm_alltoall(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_alltoall";
     boundary(OP, || {
@@ -1075,7 +1077,7 @@ pub unsafe extern "C" fn ferrocomm_ialltoall(
     sendbuf: *const c_void,
     recvbuf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     request: *mut *mut ferrocomm_request_t,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_ialltoall";
@@ -1166,8 +1168,8 @@ pub unsafe extern "C" fn ferrocomm_allreduce_many(
     bufs: *const *mut c_void,
     counts: *const usize,
     n: usize,
-    dtype: u32,
-    op: u32,
+    dtype: ferrocomm_dtype,
+    op: ferrocomm_op,
     bucket_bytes: usize,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_allreduce_many";

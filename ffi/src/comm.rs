@@ -5,7 +5,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use ferrocomm_rs::comm::AbortHandle;
-use ferrocomm_rs::{Communicator, InitOptions};
+use ferrocomm_rs::{Communicator, Error, InitOptions};
 use parking_lot::Mutex;
 
 use crate::error::{Fail, boundary, ferrocomm_result};
@@ -112,9 +112,11 @@ pub unsafe extern "C" fn ferrocomm_init(comm: *mut *mut ferrocomm_comm_t) -> fer
 /// - `rank`: this process's rank in `0..world_size`, or -1 to take it from the environment
 ///   or have the store assign one.
 ///
-/// Blocking, ownership and errors as `ferrocomm_init`; also `INVALID_ARGUMENT` for a
-/// `url` that is not UTF-8 or a `world_size`/`rank` below -1, `CONFIG` for a malformed URL
-/// or a rank out of range.
+/// Blocking, ownership and errors as `ferrocomm_init`; also:
+/// - `INVALID_ARGUMENT` for a `url` that is not UTF-8, a `world_size` or `rank` below -1,
+///   a `world_size` of 0, or a `rank` of at least `world_size` when both are given here;
+/// - `CONFIG` for a malformed URL or environment variable, and for a rank out of range
+///   when the rank or the world size comes from the environment (RANK, WORLD_SIZE, ...).
 ///
 /// Thread safety: any thread may call it; each call makes a new world (one per process is
 /// the usual case).
@@ -152,8 +154,36 @@ pub unsafe extern "C" fn ferrocomm_init_url(
             r if r >= 0 => opts.rank(r as usize),
             r => return Err(Fail::invalid(OP, "rank", format!("{r} is below -1"))),
         };
+        if world_size == 0 {
+            return Err(Fail::invalid(
+                OP,
+                "world_size",
+                "0: a world has at least one rank (or pass -1 to take it from the environment)",
+            ));
+        }
+        if world_size > 0 && rank >= world_size {
+            return Err(Fail::invalid(
+                OP,
+                "rank",
+                format!(
+                    "{rank} is out of range for the world_size {world_size} also given (ranks \
+                     are 0..{world_size})"
+                ),
+            ));
+        }
         ferrocomm_rs::init_logging();
-        let c = opts.init()?;
+        // The arguments were checked above: a rank out of range now comes from the
+        // environment (RANK, WORLD_SIZE, SLURM_*, OMPI_*), a setting, hence CONFIG.
+        let c = opts.init().map_err(|e| match e {
+            Error::InvalidArgument { arg, why, .. } if arg == "rank" => Fail::Coded(
+                ferrocomm_result::FERROCOMM_ERR_CONFIG,
+                format!(
+                    "bad configuration: {why}; the environment's rank must be below the world \
+                     size (RANK in 0..WORLD_SIZE)"
+                ),
+            ),
+            other => Fail::from(other),
+        })?;
         // SAFETY: as above.
         unsafe { put(comm, register(c)) };
         Ok(())
@@ -322,6 +352,11 @@ pub unsafe extern "C" fn ferrocomm_comm_node_index(
 /// Collective: every rank of `comm` must call it, in the same order relative to its other
 /// communicator-creating calls. Sends nothing and does not block.
 ///
+/// The dup belongs to `comm`'s world: it shares its connections, and a fatal error on
+/// either (a collective mismatch on the dup, a lost peer, an abort) fails both and every
+/// other communicator of the world (see `ferrocomm_result`). A dup of a failed communicator
+/// is made, and fails every operation with the same error.
+///
 /// Ownership: `*newcomm` is a new handle owned by the caller (`ferrocomm_comm_free`); NULL
 /// on failure.
 ///
@@ -455,10 +490,13 @@ pub unsafe extern "C" fn ferrocomm_comm_create_group(
     })
 }
 
-/// Aborts every communicator of this process's world: calls blocked in any thread return
-/// `FERROCOMM_ERR_ABORTED` (with `reason` in the message), and so does every later call on
-/// them. For a watchdog thread or a signal-driven shutdown; the handles still need
-/// `ferrocomm_comm_free`.
+/// Aborts every communicator of `comm`'s world (`comm`, the communicator it came from, and
+/// every dup, split and group of the same `ferrocomm_init`; see `ferrocomm_result` for this
+/// scope): calls blocked in any thread return `FERROCOMM_ERR_ABORTED` (with `reason` in the
+/// message), and so does every later call on them, on every path (point-to-point,
+/// collectives, requests), at any size, one rank included. Communicators of another world
+/// are not affected. For a watchdog thread or a signal-driven shutdown; the handles still
+/// need `ferrocomm_comm_free`.
 ///
 /// Thread safety: any thread, also while another thread is blocked in a call on `comm`.
 /// Does not block. `reason` may be NULL.

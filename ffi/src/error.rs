@@ -16,11 +16,10 @@ use ferrocomm_rs::Error;
 /// `ferrocomm_last_error()` gives the full message of the most recent failure on the
 /// calling thread.
 ///
-/// Communicator state after a failure: argument errors (`INVALID_ARGUMENT`,
-/// `INVALID_HANDLE`, `BUSY`, `CONFIG`) change nothing and the communicator stays usable;
-/// after `TIMEOUT`, `PEER_LOST`, `PEER_MISBEHAVED`, `COLLECTIVE_MISMATCH`, `IO` and
-/// `ABORTED` the communicator is unusable and every later operation on it fails with the
-/// same error ("sticky"); free it.
+/// What survives a failure (argument errors change nothing; fatal errors fail every
+/// communicator of the world, sticky) is stated in the header's copy of this enumeration,
+/// declared by hand in `cbindgen.toml` (a `uint32_t` typedef in C, an enum in C++); the
+/// values here and there are checked equal by `types::tests`.
 #[allow(non_camel_case_types)]
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -41,7 +41,9 @@ pub use p2p::*;
 pub use reducer::*;
 pub use request::*;
 pub use sampler::*;
-pub use types::{ferrocomm_dtype, ferrocomm_op, ferrocomm_status_t};
+pub use types::{
+    ferrocomm_dtype, ferrocomm_dtype_code, ferrocomm_op, ferrocomm_op_code, ferrocomm_status_t,
+};
 
 use error::boundary;
 
@@ -68,7 +70,10 @@ pub extern "C" fn ferrocomm_version() -> *const std::ffi::c_char {
 /// # Safety
 /// `size` must be NULL or valid for writing one `size_t`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn ferrocomm_dtype_size(dtype: u32, size: *mut usize) -> ferrocomm_result {
+pub unsafe extern "C" fn ferrocomm_dtype_size(
+    dtype: ferrocomm_dtype,
+    size: *mut usize,
+) -> ferrocomm_result {
     const OP: &str = "ferrocomm_dtype_size";
     boundary(OP, || {
         types::out_ptr(OP, "size", size)?;

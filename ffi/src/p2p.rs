@@ -10,7 +10,8 @@ use crate::comm::{ferrocomm_comm_t, with_comm};
 use crate::error::{Fail, boundary, ferrocomm_result};
 use crate::request::{Pending, ferrocomm_request_t, register};
 use crate::types::{
-    dtype, ferrocomm_status_t, in_bytes, out_bytes, out_ptr, put, source, tag, with_dtype,
+    dtype, ferrocomm_dtype, ferrocomm_status_t, in_bytes, out_bytes, out_ptr, put, source, tag,
+    with_dtype,
 };
 
 /// `src` of a receive that accepts a message from any rank (`MPI_ANY_SOURCE`).
@@ -20,11 +21,22 @@ pub const FERROCOMM_ANY_TAG: i64 = -1;
 
 /// Views checked bytes as elements; the checks of `in_bytes`/`out_bytes` (alignment, whole
 /// elements) make the cast infallible, but a failure is still an error, not a panic.
+///
+/// An empty buffer is an empty slice of `T` made here, never a cast: the empty byte slice
+/// of a count of 0 lies at an address aligned only for bytes, which the cast would refuse
+/// for any wider element type.
 fn elems<'a, T: bytemuck::Pod>(op: &str, b: &'a [u8]) -> Result<&'a [T], Fail> {
+    if b.is_empty() {
+        return Ok(&[]);
+    }
     bytemuck::try_cast_slice(b).map_err(|e| Fail::invalid(op, "buf", format!("{e:?}")))
 }
 
+/// As [`elems`], writable.
 fn elems_mut<'a, T: bytemuck::Pod>(op: &str, b: &'a mut [u8]) -> Result<&'a mut [T], Fail> {
+    if b.is_empty() {
+        return Ok(&mut []);
+    }
     bytemuck::try_cast_slice_mut(b).map_err(|e| Fail::invalid(op, "buf", format!("{e:?}")))
 }
 
@@ -49,7 +61,7 @@ pub unsafe extern "C" fn ferrocomm_send(
     comm: *mut ferrocomm_comm_t,
     buf: *const c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     dst: usize,
     tag: u32,
 ) -> ferrocomm_result {
@@ -89,7 +101,7 @@ pub unsafe extern "C" fn ferrocomm_recv(
     comm: *mut ferrocomm_comm_t,
     buf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     src: i64,
     tag: i64,
     status: *mut ferrocomm_status_t,
@@ -128,7 +140,7 @@ pub unsafe extern "C" fn ferrocomm_sendrecv(
     comm: *mut ferrocomm_comm_t,
     sendbuf: *const c_void,
     sendcount: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     dst: usize,
     sendtag: u32,
     recvbuf: *mut c_void,
@@ -197,7 +209,7 @@ pub unsafe extern "C" fn ferrocomm_isend(
     comm: *mut ferrocomm_comm_t,
     buf: *const c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     dst: usize,
     tag: u32,
     request: *mut *mut ferrocomm_request_t,
@@ -244,7 +256,7 @@ pub unsafe extern "C" fn ferrocomm_irecv(
     comm: *mut ferrocomm_comm_t,
     buf: *mut c_void,
     count: usize,
-    dtype: u32,
+    dtype: ferrocomm_dtype,
     src: i64,
     tag: i64,
     request: *mut *mut ferrocomm_request_t,

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use crate::comm::{ferrocomm_comm_t, with_comm};
 use crate::error::{Fail, boundary, ferrocomm_result};
 use crate::handle::{self, Kind, Object};
-use crate::types::{dtype, in_bytes, out_bytes, out_ptr, put};
+use crate::types::{dtype_arg, ferrocomm_dtype, in_bytes, out_bytes, out_ptr, put};
 
 /// A gradient reducer: gathers the gradients of a model's parameters into buckets and
 /// all-reduces (averages) them over the ranks while the backward pass still runs, like
@@ -76,13 +76,7 @@ unsafe fn array<'a, T>(op: &str, arg: &str, p: *const T, n: usize) -> Result<&'a
 
 /// A gradient element type given as a `ferrocomm_dtype` integer: f32, f16 or bf16.
 fn grad_dtype(op: &str, arg: &str, code: u32) -> Result<DType, Fail> {
-    let dt = dtype(op, code).map_err(|_| {
-        Fail::invalid(
-            op,
-            arg,
-            format!("{code} is not a ferrocomm_dtype (0..=11, FERROCOMM_U8..FERROCOMM_F64)"),
-        )
-    })?;
+    let dt = dtype_arg(op, arg, code)?;
     match dt {
         DType::F32 | DType::F16 | DType::BF16 => Ok(dt),
         other => Err(Fail::invalid(
@@ -104,7 +98,7 @@ unsafe fn specs(
     op: &str,
     n: usize,
     names: *const *const c_char,
-    dtypes: *const u32,
+    dtypes: *const ferrocomm_dtype,
     numels: *const usize,
     shapes: *const *const usize,
     ndims: *const usize,
@@ -224,7 +218,7 @@ pub unsafe extern "C" fn ferrocomm_reducer_new(
     comm: *mut ferrocomm_comm_t,
     n: usize,
     names: *const *const c_char,
-    dtypes: *const u32,
+    dtypes: *const ferrocomm_dtype,
     numels: *const usize,
     shapes: *const *const usize,
     ndims: *const usize,
@@ -524,7 +518,7 @@ pub unsafe extern "C" fn ferrocomm_broadcast_parameters(
     comm: *mut ferrocomm_comm_t,
     bufs: *const *mut c_void,
     counts: *const usize,
-    dtypes: *const u32,
+    dtypes: *const ferrocomm_dtype,
     n: usize,
 ) -> ferrocomm_result {
     const OP: &str = "ferrocomm_broadcast_parameters";

@@ -10,7 +10,7 @@ use std::sync::{Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::ferrocomm_result::{self, *};
-use crate::types::ferrocomm_dtype::*;
+use crate::types::ferrocomm_dtype_code::*;
 use crate::*;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -230,7 +230,12 @@ fn bad_arguments_are_errors() {
         fails(
             ferrocomm_init_url(url.as_ptr(), 2, 5, &mut c),
             FERROCOMM_ERR_INVALID_ARGUMENT,
-            "rank 5",
+            "`rank` to ferrocomm_init_url: 5 is out of range for the world_size 2",
+        );
+        fails(
+            ferrocomm_init_url(url.as_ptr(), 0, -1, &mut c),
+            FERROCOMM_ERR_INVALID_ARGUMENT,
+            "`world_size`",
         );
         let bad = c"nonsense://x";
         fails(
@@ -244,7 +249,7 @@ fn bad_arguments_are_errors() {
         fails(
             ferrocomm_dtype_size(12, &mut size),
             FERROCOMM_ERR_INVALID_ARGUMENT,
-            "12 is not a ferrocomm_dtype",
+            "12 (0xc) is not a ferrocomm_dtype",
         );
         fails(
             ferrocomm_dtype_size(0, null_mut()),
@@ -263,7 +268,7 @@ fn bad_arguments_are_errors() {
             fails(
                 ferrocomm_send(comm, p, 3, 99, other, 0),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
-                "99 is not a ferrocomm_dtype",
+                "99 (0x63) is not a ferrocomm_dtype",
             );
             fails(
                 ferrocomm_send(comm, null(), 3, FERROCOMM_F64 as u32, other, 0),
@@ -282,12 +287,28 @@ fn bad_arguments_are_errors() {
                 "not aligned",
             );
             fails(
-                ferrocomm_recv(comm, odd.as_mut_ptr().cast(), 1, 0, -2, 0, null_mut()),
+                ferrocomm_recv(
+                    comm,
+                    odd.as_mut_ptr().cast(),
+                    1,
+                    FERROCOMM_U8 as u32,
+                    -2,
+                    0,
+                    null_mut(),
+                ),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "FERROCOMM_ANY_SOURCE",
             );
             fails(
-                ferrocomm_recv(comm, odd.as_mut_ptr().cast(), 1, 0, 0, 1 << 40, null_mut()),
+                ferrocomm_recv(
+                    comm,
+                    odd.as_mut_ptr().cast(),
+                    1,
+                    FERROCOMM_U8 as u32,
+                    0,
+                    1 << 40,
+                    null_mut(),
+                ),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "FERROCOMM_ANY_TAG",
             );
@@ -316,7 +337,7 @@ fn bad_arguments_are_errors() {
                     comm,
                     buf,
                     2,
-                    0,
+                    FERROCOMM_U8 as u32,
                     other,
                     0,
                     buf.cast::<u8>().add(1).cast(),
@@ -439,7 +460,7 @@ fn point_to_point_in_a_ring_of_three() {
             assert_eq!(v, 0);
 
             // Every data type through sendrecv around the ring.
-            for dt in crate::types::ferrocomm_dtype::ALL {
+            for dt in crate::types::ferrocomm_dtype_code::ALL {
                 let mut esize = 0usize;
                 ok(ferrocomm_dtype_size(dt as u32, &mut esize));
                 let count = 5usize;
@@ -669,7 +690,7 @@ fn finalize_releases_everything() {
             dup,
             buf.as_mut_ptr().cast(),
             8,
-            0,
+            FERROCOMM_U8 as u32,
             0,
             0,
             &mut req,
@@ -800,4 +821,144 @@ fn version_is_the_crate_version() {
     // SAFETY: static NUL-terminated string.
     let v = unsafe { CStr::from_ptr(ferrocomm_version()) };
     assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+}
+
+/// Blocking point-to-point with a count of 0 works for every element type, with a NULL or
+/// an aligned pointer (the empty slice used to be cast from bytes at an address aligned only
+/// for bytes, and every type wider than one byte was refused).
+#[test]
+fn zero_count_blocking_point_to_point_of_every_type() {
+    let _g = serial();
+    world(2, |me, comm| {
+        let peer = 1 - me;
+        let mut store = [0u64; 2];
+        for dt in crate::types::ferrocomm_dtype_code::ALL {
+            let aligned = store.as_mut_ptr().cast::<c_void>();
+            for p in [null_mut(), aligned] {
+                let mut st = ferrocomm_status_t::failed(FERROCOMM_OK);
+                // SAFETY: count 0: nothing is read or written; `st` is a valid out-pointer.
+                unsafe {
+                    if me == 0 {
+                        ok(ferrocomm_send(comm, p, 0, dt as u32, peer, 3));
+                        ok(ferrocomm_recv(
+                            comm,
+                            p,
+                            0,
+                            dt as u32,
+                            peer as i64,
+                            4,
+                            &mut st,
+                        ));
+                    } else {
+                        ok(ferrocomm_recv(
+                            comm,
+                            p,
+                            0,
+                            dt as u32,
+                            peer as i64,
+                            3,
+                            &mut st,
+                        ));
+                        ok(ferrocomm_send(comm, p, 0, dt as u32, peer, 4));
+                    }
+                    assert_eq!((st.source, st.bytes), (peer, 0), "{dt:?}");
+                    ok(ferrocomm_sendrecv(
+                        comm,
+                        p,
+                        0,
+                        dt as u32,
+                        peer,
+                        5,
+                        p,
+                        0,
+                        peer as i64,
+                        5,
+                        &mut st,
+                    ));
+                    assert_eq!((st.source, st.bytes), (peer, 0), "{dt:?}");
+                }
+            }
+        }
+    });
+}
+
+/// `ferrocomm_comm_abort` on a one-rank communicator: every later call fails with
+/// `FERROCOMM_ERR_ABORTED` on every path (point-to-point to itself, blocking and
+/// non-blocking collectives, a dup), as at any other size. Collectives of one rank touch
+/// no transport, and used to return OK after the abort.
+#[test]
+fn abort_of_a_one_rank_world_fails_every_later_call() {
+    let _g = serial();
+    world(1, |_, comm| {
+        let mut v = [1.0f32; 4];
+        let p = v.as_mut_ptr().cast::<c_void>();
+        let (f32c, sum) = (
+            FERROCOMM_F32 as u32,
+            crate::types::ferrocomm_op_code::FERROCOMM_SUM as u32,
+        );
+        // SAFETY: `v` holds 4 floats; handles and out-pointers are valid.
+        unsafe {
+            ok(ferrocomm_allreduce(comm, p, p, 4, f32c, sum));
+            let mut dup = null_mut();
+            ok(ferrocomm_comm_dup(comm, &mut dup));
+            ok(ferrocomm_comm_abort(comm, c"stop here".as_ptr()));
+            let aborted = |r| fails(r, FERROCOMM_ERR_ABORTED, "stop here");
+            aborted(ferrocomm_allreduce(comm, p, p, 4, f32c, sum));
+            aborted(ferrocomm_broadcast(comm, p, 4, f32c, 0));
+            aborted(ferrocomm_barrier(comm));
+            aborted(ferrocomm_send(comm, p, 4, f32c, 0, 1));
+            aborted(ferrocomm_recv(comm, p, 4, f32c, 0, 1, null_mut()));
+            let mut req = null_mut();
+            let r = ferrocomm_iallreduce(comm, p, p, 4, f32c, sum, &mut req);
+            if r == FERROCOMM_OK {
+                aborted(ferrocomm_wait(req, null_mut()));
+            } else {
+                aborted(r);
+            }
+            aborted(ferrocomm_allreduce(dup, p, p, 4, f32c, sum));
+            aborted(ferrocomm_barrier(dup));
+            let (bufs, counts) = ([p], [4usize]);
+            aborted(ferrocomm_allreduce_many(
+                comm,
+                bufs.as_ptr(),
+                counts.as_ptr(),
+                1,
+                f32c,
+                sum,
+                0,
+            ));
+            let mut sub = null_mut();
+            aborted(ferrocomm_comm_split(comm, 0, 0, &mut sub));
+            assert!(sub.is_null());
+            ok(ferrocomm_comm_free(dup));
+        }
+    });
+}
+
+/// A rank out of range is `INVALID_ARGUMENT` when both numbers are arguments of
+/// `ferrocomm_init_url`, and `CONFIG` (as the header says) when they come from the
+/// environment; it used to be `INVALID_ARGUMENT` either way.
+#[test]
+fn init_rank_out_of_range_from_the_environment_is_config() {
+    let _g = serial();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let url = CString::new(format!("file://{}/store", dir.path().display())).unwrap();
+    let mut c = std::ptr::without_provenance_mut(1);
+    // SAFETY: set_var/remove_var: every test of this binary that reads the environment
+    // (they all initialise communicators) holds `serial()`, as this one does. The init
+    // calls get a valid url and out-pointer.
+    unsafe {
+        std::env::set_var("RANK", "5");
+        std::env::set_var("WORLD_SIZE", "2");
+        let r = ferrocomm_init_url(url.as_ptr(), -1, -1, &mut c);
+        let msg = last();
+        let r2 = ferrocomm_init_url(url.as_ptr(), 2, -1, &mut c);
+        let msg2 = last();
+        std::env::remove_var("RANK");
+        std::env::remove_var("WORLD_SIZE");
+        assert_eq!(r, FERROCOMM_ERR_CONFIG, "{msg}");
+        assert!(msg.contains("RANK") && msg.contains("WORLD_SIZE"), "{msg}");
+        assert_eq!(r2, FERROCOMM_ERR_CONFIG, "{msg2}");
+        assert!(c.is_null());
+    }
 }

@@ -8,8 +8,9 @@ use std::ptr::{null, null_mut};
 
 use crate::error::ferrocomm_result::*;
 use crate::tests::{fails, ok, serial, world};
-use crate::types::ferrocomm_dtype::{self, *};
-use crate::types::ferrocomm_op::*;
+use crate::types::ferrocomm_dtype;
+use crate::types::ferrocomm_dtype_code::*;
+use crate::types::ferrocomm_op_code::*;
 use crate::*;
 
 const IP: *mut c_void = std::ptr::without_provenance_mut(1);
@@ -23,7 +24,7 @@ trait Val: bytemuck::Pod + PartialEq + std::fmt::Debug {
 macro_rules! val {
     ($($t:ty => $code:ident, |$x:ident| $e:expr;)*) => {$(
         impl Val for $t {
-            const CODE: ferrocomm_dtype = $code;
+            const CODE: ferrocomm_dtype = $code as u32;
             fn of($x: u8) -> Self { $e }
         }
     )*};
@@ -53,7 +54,7 @@ fn contrib(r: usize, i: usize) -> u8 {
 /// not; 3 ranks, so element `i` sums to `6 + 3 * (i % 5)`.
 fn allreduce_sum_all_ways<T: Val>(me: usize, comm: *mut ferrocomm_comm_t) {
     let n = 37;
-    let dt = T::CODE as u32;
+    let dt = T::CODE;
     let mine: Vec<T> = (0..n).map(|i| T::of(contrib(me, i))).collect();
     let want: Vec<T> = (0..n).map(|i| T::of((6 + 3 * (i % 5)) as u8)).collect();
     let op = FERROCOMM_SUM as u32;
@@ -540,7 +541,7 @@ fn split_and_groups_make_working_communicators() {
                     x.as_mut_ptr().cast(),
                     1,
                     FERROCOMM_U64 as u32,
-                    0,
+                    FERROCOMM_SUM as u32,
                 ));
                 assert_eq!(x, [2]);
                 ok(ferrocomm_comm_free(sub));
@@ -635,7 +636,7 @@ fn allreduce_many_packs_buckets_and_averages() {
                 [4, 2].as_ptr(),
                 2,
                 FERROCOMM_I64 as u32,
-                0,
+                FERROCOMM_SUM as u32,
                 0,
             ));
             fails(
@@ -659,7 +660,7 @@ fn allreduce_many_packs_buckets_and_averages() {
                     [4, 2].as_ptr(),
                     2,
                     FERROCOMM_I64 as u32,
-                    0,
+                    FERROCOMM_SUM as u32,
                     0,
                 ),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
@@ -672,7 +673,7 @@ fn allreduce_many_packs_buckets_and_averages() {
                     null(),
                     2,
                     FERROCOMM_I64 as u32,
-                    0,
+                    FERROCOMM_SUM as u32,
                     0,
                 ),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
@@ -684,7 +685,7 @@ fn allreduce_many_packs_buckets_and_averages() {
                 null(),
                 0,
                 FERROCOMM_I64 as u32,
-                0,
+                FERROCOMM_SUM as u32,
                 0,
             ));
         }
@@ -707,12 +708,12 @@ fn collective_argument_errors() {
             fails(
                 ferrocomm_allreduce(comm, xp, yp, 8, f32c, 5),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
-                "5 is not a ferrocomm_op",
+                "5 (0x5) is not a ferrocomm_op",
             );
             fails(
-                ferrocomm_allreduce(comm, xp, yp, 8, 12, 0),
+                ferrocomm_allreduce(comm, xp, yp, 8, 12, FERROCOMM_SUM as u32),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
-                "12 is not a ferrocomm_dtype",
+                "12 (0xc) is not a ferrocomm_dtype",
             );
             fails(
                 ferrocomm_allreduce(comm, xp, yp, 8, FERROCOMM_U32 as u32, FERROCOMM_AVG as u32),
@@ -720,17 +721,17 @@ fn collective_argument_errors() {
                 "avg is defined for floating-point types only",
             );
             fails(
-                ferrocomm_allreduce(comm, null(), yp, 8, f32c, 0),
+                ferrocomm_allreduce(comm, null(), yp, 8, f32c, FERROCOMM_SUM as u32),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "`sendbuf`",
             );
             fails(
-                ferrocomm_allreduce(comm, xp, null_mut(), 8, f32c, 0),
+                ferrocomm_allreduce(comm, xp, null_mut(), 8, f32c, FERROCOMM_SUM as u32),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "`recvbuf`",
             );
             fails(
-                ferrocomm_allreduce(comm, xp, IP, 8, f32c, 0),
+                ferrocomm_allreduce(comm, xp, IP, 8, f32c, FERROCOMM_SUM as u32),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "FERROCOMM_IN_PLACE is not allowed",
             );
@@ -741,13 +742,20 @@ fn collective_argument_errors() {
                     yp.cast::<f32>().add(1).cast(),
                     4,
                     f32c,
-                    0,
+                    FERROCOMM_SUM as u32,
                 ),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "overlaps sendbuf",
             );
             fails(
-                ferrocomm_allreduce(comm, xp, yp.cast::<u8>().add(2).cast(), 2, f32c, 0),
+                ferrocomm_allreduce(
+                    comm,
+                    xp,
+                    yp.cast::<u8>().add(2).cast(),
+                    2,
+                    f32c,
+                    FERROCOMM_SUM as u32,
+                ),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "not aligned",
             );
@@ -757,7 +765,7 @@ fn collective_argument_errors() {
                 "2 is out of range",
             );
             fails(
-                ferrocomm_reduce(comm, xp, yp, 8, f32c, 0, 9),
+                ferrocomm_reduce(comm, xp, yp, 8, f32c, FERROCOMM_SUM as u32, 9),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "9 is out of range",
             );
@@ -783,12 +791,19 @@ fn collective_argument_errors() {
                 "do not fit",
             );
             fails(
-                ferrocomm_reduce_scatter(comm, xp, yp, usize::MAX / 2 + 1, f32c, 0),
+                ferrocomm_reduce_scatter(
+                    comm,
+                    xp,
+                    yp,
+                    usize::MAX / 2 + 1,
+                    f32c,
+                    FERROCOMM_SUM as u32,
+                ),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "overflows",
             );
             fails(
-                ferrocomm_iallreduce(comm, xp, yp, 8, f32c, 0, null_mut()),
+                ferrocomm_iallreduce(comm, xp, yp, 8, f32c, FERROCOMM_SUM as u32, null_mut()),
                 FERROCOMM_ERR_INVALID_ARGUMENT,
                 "`request`",
             );
@@ -799,13 +814,84 @@ fn collective_argument_errors() {
             );
             // Zero elements: NULL buffers are fine, and the communicator still works after the
             // refusals above (nothing was sent).
-            ok(ferrocomm_allreduce(comm, null(), null_mut(), 0, f32c, 0));
-            ok(ferrocomm_allreduce(comm, xp, yp, 8, f32c, 0));
+            ok(ferrocomm_allreduce(
+                comm,
+                null(),
+                null_mut(),
+                0,
+                f32c,
+                FERROCOMM_SUM as u32,
+            ));
+            ok(ferrocomm_allreduce(
+                comm,
+                xp,
+                yp,
+                8,
+                f32c,
+                FERROCOMM_SUM as u32,
+            ));
         }
         assert_eq!(y, [2.0; 8]);
     });
     assert_eq!(comm::live(), 0);
     assert_eq!(request::live(), 0);
+}
+
+/// The scope of a failure, as the header states it: a mismatch on a dup fails every
+/// communicator of the same world (the parent too, sticky), and leaves a communicator of
+/// another world of the same process working.
+#[test]
+fn a_mismatch_on_a_dup_fails_its_world_and_no_other() {
+    let _g = serial();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    world(2, |me, comm| {
+        // SAFETY: valid url, buffers and out-pointers throughout.
+        unsafe {
+            let url = std::ffi::CString::new(format!("file://{}/other-{me}", dir.path().display()))
+                .unwrap();
+            let mut other = null_mut();
+            ok(ferrocomm_init_url(url.as_ptr(), 1, 0, &mut other));
+            let mut dup = null_mut();
+            ok(ferrocomm_comm_dup(comm, &mut dup));
+            let mut v = vec![1f32; 8 + me];
+            let mut r = ferrocomm_allreduce(
+                dup,
+                IP,
+                v.as_mut_ptr().cast(),
+                v.len(),
+                FERROCOMM_F32 as u32,
+                FERROCOMM_SUM as u32,
+            );
+            for _ in 0..3 {
+                if r != FERROCOMM_OK {
+                    break;
+                }
+                r = ferrocomm_barrier(dup);
+            }
+            assert_ne!(r, FERROCOMM_OK, "a mismatch must fail");
+            // The parent is failed too, with the same sticky error, on every path.
+            let parent = ferrocomm_barrier(comm);
+            assert_ne!(parent, FERROCOMM_OK, "the parent shares the failed world");
+            let x = [1u8];
+            assert_ne!(
+                ferrocomm_send(comm, x.as_ptr().cast(), 1, FERROCOMM_U8 as u32, 1 - me, 0),
+                FERROCOMM_OK
+            );
+            // Another world of this process is not affected.
+            let mut w = [me as f64; 3];
+            ok(ferrocomm_allreduce(
+                other,
+                IP,
+                w.as_mut_ptr().cast(),
+                3,
+                FERROCOMM_F64 as u32,
+                FERROCOMM_SUM as u32,
+            ));
+            assert_eq!(w, [me as f64; 3]);
+            ok(ferrocomm_comm_free(dup));
+            ok(ferrocomm_comm_free(other));
+        }
+    });
 }
 
 #[test]
@@ -825,7 +911,7 @@ fn mismatched_collectives_are_an_error_code_not_mixed_data() {
                 v.as_mut_ptr().cast(),
                 v.len(),
                 FERROCOMM_F32 as u32,
-                0,
+                FERROCOMM_SUM as u32,
             )
         };
         for _ in 0..3 {

@@ -11,17 +11,17 @@ use half::f16;
 
 use crate::error::ferrocomm_result::*;
 use crate::tests::{fails, ok, serial, world};
-use crate::types::ferrocomm_dtype::*;
+use crate::types::ferrocomm_dtype_code::*;
 use crate::*;
 
 /// One parameter as C declares it.
 struct P {
     name: &'static str,
-    dtype: ferrocomm_dtype,
+    dtype: ferrocomm_dtype_code,
     shape: Vec<usize>,
 }
 
-fn p(name: &'static str, dtype: ferrocomm_dtype, shape: &[usize]) -> P {
+fn p(name: &'static str, dtype: ferrocomm_dtype_code, shape: &[usize]) -> P {
     P {
         name,
         dtype,
@@ -415,7 +415,7 @@ fn broadcast_parameters_copies_rank_zero() {
                 comm,
                 two.as_ptr(),
                 [20usize, 5].as_ptr(),
-                [10u32, 10].as_ptr(),
+                [FERROCOMM_F32 as u32; 2].as_ptr(),
                 2,
             )
         };
@@ -430,7 +430,7 @@ fn broadcast_parameters_copies_rank_zero() {
                 comm,
                 two.as_ptr(),
                 [1usize, 1].as_ptr(),
-                [10u32, 7].as_ptr(),
+                [FERROCOMM_F32 as u32, FERROCOMM_I64 as u32].as_ptr(),
                 2,
             )
         };

@@ -8,44 +8,61 @@ use ferrocomm_rs::{DType, ReduceOp, Source, Status, Tag};
 
 use crate::error::{Fail, ferrocomm_result};
 
-/// Element types of buffers. Functions take the data type as a plain `uint32_t` holding one
-/// of these values and refuse anything else with `FERROCOMM_ERR_INVALID_ARGUMENT`. The
-/// values are fixed. `FERROCOMM_F16` and `FERROCOMM_BF16` buffers hold the 16-bit patterns
-/// (`uint16_t` in C).
+/// A data type argument as C passes it: a `uint32_t` in C (an `enum ferrocomm_dtype :
+/// uint32_t` in C++) holding one of the [`ferrocomm_dtype_code`] values. Declared by hand in
+/// `cbindgen.toml` (the header's `ferrocomm_dtype`); checked by [`dtype`].
+#[allow(non_camel_case_types)]
+pub type ferrocomm_dtype = u32;
+
+/// A reduction operation argument as C passes it: a `uint32_t` in C (an `enum ferrocomm_op :
+/// uint32_t` in C++) holding one of the [`ferrocomm_op_code`] values. Declared by hand in
+/// `cbindgen.toml` (the header's `ferrocomm_op`); checked by [`reduce_op`].
+#[allow(non_camel_case_types)]
+pub type ferrocomm_op = u32;
+
+/// What kind of code the high byte of a dtype or op value says it is (the values of the two
+/// kinds never overlap, so a dtype passed as an op, or the reverse, is recognised).
+const DTYPE_BASE: u32 = 0x100;
+const OP_BASE: u32 = 0x200;
+
+/// Element types of buffers: the values of `ferrocomm_dtype` (fixed; `0x100 + n`, disjoint
+/// from the operations' `0x200 + n`, and 0 is neither). `FERROCOMM_F16` and `FERROCOMM_BF16`
+/// buffers hold the 16-bit patterns (`uint16_t` in C). The header's copy (in
+/// `cbindgen.toml`) is checked against this one by the tests.
 #[allow(non_camel_case_types)]
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ferrocomm_dtype {
+pub enum ferrocomm_dtype_code {
     /// `uint8_t` (also raw bytes).
-    FERROCOMM_U8 = 0,
+    FERROCOMM_U8 = DTYPE_BASE,
     /// `int8_t`.
-    FERROCOMM_I8 = 1,
+    FERROCOMM_I8 = DTYPE_BASE + 1,
     /// `uint16_t`.
-    FERROCOMM_U16 = 2,
+    FERROCOMM_U16 = DTYPE_BASE + 2,
     /// `int16_t`.
-    FERROCOMM_I16 = 3,
+    FERROCOMM_I16 = DTYPE_BASE + 3,
     /// `uint32_t`.
-    FERROCOMM_U32 = 4,
+    FERROCOMM_U32 = DTYPE_BASE + 4,
     /// `int32_t`.
-    FERROCOMM_I32 = 5,
+    FERROCOMM_I32 = DTYPE_BASE + 5,
     /// `uint64_t`.
-    FERROCOMM_U64 = 6,
+    FERROCOMM_U64 = DTYPE_BASE + 6,
     /// `int64_t`.
-    FERROCOMM_I64 = 7,
+    FERROCOMM_I64 = DTYPE_BASE + 7,
     /// IEEE 754 binary16 (`_Float16`; stored as `uint16_t`).
-    FERROCOMM_F16 = 8,
+    FERROCOMM_F16 = DTYPE_BASE + 8,
     /// bfloat16 (the upper half of an IEEE 754 binary32; stored as `uint16_t`).
-    FERROCOMM_BF16 = 9,
+    FERROCOMM_BF16 = DTYPE_BASE + 9,
     /// `float`.
-    FERROCOMM_F32 = 10,
+    FERROCOMM_F32 = DTYPE_BASE + 10,
     /// `double`.
-    FERROCOMM_F64 = 11,
+    FERROCOMM_F64 = DTYPE_BASE + 11,
 }
 
-impl ferrocomm_dtype {
+impl ferrocomm_dtype_code {
     /// Every C data type, in code order.
-    pub(crate) const ALL: [ferrocomm_dtype; 12] = {
-        use ferrocomm_dtype::*;
+    pub(crate) const ALL: [ferrocomm_dtype_code; 12] = {
+        use ferrocomm_dtype_code::*;
         [
             FERROCOMM_U8,
             FERROCOMM_I8,
@@ -64,7 +81,7 @@ impl ferrocomm_dtype {
 
     /// The Rust element type.
     pub(crate) fn rust(self) -> DType {
-        use ferrocomm_dtype::*;
+        use ferrocomm_dtype_code::*;
         match self {
             FERROCOMM_U8 => DType::U8,
             FERROCOMM_I8 => DType::I8,
@@ -80,48 +97,75 @@ impl ferrocomm_dtype {
             FERROCOMM_F64 => DType::F64,
         }
     }
+
+    fn of(code: u32) -> Option<ferrocomm_dtype_code> {
+        Self::ALL.iter().copied().find(|d| *d as u32 == code)
+    }
+}
+
+/// Why `code` is not a value of the kind `want` ("ferrocomm_dtype" or "ferrocomm_op"):
+/// names the other kind's constant when it is one (swapped arguments).
+fn not_a(code: u32, want: &str, range: &str) -> String {
+    let swapped = if let Some(d) = ferrocomm_dtype_code::of(code) {
+        Some(format!("{d:?}, a ferrocomm_dtype"))
+    } else {
+        ferrocomm_op_code::of(code).map(|o| format!("{o:?}, an operation (ferrocomm_op)"))
+    };
+    match swapped {
+        Some(what) => format!(
+            "{code} ({code:#x}) is {what}, not a {want}; are the dtype and op arguments swapped?"
+        ),
+        None => format!("{code} ({code:#x}) is not a {want} ({range})"),
+    }
 }
 
 /// Validates a data type given as an integer.
 pub(crate) fn dtype(op: &str, code: u32) -> Result<DType, Fail> {
-    ferrocomm_dtype::ALL
-        .iter()
-        .find(|d| **d as u32 == code)
+    dtype_arg(op, "dtype", code)
+}
+
+/// Validates a data type given as an integer in the argument `arg`.
+pub(crate) fn dtype_arg(op: &str, arg: &str, code: u32) -> Result<DType, Fail> {
+    ferrocomm_dtype_code::of(code)
         .map(|d| d.rust())
         .ok_or_else(|| {
             Fail::invalid(
                 op,
-                "dtype",
-                format!("{code} is not a ferrocomm_dtype (0..=11, FERROCOMM_U8..FERROCOMM_F64)"),
+                arg,
+                not_a(
+                    code,
+                    "ferrocomm_dtype",
+                    "0x100..=0x10b, FERROCOMM_U8..FERROCOMM_F64",
+                ),
             )
         })
 }
 
-/// Reduction operations of the collectives that combine values. Functions take the
-/// operation as a plain `uint32_t` holding one of these values and refuse anything else with
-/// `FERROCOMM_ERR_INVALID_ARGUMENT`. The values are fixed and the same as NCCL's
-/// (`ncclSum` .. `ncclAvg`).
+/// Reduction operations of the collectives that combine values: the values of
+/// `ferrocomm_op` (fixed; `0x200 + n` in NCCL's order `ncclSum` .. `ncclAvg`, disjoint from
+/// the data types). The header's copy (in `cbindgen.toml`) is checked against this one by
+/// the tests.
 #[allow(non_camel_case_types)]
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ferrocomm_op {
+pub enum ferrocomm_op_code {
     /// Sum (wrapping for integer types).
-    FERROCOMM_SUM = 0,
+    FERROCOMM_SUM = OP_BASE,
     /// Product (wrapping for integer types).
-    FERROCOMM_PROD = 1,
+    FERROCOMM_PROD = OP_BASE + 1,
     /// Maximum (NaN if any operand is NaN).
-    FERROCOMM_MAX = 2,
+    FERROCOMM_MAX = OP_BASE + 2,
     /// Minimum (NaN if any operand is NaN).
-    FERROCOMM_MIN = 3,
+    FERROCOMM_MIN = OP_BASE + 3,
     /// Sum divided by the number of ranks; floating-point types only (an integer type gives
     /// `FERROCOMM_ERR_INVALID_ARGUMENT`).
-    FERROCOMM_AVG = 4,
+    FERROCOMM_AVG = OP_BASE + 4,
 }
 
-impl ferrocomm_op {
+impl ferrocomm_op_code {
     /// Every operation, in code order.
-    pub(crate) const ALL: [ferrocomm_op; 5] = {
-        use ferrocomm_op::*;
+    pub(crate) const ALL: [ferrocomm_op_code; 5] = {
+        use ferrocomm_op_code::*;
         [
             FERROCOMM_SUM,
             FERROCOMM_PROD,
@@ -133,7 +177,7 @@ impl ferrocomm_op {
 
     /// The Rust operation.
     pub(crate) fn rust(self) -> ReduceOp {
-        use ferrocomm_op::*;
+        use ferrocomm_op_code::*;
         match self {
             FERROCOMM_SUM => ReduceOp::Sum,
             FERROCOMM_PROD => ReduceOp::Prod,
@@ -142,20 +186,26 @@ impl ferrocomm_op {
             FERROCOMM_AVG => ReduceOp::Avg,
         }
     }
+
+    fn of(code: u32) -> Option<ferrocomm_op_code> {
+        Self::ALL.iter().copied().find(|o| *o as u32 == code)
+    }
 }
 
 /// Validates an operation given as an integer, and that it applies to `dt` (avg: floating
 /// point only).
 pub(crate) fn reduce_op(op: &str, code: u32, dt: DType) -> Result<ReduceOp, Fail> {
-    let r = ferrocomm_op::ALL
-        .iter()
-        .find(|o| **o as u32 == code)
+    let r = ferrocomm_op_code::of(code)
         .map(|o| o.rust())
         .ok_or_else(|| {
             Fail::invalid(
                 op,
                 "op",
-                format!("{code} is not a ferrocomm_op (0..=4, FERROCOMM_SUM..FERROCOMM_AVG)"),
+                not_a(
+                    code,
+                    "ferrocomm_op",
+                    "0x200..=0x204, FERROCOMM_SUM..FERROCOMM_AVG",
+                ),
             )
         })?;
     r.check(dt, op)?;
@@ -403,30 +453,33 @@ mod tests {
 
     #[test]
     fn dtypes_map_one_to_one() {
-        for (i, d) in ferrocomm_dtype::ALL.iter().enumerate() {
-            assert_eq!(*d as u32, i as u32);
-            assert_eq!(dtype("t", i as u32).unwrap(), d.rust());
+        for (i, d) in ferrocomm_dtype_code::ALL.iter().enumerate() {
+            assert_eq!(*d as u32, 0x100 + i as u32);
+            assert_eq!(dtype("t", *d as u32).unwrap(), d.rust());
             let name = format!("{d:?}").to_lowercase();
             assert_eq!(format!("ferrocomm_{}", d.rust().name()), name);
         }
-        let mut all: Vec<_> = ferrocomm_dtype::ALL.iter().map(|d| d.rust()).collect();
+        let mut all: Vec<_> = ferrocomm_dtype_code::ALL.iter().map(|d| d.rust()).collect();
         all.dedup();
         assert_eq!(all.len(), DType::ALL.len(), "every Rust type has a C code");
-        for bad in [12, 99, u32::MAX] {
+        for bad in [0, 11, 12, 0x10c, 99, u32::MAX] {
             let e = dtype("ferrocomm_send", bad).unwrap_err().to_string();
-            assert!(e.contains(&bad.to_string()) && e.contains("dtype"), "{e}");
+            assert!(
+                e.contains(&format!("{bad:#x}")) && e.contains("dtype"),
+                "{e}"
+            );
         }
     }
 
     #[test]
     fn ops_map_one_to_one() {
-        for (i, o) in ferrocomm_op::ALL.iter().enumerate() {
-            assert_eq!(*o as u32, i as u32);
-            assert_eq!(reduce_op("t", i as u32, DType::F32).unwrap(), o.rust());
+        for (i, o) in ferrocomm_op_code::ALL.iter().enumerate() {
+            assert_eq!(*o as u32, 0x200 + i as u32);
+            assert_eq!(reduce_op("t", *o as u32, DType::F32).unwrap(), o.rust());
             let name = format!("{o:?}").to_lowercase();
             assert_eq!(format!("ferrocomm_{}", o.rust().name()), name);
         }
-        let mut all: Vec<_> = ferrocomm_op::ALL.iter().map(|o| o.rust()).collect();
+        let mut all: Vec<_> = ferrocomm_op_code::ALL.iter().map(|o| o.rust()).collect();
         all.sort_by_key(|o| *o as u8);
         all.dedup();
         assert_eq!(
@@ -434,19 +487,92 @@ mod tests {
             ReduceOp::ALL.len(),
             "every Rust operation has a C code"
         );
-        for bad in [5, 99, u32::MAX] {
+        for bad in [0, 4, 5, 0x205, 99, u32::MAX] {
             let e = reduce_op("ferrocomm_allreduce", bad, DType::F32).unwrap_err();
             assert!(
                 e.to_string()
-                    .contains(&format!("{bad} is not a ferrocomm_op")),
+                    .contains(&format!("{bad} ({bad:#x}) is not a ferrocomm_op")),
                 "{e}"
             );
         }
-        let e = reduce_op("ferrocomm_allreduce", 4, DType::I32).unwrap_err();
+        let e = reduce_op("ferrocomm_allreduce", 0x204, DType::I32).unwrap_err();
         assert!(
             e.to_string().contains("avg is defined for floating-point"),
             "{e}"
         );
+    }
+
+    /// Swapped dtype and op arguments fail loudly, naming the argument and the swap (the
+    /// two kinds' values are disjoint; before, an op value was also a valid dtype).
+    #[test]
+    fn swapped_dtype_and_op_are_refused() {
+        use ferrocomm_dtype_code::*;
+        use ferrocomm_op_code::*;
+        let e = dtype("ferrocomm_allreduce", FERROCOMM_SUM as u32).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("`dtype`") && m.contains("FERROCOMM_SUM") && m.contains("swapped"),
+            "{m}"
+        );
+        for d in ferrocomm_dtype_code::ALL {
+            let m = reduce_op("ferrocomm_allreduce", d as u32, DType::F32)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                m.contains("`op`") && m.contains(&format!("{d:?}")) && m.contains("swapped"),
+                "{m}"
+            );
+        }
+        for o in ferrocomm_op_code::ALL {
+            assert!(dtype("t", o as u32).is_err());
+        }
+        assert!(reduce_op("t", FERROCOMM_F32 as u32, DType::F32).is_err());
+    }
+
+    /// The header declares these enumerations by hand (`cbindgen.toml`): every constant there
+    /// has the value of the Rust enum, and every Rust value is there.
+    #[test]
+    fn header_constants_match_the_rust_enums() {
+        let h =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/ferrocomm.h"))
+                .expect("include/ferrocomm.h");
+        let value = |name: &str| -> Option<u32> {
+            let line = h
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{name} = ")))?;
+            let v = line.split('=').nth(1)?.trim().trim_end_matches(',');
+            match v.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => v.parse().ok(),
+            }
+        };
+        let mut all: Vec<(String, u32)> = Vec::new();
+        all.extend(
+            ferrocomm_dtype_code::ALL
+                .iter()
+                .map(|d| (format!("{d:?}"), *d as u32)),
+        );
+        all.extend(
+            ferrocomm_op_code::ALL
+                .iter()
+                .map(|o| (format!("{o:?}"), *o as u32)),
+        );
+        all.extend(
+            crate::error::ferrocomm_result::ALL
+                .iter()
+                .map(|c| (format!("{c:?}"), *c as u32)),
+        );
+        for (name, v) in &all {
+            assert_eq!(value(name), Some(*v), "{name} in include/ferrocomm.h");
+        }
+        let declared = h
+            .lines()
+            .filter(|l| {
+                let t = l.trim_start();
+                t.starts_with("FERROCOMM_") && t.contains(" = ")
+            })
+            .count();
+        assert_eq!(declared, all.len(), "constants the Rust enums do not have");
     }
 
     #[test]

@@ -410,6 +410,11 @@ fn python_module_tests_and_example() {
     }
 }
 
+/// `scripts/install` into a temporary prefix: the shared library under its version with the
+/// SONAME symlinks, the static library, headers, pkg-config file, `ferrorun` in bin/ and
+/// the Python module. Then a C program built with nothing but `pkg-config --cflags --libs`
+/// runs under the installed `ferrorun` and loads the installed library (the .pc file's
+/// rpath), and one built with plain flags works as the README shows.
 #[test]
 fn install_then_build_with_and_without_pkg_config() {
     let prefix = tempfile::tempdir().unwrap();
@@ -420,22 +425,48 @@ fn install_then_build_with_and_without_pkg_config() {
         .env("FERROCOMM_NO_BUILD", "1")
         .env("FERROCOMM_LIB_DIR", lib_dir());
     run_ok(install);
+    let version = env!("CARGO_PKG_VERSION");
+    let real = format!("lib/libferrocomm.so.{version}");
     for f in [
+        real.as_str(),
+        "lib/libferrocomm.so.0",
         "lib/libferrocomm.so",
         "lib/libferrocomm.a",
         "include/ferrocomm.h",
         "include/ferrocomm.hpp",
         "lib/pkgconfig/ferrocomm.pc",
+        "bin/ferrorun",
         "share/ferrocomm/python/ferrocomm.py",
     ] {
         assert!(p.join(f).exists(), "{f} not installed");
     }
+    // The usual chain: libferrocomm.so -> libferrocomm.so.0 -> libferrocomm.so.VERSION.
+    let link = |f: &str| std::fs::read_link(p.join("lib").join(f)).ok();
+    assert_eq!(link("libferrocomm.so"), Some("libferrocomm.so.0".into()));
+    assert_eq!(
+        link("libferrocomm.so.0"),
+        Some(format!("libferrocomm.so.{version}").into())
+    );
+    let dynamic = run_ok({
+        let mut c = Command::new("readelf");
+        c.arg("-d").arg(p.join(&real));
+        c
+    });
+    assert!(
+        dynamic.contains("Library soname: [libferrocomm.so.0]"),
+        "{dynamic}"
+    );
     let pc = std::fs::read_to_string(p.join("lib/pkgconfig/ferrocomm.pc")).unwrap();
     assert!(pc.contains(&format!("prefix={}", p.display())), "{pc}");
-    assert!(
-        pc.contains(&format!("Version: {}", env!("CARGO_PKG_VERSION"))),
-        "{pc}"
-    );
+    assert!(pc.contains(&format!("Version: {version}")), "{pc}");
+    let installed_ferrorun = p.join("bin/ferrorun");
+    let under_installed = |exe: &Path| {
+        let mut cmd = Command::new(&installed_ferrorun);
+        cmd.args(["--nproc-per-node", "3", "--"])
+            .arg(exe)
+            .env_remove("LD_LIBRARY_PATH");
+        cmd
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let lib = p.join("lib").display().to_string();
@@ -453,7 +484,7 @@ fn install_then_build_with_and_without_pkg_config() {
         .arg(dir.path().join("hello_plain"))
         .args(&plain);
     run_ok(cmd);
-    let out = run_ok(launch(3, &[&dir.path().join("hello_plain")]));
+    let out = run_ok(under_installed(&dir.path().join("hello_plain")));
     assert!(out.contains("(expected 3): ok"), "{out}");
 
     if !have("pkg-config", "--version") {
@@ -465,14 +496,36 @@ fn install_then_build_with_and_without_pkg_config() {
         .env("PKG_CONFIG_PATH", p.join("lib/pkgconfig"));
     let flags = run_ok(flags);
     assert!(flags.contains("-lferrocomm"), "{flags}");
+    assert!(flags.contains(&format!("-Wl,-rpath,{lib}")), "{flags}");
+    // C with the pkg-config flags alone: the program finds the installed library at run
+    // time, by its SONAME.
+    let hello_pc = dir.path().join("hello_pc");
+    let mut cmd = Command::new("cc");
+    cmd.args(["-std=c99", "-Wall", "-Werror"])
+        .arg(root().join("ffi/examples/hello.c"))
+        .arg("-o")
+        .arg(&hello_pc)
+        .args(flags.split_whitespace());
+    run_ok(cmd);
+    let ldd = run_ok({
+        let mut c = Command::new("ldd");
+        c.arg(&hello_pc).env_remove("LD_LIBRARY_PATH");
+        c
+    });
+    assert!(
+        ldd.contains(&format!("libferrocomm.so.0 => {lib}/libferrocomm.so.0")),
+        "{ldd}"
+    );
+    let out = run_ok(under_installed(&hello_pc));
+    assert!(out.contains("(expected 3): ok"), "{out}");
+    // C++ likewise.
     let mut cmd = Command::new("c++");
     cmd.args(["-std=c++20", "-Wall", "-Werror"])
         .arg(root().join("ffi/examples/shards.cpp"))
         .arg("-o")
         .arg(dir.path().join("shards_pc"))
-        .args(flags.split_whitespace())
-        .arg(format!("-Wl,-rpath,{lib}"));
+        .args(flags.split_whitespace());
     run_ok(cmd);
-    let out = run_ok(launch(3, &[&dir.path().join("shards_pc")]));
+    let out = run_ok(under_installed(&dir.path().join("shards_pc")));
     assert_eq!(lines_with(&out, ": ring ok"), 3, "{out}");
 }

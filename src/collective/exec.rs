@@ -229,6 +229,11 @@ pub(crate) fn run(
     inp: &[u8],
     out: &mut [u8],
 ) -> Result<()> {
+    // A schedule without sends or receives (one rank) touches no transport, so it would not
+    // see an abort or an earlier failure: check for them here.
+    if sched.steps.iter().all(|s| matches!(s.op, Op::Copy { .. })) {
+        comm.shared.check_usable()?;
+    }
     sched
         .check_bounds(inp.len() / elem, out.len() / elem)
         .map_err(|e| internal(call, &e))?;

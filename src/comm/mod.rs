@@ -492,7 +492,9 @@ impl Communicator {
 
     /// A new communicator with the same ranks whose messages never mix with this one's
     /// (MPI_Comm_dup). Every rank of this communicator must call it, in the same order
-    /// relative to its other communicator-creating calls; it sends no messages.
+    /// relative to its other communicator-creating calls; it sends no messages. The dup
+    /// shares this communicator's connections, so a fatal error on either (a collective
+    /// mismatch, a lost peer, an abort) fails both: see [`Communicator::abort`].
     pub fn dup(&self) -> Communicator {
         Communicator::from_shared(
             Arc::clone(&self.shared),
@@ -579,9 +581,12 @@ impl Communicator {
         &self.shared.cfg
     }
 
-    /// Fails every operation of this process's communicators at once, now and later, with
-    /// [`Error::Aborted`]: threads blocked in a call return. Callable from any thread
-    /// through [`Communicator::abort_handle`].
+    /// Fails every operation of this communicator's world at once, now and later, with
+    /// [`Error::Aborted`]: threads blocked in a call return. The world is every communicator
+    /// made from the same init (this one, the one it came from, and their dups, splits and
+    /// groups), at any size, one rank included; communicators of another init are not
+    /// affected. Any fatal error (a lost peer, a collective mismatch, ...) has the same
+    /// scope. Callable from any thread through [`Communicator::abort_handle`].
     pub fn abort(&self, reason: &str) {
         self.abort_handle().abort(reason)
     }
@@ -922,5 +927,44 @@ pub fn wait_all(reqs: Vec<Request<'_>>) -> Result<Vec<Status>> {
     match first_err {
         Some(e) => Err(e),
         None => Ok(out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::element::ReduceOp;
+
+    fn aborted<T: std::fmt::Debug>(what: &str, r: Result<T>) {
+        match r {
+            Err(Error::Aborted(why)) => assert!(why.contains("stop here"), "{what}: {why}"),
+            other => panic!("{what} after abort returned {other:?}, not the abort error"),
+        }
+    }
+
+    /// After `abort`, every call of a one-rank communicator fails with the abort error, on
+    /// every path: point-to-point to itself, blocking and non-blocking collectives (which
+    /// touch no transport at one rank), and communicators derived from it.
+    #[test]
+    fn abort_of_a_one_rank_communicator_fails_every_later_call() {
+        let comm = Communicator::local_world(1).pop().expect("one rank");
+        let mut v = [1.0f32; 4];
+        comm.all_reduce(&mut v, ReduceOp::Sum)
+            .expect("works before abort");
+        let dup = comm.dup();
+        comm.abort("stop here");
+        aborted("all_reduce", comm.all_reduce(&mut v, ReduceOp::Sum));
+        aborted("broadcast", comm.broadcast(&mut v, 0));
+        aborted("barrier", comm.barrier());
+        let mut all = [0.0f32; 4];
+        aborted("all_gather", comm.all_gather(&v, &mut all));
+        aborted("send to itself", comm.send(&v, 0, 1));
+        aborted("recv", comm.recv(&mut v, 0, 1u32).map(|_| ()));
+        aborted(
+            "iall_reduce",
+            comm.iall_reduce(vec![1.0f32; 4], ReduceOp::Sum).wait(),
+        );
+        aborted("all_reduce on a dup", dup.all_reduce(&mut v, ReduceOp::Sum));
+        aborted("barrier on a later dup", comm.dup().barrier());
     }
 }

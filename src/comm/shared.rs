@@ -174,6 +174,16 @@ impl Shared {
         self.hand_out(&mut g);
     }
 
+    /// The sticky error once the engine has failed for good or was aborted. For operations
+    /// that would not otherwise touch the engine (a collective of a one-rank communicator),
+    /// so they fail after an abort like every other operation.
+    pub(crate) fn check_usable(&self) -> Result<()> {
+        match self.lock().fatal() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Fails every current and later operation with [`Error::Aborted`].
     pub(crate) fn abort(&self, reason: &str) {
         *self.abort_reason.lock() = reason.to_string();
