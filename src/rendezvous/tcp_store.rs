@@ -42,6 +42,10 @@ use super::store::Store;
 use crate::auth::{self, Channel, ClientHandshake, Secret, ServerHandshake};
 use crate::error::{Error, IoContext, Result};
 
+#[path = "torch_server.rs"]
+mod torch_server;
+pub use torch_server::TORCH_NAMESPACE;
+
 /// How often a client that waits for the server to come up logs that it is still waiting,
 /// unless the caller chooses ([`TcpStore::connect_with`]).
 pub const DEFAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -70,6 +74,10 @@ pub struct ServerConfig {
     /// How long a new connection may take to authenticate (with a secret) before it is
     /// dropped with a log line. Default 10 s (`FERROCOMM_HANDSHAKE_TIMEOUT`).
     pub handshake_timeout: Duration,
+    /// Serve PyTorch `TCPStore` clients even though a secret is set (they cannot
+    /// authenticate, so they bypass it). Without a secret they are always served. Default
+    /// false (`FERROCOMM_STORE_ALLOW_TORCH=1`).
+    pub allow_torch: bool,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +87,7 @@ impl Default for ServerConfig {
             frame_timeout: Duration::from_secs(30),
             secret: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            allow_torch: false,
         }
     }
 }
@@ -107,6 +116,18 @@ impl ServerConfig {
             cfg.handshake_timeout = t;
         }
         cfg.secret = Secret::from_lookup(lookup);
+        if let Some(allow) = crate::config::parse_var(
+            lookup,
+            "FERROCOMM_STORE_ALLOW_TORCH",
+            "1 or 0 (true or false)",
+            |v| match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Some(true),
+                "0" | "false" | "no" | "off" | "" => Some(false),
+                _ => None,
+            },
+        )? {
+            cfg.allow_torch = allow;
+        }
         Ok(cfg)
     }
 }
@@ -118,6 +139,8 @@ struct Data {
     /// Waiters by the key they miss; each condvar belongs to one waiting request.
     waiters: HashMap<String, Vec<Arc<Condvar>>>,
     shutdown: bool,
+    /// The queues of PyTorch clients ([`torch_server`]).
+    torch_queues: torch_server::Queues,
 }
 
 impl Data {
@@ -390,6 +413,28 @@ impl Shared {
                 self.addr
             );
             return;
+        }
+        // PyTorch `TCPStore` clients start with a 0x00 byte; `torch_server` serves them.
+        let limit = self
+            .config
+            .secret
+            .as_ref()
+            .map(|_| self.config.handshake_timeout);
+        if let torch_server::Kind::Torch = torch_server::detect(&stream, limit) {
+            if self.config.secret.is_some() && !self.config.allow_torch {
+                if let Some(n) = torch_server::log_refusal() {
+                    tracing::warn!(
+                        "store server {}: refusing PyTorch TCPStore client {peer} ({n} so far): \
+                         this store requires the job secret (FERROCOMM_SECRET) and torch's \
+                         protocol cannot authenticate; set FERROCOMM_STORE_ALLOW_TORCH=1 where \
+                         the store is hosted to serve torch clients without authentication",
+                        self.addr
+                    );
+                }
+                linger_close(&mut stream);
+                return;
+            }
+            return torch_server::serve(self, stream, peer);
         }
         if let Some(secret) = &self.config.secret {
             if let Err(why) = self.authenticate(&mut stream, secret) {
