@@ -83,6 +83,8 @@ pub mod host;
 pub mod protocol;
 pub mod store;
 pub mod tcp_store;
+pub mod torch_store;
+pub mod torch_wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, ToSocketAddrs};
@@ -94,6 +96,7 @@ pub use file_store::FileStore;
 pub use host::{host_id, hostname};
 pub use store::{PrefixStore, Store};
 pub use tcp_store::{ServerConfig, TcpStore, TcpStoreServer};
+pub use torch_store::TorchStore;
 
 use crate::auth::Secret;
 use crate::error::{Error, Result};
@@ -501,6 +504,18 @@ impl InitOptions {
             Some(b) => b,
             None => env_bool(env, "FERROCOMM_STORE_EXTERNAL")?.unwrap_or(false),
         };
+        // Under torchrun, its agent hosts a PyTorch TCPStore at MASTER_ADDR:MASTER_PORT and
+        // says so; ferrorun hosts ferrocomm's own store and sets FERROCOMM_STORE_EXTERNAL,
+        // which wins.
+        let torch_agent_store = (!store_external
+            && matches!(method, InitMethod::Env)
+            && env_str(env, "TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True"))
+        .then(|| {
+            format!(
+                "ferrocomm/attempt_{}",
+                env_str(env, "TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into())
+            )
+        });
         let host_id = host::host_id_with(
             self.host_id
                 .clone()
@@ -576,6 +591,7 @@ impl InitOptions {
             log_interval,
             secret,
             bind_addr,
+            torch_agent_store,
         })
     }
 }
@@ -613,6 +629,11 @@ pub struct Plan {
     pub log_interval: Duration,
     /// The job secret (`None`: connections are not authenticated).
     pub secret: Option<Secret>,
+    /// Under torchrun (`TORCHELASTIC_USE_AGENT_STORE=True`, env://, and no
+    /// `FERROCOMM_STORE_EXTERNAL`): the key prefix (`ferrocomm/attempt_<restart count>`) under
+    /// which this job's keys live in the agent's PyTorch `TCPStore`, which every rank joins
+    /// as a client ([`TorchStore`]). `None`: ferrocomm's own store.
+    pub torch_agent_store: Option<String>,
     /// The local address to listen on, when the user named one.
     pub bind_addr: Option<IpAddr>,
 }
@@ -944,6 +965,24 @@ impl Plan {
                         "no master address: tcp:// and env:// need one",
                     ));
                 };
+                if let Some(prefix) = &self.torch_agent_store {
+                    if self.secret.is_some() {
+                        tracing::warn!(
+                            "joining torchrun's store at {addr}: PyTorch's TCPStore has no \
+                             authentication, so the job secret is not checked by the store \
+                             (the transports still check it)"
+                        );
+                    }
+                    let client = TorchStore::connect(
+                        addr,
+                        waiting.remaining(),
+                        self.timeout,
+                        self.log_interval,
+                    )?;
+                    let store: Arc<dyn Store> =
+                        Arc::new(PrefixStore::new(prefix.clone(), Arc::new(client)));
+                    return Ok((store, None));
+                }
                 let server = match (self.store_external, self.rank) {
                     (true, _) | (false, Some(1..)) => None,
                     (false, Some(0)) => self.host_store(host, port, true)?,
