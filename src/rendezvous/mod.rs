@@ -1420,6 +1420,35 @@ mod tests {
     }
 
     #[test]
+    fn under_torchrun_joins_the_agent_store_unless_ferrorun_hosts_one() {
+        let base = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ];
+        let p = resolve(&InitOptions::new(), &base).unwrap();
+        assert_eq!(p.torch_agent_store, None);
+        let mut torchrun = base.to_vec();
+        torchrun.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+        torchrun.push(("TORCHELASTIC_RESTART_COUNT", "2"));
+        let p = resolve(&InitOptions::new(), &torchrun).unwrap();
+        assert_eq!(p.torch_agent_store.as_deref(), Some("ferrocomm/attempt_2"));
+        // ferrorun sets both: its own store (ferrocomm's protocol, authenticated) wins.
+        let mut ferrorun = torchrun.clone();
+        ferrorun.push(("FERROCOMM_STORE_EXTERNAL", "1"));
+        let p = resolve(&InitOptions::new(), &ferrorun).unwrap();
+        assert_eq!(p.torch_agent_store, None);
+        // Only env:// names the agent's store.
+        let p = resolve(
+            &InitOptions::new().init_method("tcp://127.0.0.1:29400"),
+            &torchrun,
+        )
+        .unwrap();
+        assert_eq!(p.torch_agent_store, None);
+    }
+
+    #[test]
     fn reads_slurm_then_open_mpi_variables() {
         let master = [("MASTER_ADDR", "::1"), ("MASTER_PORT", "1234")];
         let slurm = [

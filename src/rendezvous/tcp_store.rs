@@ -420,7 +420,18 @@ impl Shared {
             .secret
             .as_ref()
             .map(|_| self.config.handshake_timeout);
-        if let torch_server::Kind::Torch = torch_server::detect(&stream, limit) {
+        let kind = torch_server::detect(&stream, limit);
+        if let (torch_server::Kind::Silent, Some(limit)) = (&kind, limit) {
+            if !self.stopping.load(Ordering::Acquire) {
+                tracing::warn!(
+                    "store server {}: refusing client {peer}: no authentication within \
+                     {limit:?} (half-open handshake dropped)",
+                    self.addr
+                );
+            }
+            return;
+        }
+        if let torch_server::Kind::Torch = kind {
             if self.config.secret.is_some() && !self.config.allow_torch {
                 if let Some(n) = torch_server::log_refusal() {
                     tracing::warn!(

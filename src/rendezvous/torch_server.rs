@@ -57,13 +57,15 @@ pub(super) fn log_refusal() -> Option<u64> {
 pub(super) enum Kind {
     /// A PyTorch `TCPStore` client.
     Torch,
-    /// Anything else (ferrocomm's protocol, its authentication, or nothing yet).
+    /// Anything else (ferrocomm's protocol, its authentication, or a closed connection).
     Other,
+    /// Nothing within the limit.
+    Silent,
 }
 
 /// Peeks at the first byte of a new connection, waiting at most `limit` (`None`: no limit).
-/// A connection that closes or times out before sending anything counts as `Other`: the
-/// ordinary path reports it as before.
+/// A connection that closes before sending anything counts as `Other`: the ordinary path
+/// reports it as before.
 pub(super) fn detect(stream: &TcpStream, limit: Option<std::time::Duration>) -> Kind {
     if stream.set_read_timeout(limit).is_err() {
         return Kind::Other;
@@ -73,6 +75,14 @@ pub(super) fn detect(stream: &TcpStream, limit: Option<std::time::Duration>) -> 
         match stream.peek(&mut b) {
             Ok(1) if b[0] == torch_wire::QueryType::Validate as u8 => return Kind::Torch,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Kind::Silent;
+            }
             _ => return Kind::Other,
         }
     }
@@ -457,4 +467,24 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ServerConfig;
+
+    #[test]
+    fn allow_torch_is_read_from_the_environment() {
+        let with = |v: &'static str| {
+            ServerConfig::from_lookup(&move |name: &str| {
+                (name == "FERROCOMM_STORE_ALLOW_TORCH").then(|| v.to_string())
+            })
+        };
+        assert!(!ServerConfig::default().allow_torch);
+        assert!(with("1").unwrap().allow_torch);
+        assert!(with("true").unwrap().allow_torch);
+        assert!(!with("0").unwrap().allow_torch);
+        let err = with("maybe").unwrap_err().to_string();
+        assert!(err.contains("FERROCOMM_STORE_ALLOW_TORCH"), "{err}");
+    }
 }
