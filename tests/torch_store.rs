@@ -430,6 +430,10 @@ fn ferrocomm_torch_client_against_ferrocomm_server() {
     assert!(err.is_timeout(), "{err}");
     assert_eq!(st.check(&["k", "missing"]).unwrap(), [true, false]);
     assert!(st.delete("k").unwrap());
+    // torch's `set` has no reply; a set the store never took must not look like success.
+    drop(srv);
+    let err = st.set("after", b"1").unwrap_err();
+    assert!(err.to_string().contains("set"), "{err}");
 }
 
 fn target_bin(rel: &str) -> PathBuf {
@@ -444,12 +448,25 @@ fn target_bin(rel: &str) -> PathBuf {
 
 const TRAIN_SCRIPT: &str = r#"
 import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 dist.init_process_group("gloo")
 r, w = dist.get_rank(), dist.get_world_size()
 t = torch.tensor([float(r + 1)])
 dist.all_reduce(t)
 assert t.item() == w * (w + 1) / 2, t
-dist.barrier()
+# DDP (its store-based setup and bucket all-reduces) and a subgroup.
+torch.manual_seed(r)
+m = DDP(torch.nn.Linear(5, 1))
+opt = torch.optim.Adam(m.parameters())
+for _ in range(3):
+    opt.zero_grad(); m(torch.randn(4, 5)).sum().backward(); opt.step()
+p = m.module.weight.detach().clone()
+ps = [torch.zeros_like(p) for _ in range(w)]
+dist.all_gather(ps, p)
+assert all(torch.equal(ps[0], x) for x in ps)
+g = dist.new_group(list(range(w)))
+dist.barrier(group=g)
+dist.monitored_barrier(timeout=__import__("datetime").timedelta(seconds=60))
 print(f"rank {r} of {w}: OK", flush=True)
 dist.destroy_process_group()
 "#;
@@ -662,4 +679,37 @@ fn fuzz_torch_query_decoder() {
         }
     }
     eprintln!("fuzz_torch_query_decoder: {n} inputs");
+}
+
+/// torchrun's own c10d rendezvous (compare_set, multi_get, wait, add...) against
+/// ferrocomm's store as the rendezvous endpoint; its workers' env:// then use it too.
+#[test]
+fn torchrun_c10d_rendezvous_on_a_ferrocomm_store() {
+    let Some(py) = python_or_skip("torchrun_c10d_rendezvous_on_a_ferrocomm_store") else {
+        return;
+    };
+    let srv = server(ServerConfig::default());
+    let torchrun = py.with_file_name("torchrun");
+    let mut child = Command::new(&torchrun)
+        .args(["--nnodes", "1", "--nproc-per-node", "2"])
+        .args(["--rdzv-backend", "c10d", "--rdzv-id", "job1"])
+        .arg(format!("--rdzv-endpoint={}", srv.local_addr()))
+        .args(["--no-python"])
+        .arg(&py)
+        .args(["-c", TRAIN_SCRIPT])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_limited(&mut child, Duration::from_secs(180));
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).ok();
+    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    assert!(
+        status.is_some_and(|s| s.success())
+            && out.contains("rank 0 of 2: OK")
+            && out.contains("rank 1 of 2: OK"),
+        "{status:?}\n--- stdout\n{out}\n--- stderr\n{err}"
+    );
 }

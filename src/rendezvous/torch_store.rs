@@ -243,7 +243,20 @@ impl Store for TorchStore {
             key: key.to_string(),
             value: value.to_vec(),
         };
-        self.with_conn(|s| self.send(s, "set", &q))
+        // torch's `set` has no reply: a ping behind it on the same connection confirms the
+        // server took it, so a lost connection is an error here, not a silently lost key.
+        let nonce = std::process::id() ^ 0x5e7;
+        let mut msg = torch_wire::encode_query(&q);
+        msg.extend(torch_wire::encode_query(&Query::Ping(nonce)));
+        self.with_conn(|s| {
+            s.write_all(&msg).map_err(|e| self.io_err("set", e))?;
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).map_err(|e| self.io_err("set", e))?;
+            if u32::from_le_bytes(b) != nonce {
+                return Err(self.misbehaved("set", "a ping reply with another nonce".into()));
+            }
+            Ok(())
+        })
     }
 
     fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
