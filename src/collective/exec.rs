@@ -47,10 +47,10 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::schedule::{Buf, Op, Schedule};
-use super::{BLAME_NONE, Call, notice_reason};
+use super::{BLAME_NONE, Call, Pair, notice_reason};
 use crate::comm::envelope::STEP_MAX;
-use crate::comm::envelope::{Env, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_TIMEOUT};
-use crate::comm::{Communicator, Done, RawRequest};
+use crate::comm::envelope::{Env, KIND_COLL, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_TIMEOUT};
+use crate::comm::{Communicator, Done, RawRequest, Source};
 use crate::element::{DType, Order, ReduceOp, divide_bytes, reduce_bytes};
 use crate::error::{Error, Result};
 use crate::transport::Token;
@@ -67,6 +67,9 @@ pub const MAX_RECVS: usize = 16;
 const MAX_SCRATCH: usize = 16;
 /// How long a failing rank waits for its notices to leave before it fails the engine.
 const NOTICE_GRACE: Duration = Duration::from_secs(2);
+/// How long a rank that lost a peer drives the transports for notices already on their
+/// way in before it reports the loss (see [`Exec::explained`]).
+const NOTICE_TAKE_IN: Duration = Duration::from_millis(50);
 /// Scratch memory kept between calls, at most (bytes).
 const KEEP_TMP: usize = 16 << 20;
 
@@ -89,7 +92,14 @@ pub(crate) struct ScratchCache {
 enum Kind {
     Send,
     Recv(Option<Order>),
-    Copy { src: Buf, start: usize },
+    Copy {
+        src: Buf,
+        start: usize,
+    },
+    /// The agreement message of a round (see the module documentation): no data.
+    AgreeSend,
+    /// See [`Kind::AgreeSend`].
+    AgreeRecv,
 }
 
 /// A piece of an op, in bytes.
@@ -112,6 +122,7 @@ impl Piece {
                 (self.buf, self.range.clone(), true),
                 (src, start..start + self.range.len(), false),
             ],
+            Kind::AgreeSend | Kind::AgreeRecv => [none.clone(), none],
         }
     }
 }
@@ -207,6 +218,18 @@ struct Exec<'a> {
     notices: Option<Vec<RawRequest>>,
     /// When the call started.
     started: Instant,
+    /// Index of the first agreement piece (send of round 0, then its receive, then round
+    /// 1...); `pieces.len()` when the call has no agreement exchange.
+    agree_at: usize,
+    /// Agreement sends started.
+    agree_sent: usize,
+    /// Whether the agreement receives are posted.
+    agree_posted: bool,
+    /// A call without agreement exchange: a receive of any agreement message of this
+    /// call, which only a rank whose call differs sends (see the module documentation).
+    wildcard: Option<RawRequest>,
+    /// The two ranks whose calls differ, once this rank knows them.
+    pair: Option<Pair>,
 }
 
 fn region_index(b: Buf) -> usize {
@@ -253,7 +276,29 @@ pub(crate) fn run(
             len: tmp_bytes,
         },
     ];
-    let pieces = expand(sched, elem);
+    let mut pieces = expand(sched, elem);
+    let agree_at = pieces.len();
+    let (me, p) = (comm.rank(), comm.size());
+    if call.agrees(p) {
+        let mut dist = 1;
+        let mut round = 0;
+        while dist < p {
+            for (kind, peer) in [
+                (Kind::AgreeSend, (me + dist) % p),
+                (Kind::AgreeRecv, (me + p - dist) % p),
+            ] {
+                pieces.push(Piece {
+                    kind,
+                    peer,
+                    buf: Buf::Tmp,
+                    range: 0..0,
+                    round,
+                });
+            }
+            dist *= 2;
+            round += 1;
+        }
+    }
     let mut ex = Exec {
         comm,
         call,
@@ -277,6 +322,11 @@ pub(crate) fn run(
         forward: None,
         notices: None,
         started: Instant::now(),
+        agree_at,
+        agree_sent: 0,
+        agree_posted: false,
+        wildcard: None,
+        pair: None,
     };
     ex.scratch_len = ex
         .pieces
@@ -290,8 +340,10 @@ pub(crate) fn run(
         Ok(()) => Ok(()),
         Err(e) => Err(ex.fail(call.explain(e))),
     };
-    // Every request is finished (done, or failed by the engine's abort) here.
+    // Every request is finished (done, or failed by the engine's abort) here; an unmatched
+    // wildcard is withdrawn.
     ex.reqs.clear();
+    ex.wildcard = None;
     let mut pool = std::mem::take(&mut ex.pool);
     for s in ex.state.drain(..) {
         if let St::Posted(Some(v)) | St::Arrived(v) = s {
@@ -392,8 +444,13 @@ impl Exec<'_> {
             self.forward = Some((NOTICE_MISMATCH, (peer as u32).min(BLAME_NONE)));
             return Err(err);
         }
+        if self.agree_at == self.pieces.len() && self.comm.size() > 1 {
+            self.wildcard = Some(self.call.agree_recv(self.comm, Source::Any)?);
+        }
         loop {
-            self.issue()?;
+            if let Err(e) = self.issue() {
+                return Err(self.explained(e));
+            }
             if self.first_open == self.pieces.len() {
                 return Ok(());
             }
@@ -416,6 +473,7 @@ impl Exec<'_> {
 
     /// Starts, posts and completes everything that can go now.
     fn issue(&mut self) -> Result<()> {
+        self.agree()?;
         loop {
             let mut any = false;
             // Received pieces whose destination is free: combine them into place.
@@ -478,6 +536,42 @@ impl Exec<'_> {
             if !any {
                 return Ok(());
             }
+        }
+    }
+
+    /// Advances the agreement exchange: posts every round's receive at once (their sources
+    /// differ), starts round `r`'s send once round `r - 1`'s receive is done, so that what
+    /// a rank passes on includes what it heard (dissemination: after `⌈log2 P⌉` rounds every
+    /// rank has heard, directly or not, from every rank, and each message was compared).
+    fn agree(&mut self) -> Result<()> {
+        if self.agree_at == self.pieces.len() {
+            return Ok(());
+        }
+        if !self.agree_posted {
+            self.agree_posted = true;
+            for i in (self.agree_at + 1..self.pieces.len()).step_by(2) {
+                let req = self
+                    .call
+                    .agree_recv(self.comm, Source::Rank(self.pieces[i].peer))?;
+                self.reqs.push(req);
+                self.req_piece.push(i);
+                self.state[i] = St::Posted(None);
+            }
+        }
+        loop {
+            let i = self.agree_at + 2 * self.agree_sent;
+            if i >= self.pieces.len()
+                || (i > self.agree_at && !matches!(self.state[i - 1], St::Done))
+            {
+                return Ok(());
+            }
+            let p = &self.pieces[i];
+            // SAFETY: an agreement message has no payload.
+            let req = unsafe { self.call.agree_send(self.comm, p.peer, p.round)? };
+            self.reqs.push(req);
+            self.req_piece.push(i);
+            self.state[i] = St::Posted(None);
+            self.agree_sent += 1;
         }
     }
 
@@ -572,7 +666,11 @@ impl Exec<'_> {
 
     /// Waits until at least one request finishes and handles every finished one.
     fn wait(&mut self) -> Result<()> {
-        let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+        let mut ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+        let n = ids.len();
+        if let Some(w) = &self.wildcard {
+            ids.push(w.id());
+        }
         let shared = &self.comm.shared;
         let start = Instant::now();
         let mut done: Vec<(usize, Result<Done>)> = Vec::new();
@@ -609,10 +707,22 @@ impl Exec<'_> {
             if let Err(e) = shared.wait_any_or_loss(&ids, losses, left) {
                 return Err(match e {
                     Error::Timeout { .. } => self.timed_out(start.elapsed()),
-                    other => other,
+                    other => self.explained(other),
                 });
             }
             shared.take_done(&ids, |k, r| done.push((k, r)));
+        }
+        // The wildcard matched: a rank whose call differs sent an agreement message.
+        if let Some(at) = done.iter().position(|d| d.0 == n) {
+            let (_, r) = done.swap_remove(at);
+            if let Some(w) = self.wildcard.take() {
+                w.finished();
+            }
+            let e = match r {
+                Ok(d) => self.notice_error(&d, 0, None),
+                Err(e) => e,
+            };
+            return Err(self.explained(e));
         }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         // A notice explains why its sender gave up; the sender then fails its engine and
@@ -641,10 +751,44 @@ impl Exec<'_> {
     /// `err`, or for the loss of a peer that gave up a call first, the error its notice
     /// describes (see [`Exec::notice_waiting`]).
     fn explained(&mut self, err: Error) -> Error {
+        if matches!(err, Error::PeerLost { .. } | Error::Aborted(_)) {
+            self.take_in_notices();
+        }
         match err {
             Error::PeerLost { peer, .. } if let Some(e) = self.notice_waiting(peer) => e,
+            Error::PeerLost { .. } | Error::Aborted(_) if let Some(e) = self.mismatch_known() => e,
             e => e,
         }
+    }
+
+    /// Drives the transports a moment so that a notice already on its way in (sent before
+    /// its sender failed, which a send to that sender can find first) is taken in.
+    fn take_in_notices(&self) {
+        let shared = &self.comm.shared;
+        let losses = shared.lock().losses();
+        let _ = shared.wait_any_or_loss(&[], losses, Some(NOTICE_TAKE_IN));
+    }
+
+    /// The error of a mismatch notice of this call from any rank, if one arrived: a lost
+    /// peer may only be a rank that gave up the call for that mismatch (it fails its
+    /// engine after sending its notices), so the mismatch is the better answer.
+    fn mismatch_known(&mut self) -> Option<Error> {
+        let (peer, env) = self
+            .comm
+            .shared
+            .lock()
+            .notice_of(self.call.ctx, self.call.seq)?;
+        let e = Env::decode(&env);
+        if e.tag != self.call.seq || e.step >> 20 != NOTICE_MISMATCH {
+            return None;
+        }
+        let done = Done {
+            peer,
+            len: 0,
+            env,
+            rejected: true,
+        };
+        Some(self.notice_error(&done, 0, None))
     }
 
     /// The error for the first member of the communicator that was lost (crashed, or its
@@ -680,27 +824,23 @@ impl Exec<'_> {
             .shared
             .lock()
             .notice_from(self.call.ctx, self.call.seq, peer)?;
-        let step = Env::decode(&env).step;
-        self.forward = Some((step >> 20, step & BLAME_NONE));
         let done = Done {
             peer,
             len: 0,
             env,
             rejected: true,
         };
-        Some(
-            self.call
-                .rejected(self.comm, &done, 0, self.started.elapsed()),
-        )
+        Some(self.notice_error(&done, 0, None))
     }
 
     fn finished(&mut self, i: usize, r: Result<Done>) -> Result<()> {
         let st = std::mem::replace(&mut self.state[i], St::Done);
-        let is_send = matches!(self.pieces[i].kind, Kind::Send);
-        if is_send {
-            self.sends -= 1;
-        } else {
-            self.recvs -= 1;
+        let kind = self.pieces[i].kind;
+        let is_send = matches!(kind, Kind::Send | Kind::AgreeSend);
+        match kind {
+            Kind::Send => self.sends -= 1,
+            Kind::Recv(_) => self.recvs -= 1,
+            _ => {}
         }
         let scratch = match st {
             St::Posted(s) => s,
@@ -785,6 +925,10 @@ impl Exec<'_> {
         let me = self.comm.rank();
         let others = (0..self.comm.size()).filter(|r| *r != me && !self.peers.contains(r));
         for peer in self.peers.iter().copied().chain(others) {
+            if let (NOTICE_MISMATCH, Some(pair)) = (reason, &self.pair) {
+                notices.extend(self.call.notice_pair(self.comm, peer, pair));
+                continue;
+            }
             // SAFETY: a notice has no payload.
             if let Ok(r) = unsafe { self.call.notice(self.comm, peer, reason, blamed) } {
                 notices.push(r);
@@ -805,6 +949,30 @@ impl Exec<'_> {
         {
             return e;
         }
+        if done.rejected
+            && env.kind == KIND_NOTICE
+            && env.step >> 20 == NOTICE_MISMATCH
+            && let Some(pair) = self.reported_pair(done.peer)
+        {
+            self.pair = Some(pair);
+            self.forward = Some((NOTICE_MISMATCH, BLAME_NONE));
+            return pair.error(self.comm, self.call, Some(done.peer));
+        }
+        if env.kind == KIND_COLL {
+            // A message of another call (or of this call, cut differently): this rank
+            // found the mismatch, between itself and the sender.
+            let pair = Pair {
+                a: self.comm.world_rank(),
+                ea: self.call.fingerprint(),
+                b: done.peer,
+                eb: env,
+            };
+            self.pair = Some(pair);
+            self.forward = Some((NOTICE_MISMATCH, (done.peer as u32).min(BLAME_NONE)));
+            if !env.same_call(&self.call.fingerprint()) {
+                return pair.error(self.comm, self.call, None);
+            }
+        }
         self.forward = Some(if done.rejected && env.kind == KIND_NOTICE {
             (env.step >> 20, env.step & BLAME_NONE)
         } else {
@@ -812,6 +980,45 @@ impl Exec<'_> {
         });
         self.call
             .rejected(self.comm, done, want, self.started.elapsed())
+    }
+
+    /// The mismatch that world rank `from` reports in its two notices of this call (see
+    /// [`Call::notice_pair`]); waits a moment for the second to arrive when only one is
+    /// here. `None` when `from` sent no such pair.
+    fn reported_pair(&self, from: usize) -> Option<Pair> {
+        let shared = &self.comm.shared;
+        let deadline = Instant::now() + NOTICE_GRACE;
+        loop {
+            let (losses, first, second) = {
+                let eng = shared.lock();
+                let get = |ctx| {
+                    eng.notice_from(ctx, self.call.seq, from)
+                        .map(|e| Env::decode(&e))
+                        .filter(|e| e.tag == self.call.seq && e.step >> 20 == NOTICE_MISMATCH)
+                };
+                (eng.losses(), get(self.call.ctx), get(self.call.actx))
+            };
+            match (first, second) {
+                (Some(ea), Some(eb)) => {
+                    return Some(Pair {
+                        a: (ea.step & BLAME_NONE) as usize,
+                        ea,
+                        b: (eb.step & BLAME_NONE) as usize,
+                        eb,
+                    });
+                }
+                (None, None) => return None,
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline
+                || shared
+                    .wait_any_or_loss(&[], losses, Some(deadline - now))
+                    .is_err()
+            {
+                return None;
+            }
+        }
     }
 
     /// A timeout notice from world rank `from` blames `blamed`: when that is this rank,

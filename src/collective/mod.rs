@@ -170,6 +170,60 @@ pub(crate) struct Call {
     pub algo: Option<Algorithm>,
     pub seq: u32,
     pub ctx: u64,
+    /// Context of the call's agreement messages (see [`exec`]) and of the second notice
+    /// of a mismatch report: apart from the data messages, so that the two never match
+    /// each other's receives.
+    pub actx: u64,
+}
+
+/// Domain separator of a communicator's agreement context (see [`Call::actx`]).
+const CTX_AGREE: u64 = 0x4147_5245_4500_0004;
+
+/// Two ranks whose calls differ: world rank `a` called `ea`, world rank `b` called `eb`.
+/// A rank that finds a mismatch reports it with this pair; ranks that learn of it from a
+/// notice pass the same pair on, so every rank names the same two calls.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pair {
+    pub a: usize,
+    pub ea: Env,
+    pub b: usize,
+    pub eb: Env,
+}
+
+impl Pair {
+    /// The error for this rank (`mine`), told by world rank `via` (`None`: found here).
+    pub fn error(&self, comm: &Communicator, mine: &Call, via: Option<usize>) -> Error {
+        let me = comm.world_rank();
+        let (a, b) = (Call::who(comm, self.a), Call::who(comm, self.b));
+        let (ca, cb) = (Call::describe(&self.ea), Call::describe(&self.eb));
+        let context = match via {
+            Some(v) if v != self.a && v != self.b => format!(
+                " (reported by {}; this rank called {})",
+                Call::who(comm, v),
+                Call::describe(&mine.env(0))
+            ),
+            _ if me != self.a && me != self.b => {
+                format!(" (this rank called {})", Call::describe(&mine.env(0)))
+            }
+            _ => String::new(),
+        };
+        let what = if self.ea.same_call(&self.eb) {
+            String::from(
+                " with the same arguments but different message sizes (different ferrocomm \
+                 versions?)",
+            )
+        } else {
+            String::new()
+        };
+        Error::CollectiveMismatch {
+            rank: comm.rank(),
+            detail: format!(
+                "call #{}: {a} called {ca} but {b} called {cb}{what}{context}; every rank must \
+                 make the same collective calls in the same order with matching arguments",
+                mine.seq
+            ),
+        }
+    }
 }
 
 impl Call {
@@ -194,6 +248,7 @@ impl Call {
             algo,
             seq,
             ctx: comm.ctx + 1,
+            actx: crate::comm::mix_ctx(comm.ctx, &[CTX_AGREE]) | 1,
         };
         let mut h = comm.history.borrow_mut();
         if h.len() == HISTORY {
@@ -227,6 +282,90 @@ impl Call {
             ),
         };
         Some((err, peer))
+    }
+
+    /// Whether the call needs the agreement exchange (see [`exec`]) among `p` ranks: a
+    /// rank may complete it without having heard, even indirectly, from every rank (rooted
+    /// collectives; calls without data).
+    pub fn agrees(&self, p: usize) -> bool {
+        p > 1 && (CollOp::rooted(self.op as u8) || (self.count == 0 && self.op != CollOp::Barrier))
+    }
+
+    /// Starts sending this call's agreement message of round `round` to `dst`: no payload,
+    /// the fingerprint in the envelope.
+    ///
+    /// # Safety
+    /// None beyond the call's: the message has no payload. (Unsafe only because it shares
+    /// the raw send path.)
+    pub unsafe fn agree_send(
+        &self,
+        comm: &Communicator,
+        dst: usize,
+        round: u32,
+    ) -> Result<RawRequest> {
+        let env = Env {
+            ctx: self.actx,
+            ..self.env(round)
+        };
+        // SAFETY: the empty buffer is valid forever.
+        unsafe { comm.isend_ctx(SendBuf::new(&[]), dst, &env, "collective agreement send") }
+    }
+
+    /// Posts a receive of this call's agreement message from `src`; a message of another
+    /// call (a rank whose call differs) completes it as rejected.
+    pub fn agree_recv(&self, comm: &Communicator, src: Source) -> Result<RawRequest> {
+        let env = Env {
+            ctx: self.actx,
+            ..self.env(0)
+        };
+        // SAFETY: the empty buffer is valid forever.
+        unsafe {
+            comm.irecv_ctx(
+                RecvBuf::new(&mut []),
+                src,
+                self.actx,
+                Some(self.seq),
+                Some(env),
+                "collective agreement recv",
+            )
+        }
+    }
+
+    /// Sends `peer` the report of mismatch `pair`: two notices, the second call's (in the
+    /// agreement context) first, then the first call's (in the call's context), which fails
+    /// the peer's receives of the call. Both travel in order on one link, so a rank that
+    /// sees the second finds the first already there.
+    pub fn notice_pair(&self, comm: &Communicator, peer: usize, pair: &Pair) -> Vec<RawRequest> {
+        let mut out = Vec::new();
+        let notices = [
+            Env {
+                ctx: self.actx,
+                tag: self.seq,
+                kind: KIND_NOTICE,
+                step: (NOTICE_MISMATCH << 20) | (pair.b as u32 & BLAME_NONE),
+                ..pair.eb
+            },
+            Env {
+                ctx: self.ctx,
+                tag: self.seq,
+                kind: KIND_NOTICE,
+                step: (NOTICE_MISMATCH << 20) | (pair.a as u32 & BLAME_NONE),
+                ..pair.ea
+            },
+        ];
+        for env in notices {
+            // SAFETY: the empty buffer is valid forever.
+            match unsafe { comm.isend_ctx(SendBuf::new(&[]), peer, &env, "collective notice") } {
+                Ok(r) => out.push(r),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// The call's fingerprint, as its messages carry it.
+    pub fn fingerprint(&self) -> Env {
+        self.env(0)
     }
 
     fn env(&self, step: u32) -> Env {
