@@ -144,16 +144,31 @@ fn named_pair(msg: &str) -> Option<(usize, String, usize, String)> {
     Some((a, da, b, db))
 }
 
+/// How a rank's call ended: `Ok(bytes)`, or the error (`true` for a mismatch) and its text.
+type Outcome = Result<usize, (bool, String)>;
+
+fn outcome(r: &Result<Vec<u8>, Error>) -> Outcome {
+    match r {
+        Ok(v) => Ok(v.len()),
+        Err(e) => Err((matches!(e, Error::CollectiveMismatch { .. }), e.to_string())),
+    }
+}
+
 /// Checks that every rank failed with a mismatch naming two ranks whose calls differ and
 /// both calls (`cases[r]`: what rank `r` called; ranks of the communicator).
 fn assert_all_mismatch(cases: &[Case], res: &[Result<Vec<u8>, Error>], what: &str) {
+    let res: Vec<Outcome> = res.iter().map(outcome).collect();
+    assert_outcomes(cases, &res, what);
+}
+
+fn assert_outcomes(cases: &[Case], res: &[Outcome], what: &str) {
+    assert_eq!(res.len(), cases.len(), "{what}: one outcome per rank");
     for (r, res) in res.iter().enumerate() {
-        let e = match res {
-            Err(e @ Error::CollectiveMismatch { .. }) => e,
-            Err(e) => panic!("{what}: rank {r} failed with another error: {e}"),
-            Ok(v) => panic!("{what}: rank {r} returned Ok ({} bytes)", v.len()),
+        let msg = match res {
+            Err((true, msg)) => msg.clone(),
+            Err((false, e)) => panic!("{what}: rank {r} failed with another error: {e}"),
+            Ok(n) => panic!("{what}: rank {r} returned Ok ({n} bytes)"),
         };
-        let msg = e.to_string();
         let (a, da, b, db) =
             named_pair(&msg).unwrap_or_else(|| panic!("{what}: rank {r}: no pair in: {msg}"));
         assert!(
@@ -482,12 +497,16 @@ fn asynchronous_collectives_report_the_mismatch_through_their_handles() {
 fn sub_communicators_fail_only_their_members() {
     // Six ranks split into evens and odds; the evens disagree about a broadcast's root, the
     // odds make the same call correctly and must succeed.
-    let res = on_ranks(world("local", 6), |c| {
+    // The threads meet after making the communicators, so that no rank fails (which fails
+    // its whole engine) while another still needs it for the split.
+    let made = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let res = on_ranks(world("local", 6), move |c| {
         let w = c.rank();
         let sub = c
             .split(Some((w % 2) as u32), w as i64)
             .expect("split")
             .expect("member");
+        made.wait();
         let root = if w == 4 { 1 } else { 0 };
         let mut v = vec![sub.rank() as u64 + 1; 16];
         sub.broadcast(&mut v, root)
@@ -509,11 +528,13 @@ fn sub_communicators_fail_only_their_members() {
         }
     }
     // new_group: ranks 1, 2, 3 disagree about a reduce's count.
-    let res = on_ranks(world("local", 4), |c| {
+    let made = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let res = on_ranks(world("local", 4), move |c| {
         if c.rank() == 0 {
             return Ok(());
         }
         let g = c.new_group(&[1, 2, 3]).expect("group");
+        made.wait();
         let n = if c.rank() == 3 { 5 } else { 4 };
         let mut v = vec![1i64; n];
         g.reduce_in_place(&mut v, ReduceOp::Sum, 0)
@@ -599,4 +620,189 @@ fn property_random_disagreements_fail_every_rank_tcp() {
 #[test]
 fn property_random_disagreements_fail_every_rank_shm() {
     property("shm", 5, 24, 3);
+}
+
+// ---------------------------------------------------------------------------------------
+// Real processes under ferrorun, over TCP and shared memory
+// ---------------------------------------------------------------------------------------
+
+/// Environment variable of a rank process: the calls of every rank (see [`encode`]).
+const CASES_VAR: &str = "FERROCOMM_MISMATCH_TEST_CASES";
+const ALGOS: [AllReduceAlgo; 4] = [
+    AllReduceAlgo::Auto,
+    AllReduceAlgo::Ring,
+    AllReduceAlgo::HalvingDoubling,
+    AllReduceAlgo::RecursiveDoubling,
+];
+const OPS: [ReduceOp; 5] = [
+    ReduceOp::Sum,
+    ReduceOp::Prod,
+    ReduceOp::Min,
+    ReduceOp::Max,
+    ReduceOp::Avg,
+];
+
+fn index<T: PartialEq>(all: &[T], x: &T) -> usize {
+    all.iter().position(|a| a == x).expect("listed")
+}
+
+/// `kind,dtype,op,count,root,algo,in_place,salt;...` (indexes into the lists).
+fn encode(cases: &[Case]) -> String {
+    cases
+        .iter()
+        .map(|c| {
+            format!(
+                "{},{},{},{},{},{},{},{}",
+                index(&Kind::ALL, &c.kind),
+                index(&DType::ALL, &c.dtype),
+                index(&OPS, &c.op),
+                c.count,
+                c.root,
+                index(&ALGOS, &c.algo),
+                u8::from(c.in_place),
+                c.salt
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+fn decode(s: &str) -> Vec<Case> {
+    s.split(';')
+        .map(|c| {
+            let f: Vec<u64> = c.split(',').map(|x| x.parse().expect("number")).collect();
+            Case {
+                kind: Kind::ALL[f[0] as usize],
+                dtype: DType::ALL[f[1] as usize],
+                op: OPS[f[2] as usize],
+                count: f[3] as usize,
+                root: f[4] as usize,
+                algo: ALGOS[f[5] as usize],
+                in_place: f[6] == 1,
+                salt: f[7],
+            }
+        })
+        .collect()
+}
+
+/// Not a test on its own: the rank program when this executable runs as a rank.
+#[test]
+fn rank_entry_point() {
+    let Ok(cases) = std::env::var(CASES_VAR) else {
+        return common::rank_main();
+    };
+    let cases = decode(&cases);
+    let comm = ferrocomm::init().unwrap_or_else(|e| panic!("rank failed to join: {e}"));
+    let me = comm.rank();
+    // Every rank exits 0 whatever happened (ferrorun stops the others when one fails);
+    // the test reads the outcome from stdout.
+    match run_bytes(&comm, &cases[me]) {
+        Ok(v) => println!("MMOUT rank={me} ok={}", v.len()),
+        Err(e) => {
+            let m = matches!(e, Error::CollectiveMismatch { .. });
+            println!("MMOUT rank={me} err={} {e}", u8::from(m));
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(0);
+}
+
+/// Runs `cases` as processes under ferrorun over `transport` and checks the outcomes.
+fn processes(transport: &str, cases: &[Case], what: &str) {
+    let p = cases.len().to_string();
+    let cmd = common::ferrorun(
+        &["--nproc-per-node", &p],
+        "mismatch",
+        &[
+            (CASES_VAR, &encode(cases)),
+            ("FERROCOMM_TRANSPORT", transport),
+            ("FERROCOMM_OP_TIMEOUT", "1800"),
+        ],
+    );
+    let done = common::Proc::start(what, cmd).finish_within(BOUND);
+    let mut res: Vec<Option<Outcome>> = vec![None; cases.len()];
+    for line in done.stdout.lines() {
+        let Some((_, rest)) = line.split_once("MMOUT rank=") else {
+            continue;
+        };
+        let (rank, rest) = rest.split_once(' ').expect("rank and outcome");
+        let rank: usize = rank.parse().expect("rank");
+        res[rank] = Some(if let Some(n) = rest.strip_prefix("ok=") {
+            Ok(n.parse().expect("bytes"))
+        } else {
+            let (m, msg) = rest.split_once(' ').expect("error");
+            Err((m == "err=1", msg.to_string()))
+        });
+    }
+    let res: Vec<Outcome> = res
+        .into_iter()
+        .enumerate()
+        .map(|(r, o)| o.unwrap_or_else(|| panic!("{what}: no outcome of rank {r}: {done:?}")))
+        .collect();
+    assert_outcomes(cases, &res, what);
+}
+
+/// A few fixed disagreements and random ones, each a job of real processes.
+fn process_matrix(transport: &str, seed: u8) {
+    let fixed: Vec<Vec<Case>> = vec![
+        // Issue 13 item 1: broadcast, root 0 on rank 0, root 1 elsewhere.
+        (0..3)
+            .map(|r| Case {
+                root: usize::from(r != 0),
+                ..base(Kind::Broadcast, 3, 4)
+            })
+            .collect(),
+        // Reduce with disagreeing roots: no rank may wait for the operation timeout.
+        (0..4)
+            .map(|r| Case {
+                root: usize::from(r == 2),
+                ..base(Kind::Reduce, 4, 1)
+            })
+            .collect(),
+        // One rank calls another collective.
+        (0..3)
+            .map(|r| {
+                base(
+                    if r == 1 {
+                        Kind::Gather
+                    } else {
+                        Kind::AllGather
+                    },
+                    3,
+                    2,
+                )
+            })
+            .collect(),
+    ];
+    for (i, cases) in fixed.iter().enumerate() {
+        processes(
+            transport,
+            cases,
+            &format!("{transport} fixed {i}: {cases:?}"),
+        );
+    }
+    let cfg = Config {
+        cases: 6,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]);
+    let mut runner = TestRunner::new_with_rng(cfg, rng);
+    runner
+        .run(&disagreement(4), |cases| {
+            processes(transport, &cases, &format!("{transport}: {cases:?}"));
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn processes_over_tcp_fail_every_rank_with_the_mismatch() {
+    process_matrix("tcp", 4);
+}
+
+#[test]
+fn processes_over_shm_fail_every_rank_with_the_mismatch() {
+    process_matrix("shm", 5);
 }

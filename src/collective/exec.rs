@@ -19,6 +19,22 @@
 //! of every link carry data all the time, and large messages pipeline through the
 //! algorithm without any algorithm having to say so.
 //!
+//! # Agreement
+//!
+//! For a call that a rank may finish without having heard from every rank (see
+//! [`Call::agrees`] and the module documentation of [`crate::collective`]), the executor
+//! appends agreement pieces after the data pieces: in round `r` (`r < ⌈log2 P⌉`) an empty
+//! message to rank `me + 2^r` and one from rank `me - 2^r`, in the communicator's agreement
+//! context ([`Call::actx`]), so they never match a data receive. Every round's receive is
+//! posted at the start (their sources differ), so a disagreeing neighbour is found even
+//! while the data is blocked (a reduce whose ranks disagree about the root waits for data
+//! that never comes); round `r`'s send starts only once round `r - 1`'s receive has been
+//! accepted, so what a rank passes on includes what it accepted, and after the last round
+//! every rank has compared, directly or not, every rank's fingerprint with its own. The
+//! call is complete when data and agreement pieces are all done. Other calls post one
+//! receive of any agreement message of the call ("wildcard"), withdrawn at the end: only a
+//! rank whose call differs (and so runs the exchange where this one does not) can send one.
+//!
 //! # Failures
 //!
 //! The executor waits for whichever request finishes first. A message of another call (or
@@ -682,7 +698,15 @@ impl Exec<'_> {
                 let eng = shared.lock();
                 (
                     eng.losses(),
-                    self.lost_member(|w| eng.lost(w).cloned()),
+                    // A member that gave up a later call completed this one: it sent this
+                    // rank everything of this call, so its loss does not doom the call.
+                    self.lost_member(|w| {
+                        eng.lost(w)
+                            .filter(|_| {
+                                !ahead(self.call, eng.notice_from(self.call.ctx, self.call.seq, w))
+                            })
+                            .cloned()
+                    }),
                     eng.notice_of(self.call.ctx, self.call.seq),
                 )
             };
@@ -718,11 +742,19 @@ impl Exec<'_> {
             if let Some(w) = self.wildcard.take() {
                 w.finished();
             }
-            let e = match r {
-                Ok(d) => self.notice_error(&d, 0, None),
-                Err(e) => e,
-            };
-            return Err(self.explained(e));
+            match r {
+                Ok(d) => {
+                    let e = self.notice_error(&d, 0, None);
+                    return Err(self.explained(e));
+                }
+                // A receive from any rank fails when some rank is lost: the loss itself
+                // fails this call when it matters (see `lost_member`); and a rank lost after
+                // it completed this call shows that every rank's call matched this one.
+                Err(_) => {}
+            }
+            if done.is_empty() {
+                return Ok(());
+            }
         }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         // A notice explains why its sender gave up; the sender then fails its engine and
@@ -757,8 +789,33 @@ impl Exec<'_> {
         match err {
             Error::PeerLost { peer, .. } if let Some(e) = self.notice_waiting(peer) => e,
             Error::PeerLost { .. } | Error::Aborted(_) if let Some(e) = self.mismatch_known() => e,
+            Error::PeerLost { peer, .. } if let Some(e) = self.mismatch_elsewhere(peer) => e,
             e => e,
         }
+    }
+
+    /// The mismatch that world rank `peer` reported in a call of another communicator
+    /// (its engine, shared by all its communicators, then failed, which is the loss this
+    /// rank saw), if it did.
+    fn mismatch_elsewhere(&mut self, peer: usize) -> Option<Error> {
+        let notices = self.comm.shared.lock().notices_of_peer(peer);
+        let main = notices.iter().rev().map(Env::decode).find(|e| {
+            e.ctx != self.call.ctx && e.ctx & 1 == 1 && e.step >> 20 == NOTICE_MISMATCH
+        })?;
+        let actx = Call::agree_ctx(main.ctx - 1);
+        let second = notices
+            .iter()
+            .map(Env::decode)
+            .find(|e| e.ctx == actx && e.tag == main.tag && e.step >> 20 == NOTICE_MISMATCH)?;
+        let pair = Pair {
+            a: (main.step & BLAME_NONE) as usize,
+            ea: main,
+            b: (second.step & BLAME_NONE) as usize,
+            eb: second,
+        };
+        self.pair = Some(pair);
+        self.forward = Some((NOTICE_MISMATCH, BLAME_NONE));
+        Some(pair.elsewhere(self.comm, self.call, peer))
     }
 
     /// Drives the transports a moment so that a notice already on its way in (sent before
@@ -778,8 +835,7 @@ impl Exec<'_> {
             .shared
             .lock()
             .notice_of(self.call.ctx, self.call.seq)?;
-        let e = Env::decode(&env);
-        if e.tag != self.call.seq || e.step >> 20 != NOTICE_MISMATCH {
+        if Env::decode(&env).step >> 20 != NOTICE_MISMATCH {
             return None;
         }
         let done = Done {
@@ -848,6 +904,11 @@ impl Exec<'_> {
         };
         let done = match r {
             Ok(d) => d,
+            Err(Error::PeerLost { .. }) if is_send && self.peer_ahead(self.pieces[i].peer) => {
+                // The peer completed this call (it gave up a later one) and so received
+                // everything this rank sends it in this call.
+                return Ok(());
+            }
             Err(e) => {
                 if let Some(v) = scratch {
                     self.pool.push(v);
@@ -952,7 +1013,7 @@ impl Exec<'_> {
         if done.rejected
             && env.kind == KIND_NOTICE
             && env.step >> 20 == NOTICE_MISMATCH
-            && let Some(pair) = self.reported_pair(done.peer)
+            && let Some(pair) = self.reported_pair(done.peer, env.tag)
         {
             self.pair = Some(pair);
             self.forward = Some((NOTICE_MISMATCH, BLAME_NONE));
@@ -982,19 +1043,27 @@ impl Exec<'_> {
             .rejected(self.comm, done, want, self.started.elapsed())
     }
 
-    /// The mismatch that world rank `from` reports in its two notices of this call (see
+    /// Whether communicator rank `peer` gave up a call later than this one (so completed
+    /// this one).
+    fn peer_ahead(&self, peer: usize) -> bool {
+        let w = self.comm.group.world.get(peer).copied().unwrap_or(peer);
+        let eng = self.comm.shared.lock();
+        ahead(self.call, eng.notice_from(self.call.ctx, self.call.seq, w))
+    }
+
+    /// The mismatch that world rank `from` reports in its two notices of call `tag` (see
     /// [`Call::notice_pair`]); waits a moment for the second to arrive when only one is
     /// here. `None` when `from` sent no such pair.
-    fn reported_pair(&self, from: usize) -> Option<Pair> {
+    fn reported_pair(&self, from: usize, tag: u32) -> Option<Pair> {
         let shared = &self.comm.shared;
         let deadline = Instant::now() + NOTICE_GRACE;
         loop {
             let (losses, first, second) = {
                 let eng = shared.lock();
                 let get = |ctx| {
-                    eng.notice_from(ctx, self.call.seq, from)
+                    eng.notice_from(ctx, tag, from)
                         .map(|e| Env::decode(&e))
-                        .filter(|e| e.tag == self.call.seq && e.step >> 20 == NOTICE_MISMATCH)
+                        .filter(|e| e.tag == tag && e.step >> 20 == NOTICE_MISMATCH)
                 };
                 (eng.losses(), get(self.call.ctx), get(self.call.actx))
             };
@@ -1181,6 +1250,15 @@ impl Exec<'_> {
             ),
         }
     }
+}
+
+/// Whether `notice` (a peer's latest notice in `call`'s context) gave up a call after
+/// `call`: the peer completed `call`.
+fn ahead(call: &Call, notice: Option<crate::wire::Envelope>) -> bool {
+    notice.is_some_and(|e| {
+        let tag = Env::decode(&e).tag;
+        (1..=0x7FFF_FFFF).contains(&tag.wrapping_sub(call.seq))
+    })
 }
 
 /// Finishes an [`ReduceOp::Avg`]: divides `out` by `n` (nothing for other ops).

@@ -49,27 +49,48 @@
 //!
 //! Every rank of a communicator must make the same collective calls in the same order, with
 //! the same element type, count (per rank's block where the collective has blocks), root,
-//! reduction and algorithm. Every collective call takes the communicator's next sequence
-//! number and sends its messages in the communicator's collective context with that
-//! number as tag; each message also carries the call's *fingerprint* (operation, element
-//! type, count, root, reduction, algorithm). A receive that gets a message of another call
-//! fails with [`Error::CollectiveMismatch`] naming both calls (this rank's and the peer's,
-//! with the sequence number), and the message's bytes are dropped, never mixed into the
-//! result.
+//! reduction and algorithm. (Whether a rank passes its data in place does not have to
+//! agree: it only changes where that rank keeps its own block, never a message.) Every
+//! collective call takes the communicator's next sequence number and sends its messages in
+//! the communicator's collective context with that number as tag; each message also carries
+//! the call's *fingerprint* (operation, element type, count, root, reduction, algorithm). A
+//! receive that gets a message of another call rejects it (its bytes are dropped, never
+//! mixed into the result) and the call fails with [`Error::CollectiveMismatch`].
 //!
-//! A rank whose collective fails (mismatch, lost peer, timeout, abort) sends a *notice* to
-//! every peer of its schedule: a rank blocked in the same collective then fails at once
-//! with an error that names the first rank's reason, and passes the notice on. So when one
-//! rank dies during an all_reduce, its neighbours see [`Error::PeerLost`] within moments
-//! (a closed connection, or the local transport's close) and the others through notices.
-//! A rank that only sends in a call (two ranks that both believe they are the root of a
-//! broadcast) can finish it before any evidence reaches it: the other call's message is then
-//! found unreceived when a later collective starts on this communicator, and that
-//! collective fails with [`Error::CollectiveMismatch`] naming the earlier calls. Some
-//! mismatches exchange no message at all (rank 0 in `reduce` to itself waits for rank 1,
-//! rank 1 in `broadcast` from rank 0 waits for rank 0): those ranks fail with
-//! [`Error::Timeout`] after the operation timeout (`FERROCOMM_OP_TIMEOUT`: no message of the
-//! collective arrived for that long). No rank ever waits longer than that.
+//! **Guarantee: a rank returns `Ok` from a collective only after every rank's fingerprint
+//! is known to equal its own.** Two mechanisms give it:
+//!
+//! - *Data dependency.* When a rank's result depends on every rank's data (all_reduce,
+//!   all_gather, reduce_scatter, all_to_all, barrier; count > 0), it has checked every
+//!   rank's fingerprint transitively: it accepted only messages with its own fingerprint,
+//!   and each sender forwarded a contribution only after accepting it in turn. These calls
+//!   cost nothing extra.
+//! - *Agreement exchange* (see [`exec`]). A rank that can finish without hearing from every
+//!   rank (the root of broadcast and scatter, the other ranks of reduce and gather, ranks
+//!   whose data path avoids the odd rank, and every call with count 0) also runs
+//!   `⌈log2 P⌉` dissemination rounds of empty messages carrying the fingerprint, beside the
+//!   data and in a context of their own; the call completes when both are done. A call of
+//!   the first kind keeps one receive for agreement messages from any rank posted (no
+//!   message): only a rank whose call differs sends it one, so it fails at once too.
+//!
+//! A rank that finds a mismatch tells *every* member of the communicator, before it fails
+//! its engine, with two notices that carry both calls and the two ranks whose calls differ
+//! (see [`Call::notice_pair`]); ranks that learn of it pass the same pair on. So every rank
+//! fails promptly with [`Error::CollectiveMismatch`] naming the same kind of evidence:
+//! "call #5: rank 0 called broadcast(..., root 0) but rank 2 called broadcast(..., root 1)".
+//! A rank that sees a member's connection close after (or because) it reported a mismatch
+//! reports the mismatch, not the loss; a member that reported a mismatch in a *later* call
+//! completed the current one, so its departure does not fail it.
+//!
+//! Other failures (lost peer, timeout, abort) also send a *notice* to every member: a rank
+//! blocked in the same collective then fails at once with an error that names the first
+//! rank's reason, and passes the notice on. So when one rank dies during an all_reduce, its
+//! neighbours see [`Error::PeerLost`] within moments (a closed connection, or the local
+//! transport's close) and the others through notices. No rank ever waits longer than the
+//! operation timeout (`FERROCOMM_OP_TIMEOUT`) for a call that cannot finish. A message of
+//! an earlier call found unreceived when a collective starts (which the agreement exchange
+//! makes impossible between ranks of this version) still fails that collective with
+//! [`Error::CollectiveMismatch`].
 //!
 //! A failed collective fails the process's engine with its error (like NCCL's
 //! communicator abort): the transports forget every buffer still in flight, so the call can
@@ -191,6 +212,27 @@ pub(crate) struct Pair {
 }
 
 impl Pair {
+    /// The error for this rank (`mine`) when world rank `via` failed for this mismatch in
+    /// a call of another communicator (this rank lost it during `mine`).
+    pub fn elsewhere(&self, comm: &Communicator, mine: &Call, via: usize) -> Error {
+        let w = |r: usize| format!("world rank {r}");
+        Error::CollectiveMismatch {
+            rank: comm.rank(),
+            detail: format!(
+                "call #{} of another communicator: {} called {} but {} called {} \
+                 (reported by {}, which then failed, while this rank was in {}); every rank \
+                 must make the same collective calls in the same order with matching arguments",
+                self.ea.tag,
+                w(self.a),
+                Call::describe(&self.ea),
+                w(self.b),
+                Call::describe(&self.eb),
+                w(via),
+                mine.describe_mine()
+            ),
+        }
+    }
+
     /// The error for this rank (`mine`), told by world rank `via` (`None`: found here).
     pub fn error(&self, comm: &Communicator, mine: &Call, via: Option<usize>) -> Error {
         let me = comm.world_rank();
@@ -207,6 +249,15 @@ impl Pair {
             }
             _ => String::new(),
         };
+        let context = if self.ea.tag == mine.seq {
+            context
+        } else {
+            format!(
+                "{context} (found while this rank was in call #{}, {})",
+                mine.seq,
+                Call::describe(&mine.env(0))
+            )
+        };
         let what = if self.ea.same_call(&self.eb) {
             String::from(
                 " with the same arguments but different message sizes (different ferrocomm \
@@ -220,7 +271,7 @@ impl Pair {
             detail: format!(
                 "call #{}: {a} called {ca} but {b} called {cb}{what}{context}; every rank must \
                  make the same collective calls in the same order with matching arguments",
-                mine.seq
+                self.ea.tag
             ),
         }
     }
@@ -248,7 +299,7 @@ impl Call {
             algo,
             seq,
             ctx: comm.ctx + 1,
-            actx: crate::comm::mix_ctx(comm.ctx, &[CTX_AGREE]) | 1,
+            actx: Call::agree_ctx(comm.ctx),
         };
         let mut h = comm.history.borrow_mut();
         if h.len() == HISTORY {
@@ -282,6 +333,11 @@ impl Call {
             ),
         };
         Some((err, peer))
+    }
+
+    /// The agreement context of the communicator with (point-to-point) context `ctx`.
+    pub fn agree_ctx(ctx: u64) -> u64 {
+        crate::comm::mix_ctx(ctx, &[CTX_AGREE]) | 1
     }
 
     /// Whether the call needs the agreement exchange (see [`exec`]) among `p` ranks: a
