@@ -742,15 +742,12 @@ impl Exec<'_> {
             if let Some(w) = self.wildcard.take() {
                 w.finished();
             }
-            match r {
-                Ok(d) => {
-                    let e = self.notice_error(&d, 0, None);
-                    return Err(self.explained(e));
-                }
-                // A receive from any rank fails when some rank is lost: the loss itself
-                // fails this call when it matters (see `lost_member`); and a rank lost after
-                // it completed this call shows that every rank's call matched this one.
-                Err(_) => {}
+            // A receive from any rank fails when some rank is lost: the loss itself fails
+            // this call when it matters (see `lost_member`); and a rank lost after it
+            // completed this call shows that every rank's call matched this one.
+            if let Ok(d) = r {
+                let e = self.notice_error(&d, 0, None);
+                return Err(self.explained(e));
             }
             if done.is_empty() {
                 return Ok(());
