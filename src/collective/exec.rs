@@ -883,7 +883,15 @@ impl Exec<'_> {
             env,
             rejected: true,
         };
-        Some(self.notice_error(&done, 0, None))
+        let step = Env::decode(&env).step;
+        if step >> 20 == NOTICE_MISMATCH {
+            return Some(self.notice_error(&done, 0, None));
+        }
+        self.forward = Some((step >> 20, step & BLAME_NONE));
+        Some(
+            self.call
+                .rejected(self.comm, &done, 0, self.started.elapsed()),
+        )
     }
 
     fn finished(&mut self, i: usize, r: Result<Done>) -> Result<()> {
