@@ -22,10 +22,10 @@
 //! # Agreement
 //!
 //! For a call that a rank may finish without having heard from every rank (see
-//! [`Call::agrees`] and the module documentation of [`crate::collective`]), the executor
+//! `Call::agrees` and the module documentation of [`crate::collective`]), the executor
 //! appends agreement pieces after the data pieces: in round `r` (`r < ⌈log2 P⌉`) an empty
 //! message to rank `me + 2^r` and one from rank `me - 2^r`, in the communicator's agreement
-//! context ([`Call::actx`]), so they never match a data receive. Every round's receive is
+//! context (`Call::actx`), so they never match a data receive. Every round's receive is
 //! posted at the start (their sources differ), so a disagreeing neighbour is found even
 //! while the data is blocked (a reduce whose ranks disagree about the root waits for data
 //! that never comes); round `r`'s send starts only once round `r - 1`'s receive has been

@@ -75,7 +75,7 @@
 //!
 //! A rank that finds a mismatch tells *every* member of the communicator, before it fails
 //! its engine, with two notices that carry both calls and the two ranks whose calls differ
-//! (see [`Call::notice_pair`]); ranks that learn of it pass the same pair on. So every rank
+//! (see `Call::notice_pair`); ranks that learn of it pass the same pair on. So every rank
 //! fails promptly with [`Error::CollectiveMismatch`] naming the same kind of evidence:
 //! "call #5: rank 0 called broadcast(..., root 0) but rank 2 called broadcast(..., root 1)".
 //! A rank that sees a member's connection close after (or because) it reported a mismatch
