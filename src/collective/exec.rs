@@ -19,6 +19,22 @@
 //! of every link carry data all the time, and large messages pipeline through the
 //! algorithm without any algorithm having to say so.
 //!
+//! # Agreement
+//!
+//! For a call that a rank may finish without having heard from every rank (see
+//! `Call::agrees` and the module documentation of [`crate::collective`]), the executor
+//! appends agreement pieces after the data pieces: in round `r` (`r < ⌈log2 P⌉`) an empty
+//! message to rank `me + 2^r` and one from rank `me - 2^r`, in the communicator's agreement
+//! context (`Call::actx`), so they never match a data receive. Every round's receive is
+//! posted at the start (their sources differ), so a disagreeing neighbour is found even
+//! while the data is blocked (a reduce whose ranks disagree about the root waits for data
+//! that never comes); round `r`'s send starts only once round `r - 1`'s receive has been
+//! accepted, so what a rank passes on includes what it accepted, and after the last round
+//! every rank has compared, directly or not, every rank's fingerprint with its own. The
+//! call is complete when data and agreement pieces are all done. Other calls post one
+//! receive of any agreement message of the call ("wildcard"), withdrawn at the end: only a
+//! rank whose call differs (and so runs the exchange where this one does not) can send one.
+//!
 //! # Failures
 //!
 //! The executor waits for whichever request finishes first. A message of another call (or
@@ -47,10 +63,10 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::schedule::{Buf, Op, Schedule};
-use super::{BLAME_NONE, Call, notice_reason};
+use super::{BLAME_NONE, Call, Pair, notice_reason};
 use crate::comm::envelope::STEP_MAX;
-use crate::comm::envelope::{Env, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_TIMEOUT};
-use crate::comm::{Communicator, Done, RawRequest};
+use crate::comm::envelope::{Env, KIND_COLL, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_TIMEOUT};
+use crate::comm::{Communicator, Done, RawRequest, Source};
 use crate::element::{DType, Order, ReduceOp, divide_bytes, reduce_bytes};
 use crate::error::{Error, Result};
 use crate::transport::Token;
@@ -67,6 +83,9 @@ pub const MAX_RECVS: usize = 16;
 const MAX_SCRATCH: usize = 16;
 /// How long a failing rank waits for its notices to leave before it fails the engine.
 const NOTICE_GRACE: Duration = Duration::from_secs(2);
+/// How long a rank that lost a peer drives the transports for notices already on their
+/// way in before it reports the loss (see [`Exec::explained`]).
+const NOTICE_TAKE_IN: Duration = Duration::from_millis(50);
 /// Scratch memory kept between calls, at most (bytes).
 const KEEP_TMP: usize = 16 << 20;
 
@@ -89,7 +108,14 @@ pub(crate) struct ScratchCache {
 enum Kind {
     Send,
     Recv(Option<Order>),
-    Copy { src: Buf, start: usize },
+    Copy {
+        src: Buf,
+        start: usize,
+    },
+    /// The agreement message of a round (see the module documentation): no data.
+    AgreeSend,
+    /// See [`Kind::AgreeSend`].
+    AgreeRecv,
 }
 
 /// A piece of an op, in bytes.
@@ -112,6 +138,7 @@ impl Piece {
                 (self.buf, self.range.clone(), true),
                 (src, start..start + self.range.len(), false),
             ],
+            Kind::AgreeSend | Kind::AgreeRecv => [none.clone(), none],
         }
     }
 }
@@ -207,6 +234,18 @@ struct Exec<'a> {
     notices: Option<Vec<RawRequest>>,
     /// When the call started.
     started: Instant,
+    /// Index of the first agreement piece (send of round 0, then its receive, then round
+    /// 1...); `pieces.len()` when the call has no agreement exchange.
+    agree_at: usize,
+    /// Agreement sends started.
+    agree_sent: usize,
+    /// Whether the agreement receives are posted.
+    agree_posted: bool,
+    /// A call without agreement exchange: a receive of any agreement message of this
+    /// call, which only a rank whose call differs sends (see the module documentation).
+    wildcard: Option<RawRequest>,
+    /// The two ranks whose calls differ, once this rank knows them.
+    pair: Option<Pair>,
 }
 
 fn region_index(b: Buf) -> usize {
@@ -258,7 +297,29 @@ pub(crate) fn run(
             len: tmp_bytes,
         },
     ];
-    let pieces = expand(sched, elem);
+    let mut pieces = expand(sched, elem);
+    let agree_at = pieces.len();
+    let (me, p) = (comm.rank(), comm.size());
+    if call.agrees(p) {
+        let mut dist = 1;
+        let mut round = 0;
+        while dist < p {
+            for (kind, peer) in [
+                (Kind::AgreeSend, (me + dist) % p),
+                (Kind::AgreeRecv, (me + p - dist) % p),
+            ] {
+                pieces.push(Piece {
+                    kind,
+                    peer,
+                    buf: Buf::Tmp,
+                    range: 0..0,
+                    round,
+                });
+            }
+            dist *= 2;
+            round += 1;
+        }
+    }
     let mut ex = Exec {
         comm,
         call,
@@ -282,6 +343,11 @@ pub(crate) fn run(
         forward: None,
         notices: None,
         started: Instant::now(),
+        agree_at,
+        agree_sent: 0,
+        agree_posted: false,
+        wildcard: None,
+        pair: None,
     };
     ex.scratch_len = ex
         .pieces
@@ -295,8 +361,10 @@ pub(crate) fn run(
         Ok(()) => Ok(()),
         Err(e) => Err(ex.fail(call.explain(e))),
     };
-    // Every request is finished (done, or failed by the engine's abort) here.
+    // Every request is finished (done, or failed by the engine's abort) here; an unmatched
+    // wildcard is withdrawn.
     ex.reqs.clear();
+    ex.wildcard = None;
     let mut pool = std::mem::take(&mut ex.pool);
     for s in ex.state.drain(..) {
         if let St::Posted(Some(v)) | St::Arrived(v) = s {
@@ -397,8 +465,13 @@ impl Exec<'_> {
             self.forward = Some((NOTICE_MISMATCH, (peer as u32).min(BLAME_NONE)));
             return Err(err);
         }
+        if self.agree_at == self.pieces.len() && self.comm.size() > 1 {
+            self.wildcard = Some(self.call.agree_recv(self.comm, Source::Any)?);
+        }
         loop {
-            self.issue()?;
+            if let Err(e) = self.issue() {
+                return Err(self.explained(e));
+            }
             if self.first_open == self.pieces.len() {
                 return Ok(());
             }
@@ -421,6 +494,7 @@ impl Exec<'_> {
 
     /// Starts, posts and completes everything that can go now.
     fn issue(&mut self) -> Result<()> {
+        self.agree()?;
         loop {
             let mut any = false;
             // Received pieces whose destination is free: combine them into place.
@@ -483,6 +557,42 @@ impl Exec<'_> {
             if !any {
                 return Ok(());
             }
+        }
+    }
+
+    /// Advances the agreement exchange: posts every round's receive at once (their sources
+    /// differ), starts round `r`'s send once round `r - 1`'s receive is done, so that what
+    /// a rank passes on includes what it heard (dissemination: after `⌈log2 P⌉` rounds every
+    /// rank has heard, directly or not, from every rank, and each message was compared).
+    fn agree(&mut self) -> Result<()> {
+        if self.agree_at == self.pieces.len() {
+            return Ok(());
+        }
+        if !self.agree_posted {
+            self.agree_posted = true;
+            for i in (self.agree_at + 1..self.pieces.len()).step_by(2) {
+                let req = self
+                    .call
+                    .agree_recv(self.comm, Source::Rank(self.pieces[i].peer))?;
+                self.reqs.push(req);
+                self.req_piece.push(i);
+                self.state[i] = St::Posted(None);
+            }
+        }
+        loop {
+            let i = self.agree_at + 2 * self.agree_sent;
+            if i >= self.pieces.len()
+                || (i > self.agree_at && !matches!(self.state[i - 1], St::Done))
+            {
+                return Ok(());
+            }
+            let p = &self.pieces[i];
+            // SAFETY: an agreement message has no payload.
+            let req = unsafe { self.call.agree_send(self.comm, p.peer, p.round)? };
+            self.reqs.push(req);
+            self.req_piece.push(i);
+            self.state[i] = St::Posted(None);
+            self.agree_sent += 1;
         }
     }
 
@@ -577,7 +687,11 @@ impl Exec<'_> {
 
     /// Waits until at least one request finishes and handles every finished one.
     fn wait(&mut self) -> Result<()> {
-        let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+        let mut ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+        let n = ids.len();
+        if let Some(w) = &self.wildcard {
+            ids.push(w.id());
+        }
         let shared = &self.comm.shared;
         let start = Instant::now();
         let mut done: Vec<(usize, Result<Done>)> = Vec::new();
@@ -589,7 +703,15 @@ impl Exec<'_> {
                 let eng = shared.lock();
                 (
                     eng.losses(),
-                    self.lost_member(|w| eng.lost(w).cloned()),
+                    // A member that gave up a later call completed this one: it sent this
+                    // rank everything of this call, so its loss does not doom the call.
+                    self.lost_member(|w| {
+                        eng.lost(w)
+                            .filter(|_| {
+                                !ahead(self.call, eng.notice_from(self.call.ctx, self.call.seq, w))
+                            })
+                            .cloned()
+                    }),
                     eng.notice_of(self.call.ctx, self.call.seq),
                 )
             };
@@ -614,10 +736,27 @@ impl Exec<'_> {
             if let Err(e) = shared.wait_any_or_loss(&ids, losses, left) {
                 return Err(match e {
                     Error::Timeout { .. } => self.timed_out(start.elapsed()),
-                    other => other,
+                    other => self.explained(other),
                 });
             }
             shared.take_done(&ids, |k, r| done.push((k, r)));
+        }
+        // The wildcard matched: a rank whose call differs sent an agreement message.
+        if let Some(at) = done.iter().position(|d| d.0 == n) {
+            let (_, r) = done.swap_remove(at);
+            if let Some(w) = self.wildcard.take() {
+                w.finished();
+            }
+            // A receive from any rank fails when some rank is lost: the loss itself fails
+            // this call when it matters (see `lost_member`); and a rank lost after it
+            // completed this call shows that every rank's call matched this one.
+            if let Ok(d) = r {
+                let e = self.notice_error(&d, 0, None);
+                return Err(self.explained(e));
+            }
+            if done.is_empty() {
+                return Ok(());
+            }
         }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         // A notice explains why its sender gave up; the sender then fails its engine and
@@ -646,10 +785,68 @@ impl Exec<'_> {
     /// `err`, or for the loss of a peer that gave up a call first, the error its notice
     /// describes (see [`Exec::notice_waiting`]).
     fn explained(&mut self, err: Error) -> Error {
+        if matches!(err, Error::PeerLost { .. } | Error::Aborted(_)) {
+            self.take_in_notices();
+        }
         match err {
             Error::PeerLost { peer, .. } if let Some(e) = self.notice_waiting(peer) => e,
+            Error::PeerLost { .. } | Error::Aborted(_) if let Some(e) = self.mismatch_known() => e,
+            Error::PeerLost { peer, .. } if let Some(e) = self.mismatch_elsewhere(peer) => e,
             e => e,
         }
+    }
+
+    /// The mismatch that world rank `peer` reported in a call of another communicator
+    /// (its engine, shared by all its communicators, then failed, which is the loss this
+    /// rank saw), if it did.
+    fn mismatch_elsewhere(&mut self, peer: usize) -> Option<Error> {
+        let notices = self.comm.shared.lock().notices_of_peer(peer);
+        let main = notices.iter().rev().map(Env::decode).find(|e| {
+            e.ctx != self.call.ctx && e.ctx & 1 == 1 && e.step >> 20 == NOTICE_MISMATCH
+        })?;
+        let actx = Call::agree_ctx(main.ctx - 1);
+        let second = notices
+            .iter()
+            .map(Env::decode)
+            .find(|e| e.ctx == actx && e.tag == main.tag && e.step >> 20 == NOTICE_MISMATCH)?;
+        let pair = Pair {
+            a: (main.step & BLAME_NONE) as usize,
+            ea: main,
+            b: (second.step & BLAME_NONE) as usize,
+            eb: second,
+        };
+        self.pair = Some(pair);
+        self.forward = Some((NOTICE_MISMATCH, BLAME_NONE));
+        Some(pair.elsewhere(self.comm, self.call, peer))
+    }
+
+    /// Drives the transports a moment so that a notice already on its way in (sent before
+    /// its sender failed, which a send to that sender can find first) is taken in.
+    fn take_in_notices(&self) {
+        let shared = &self.comm.shared;
+        let losses = shared.lock().losses();
+        let _ = shared.wait_any_or_loss(&[], losses, Some(NOTICE_TAKE_IN));
+    }
+
+    /// The error of a mismatch notice of this call from any rank, if one arrived: a lost
+    /// peer may only be a rank that gave up the call for that mismatch (it fails its
+    /// engine after sending its notices), so the mismatch is the better answer.
+    fn mismatch_known(&mut self) -> Option<Error> {
+        let (peer, env) = self
+            .comm
+            .shared
+            .lock()
+            .notice_of(self.call.ctx, self.call.seq)?;
+        if Env::decode(&env).step >> 20 != NOTICE_MISMATCH {
+            return None;
+        }
+        let done = Done {
+            peer,
+            len: 0,
+            env,
+            rejected: true,
+        };
+        Some(self.notice_error(&done, 0, None))
     }
 
     /// The error for the first member of the communicator that was lost (crashed, or its
@@ -685,14 +882,17 @@ impl Exec<'_> {
             .shared
             .lock()
             .notice_from(self.call.ctx, self.call.seq, peer)?;
-        let step = Env::decode(&env).step;
-        self.forward = Some((step >> 20, step & BLAME_NONE));
         let done = Done {
             peer,
             len: 0,
             env,
             rejected: true,
         };
+        let step = Env::decode(&env).step;
+        if step >> 20 == NOTICE_MISMATCH {
+            return Some(self.notice_error(&done, 0, None));
+        }
+        self.forward = Some((step >> 20, step & BLAME_NONE));
         Some(
             self.call
                 .rejected(self.comm, &done, 0, self.started.elapsed()),
@@ -701,11 +901,12 @@ impl Exec<'_> {
 
     fn finished(&mut self, i: usize, r: Result<Done>) -> Result<()> {
         let st = std::mem::replace(&mut self.state[i], St::Done);
-        let is_send = matches!(self.pieces[i].kind, Kind::Send);
-        if is_send {
-            self.sends -= 1;
-        } else {
-            self.recvs -= 1;
+        let kind = self.pieces[i].kind;
+        let is_send = matches!(kind, Kind::Send | Kind::AgreeSend);
+        match kind {
+            Kind::Send => self.sends -= 1,
+            Kind::Recv(_) => self.recvs -= 1,
+            _ => {}
         }
         let scratch = match st {
             St::Posted(s) => s,
@@ -713,6 +914,11 @@ impl Exec<'_> {
         };
         let done = match r {
             Ok(d) => d,
+            Err(Error::PeerLost { .. }) if is_send && self.peer_ahead(self.pieces[i].peer) => {
+                // The peer completed this call (it gave up a later one) and so received
+                // everything this rank sends it in this call.
+                return Ok(());
+            }
             Err(e) => {
                 if let Some(v) = scratch {
                     self.pool.push(v);
@@ -790,6 +996,10 @@ impl Exec<'_> {
         let me = self.comm.rank();
         let others = (0..self.comm.size()).filter(|r| *r != me && !self.peers.contains(r));
         for peer in self.peers.iter().copied().chain(others) {
+            if let (NOTICE_MISMATCH, Some(pair)) = (reason, &self.pair) {
+                notices.extend(self.call.notice_pair(self.comm, peer, pair));
+                continue;
+            }
             // SAFETY: a notice has no payload.
             if let Ok(r) = unsafe { self.call.notice(self.comm, peer, reason, blamed) } {
                 notices.push(r);
@@ -810,6 +1020,30 @@ impl Exec<'_> {
         {
             return e;
         }
+        if done.rejected
+            && env.kind == KIND_NOTICE
+            && env.step >> 20 == NOTICE_MISMATCH
+            && let Some(pair) = self.reported_pair(done.peer, env.tag)
+        {
+            self.pair = Some(pair);
+            self.forward = Some((NOTICE_MISMATCH, BLAME_NONE));
+            return pair.error(self.comm, self.call, Some(done.peer));
+        }
+        if env.kind == KIND_COLL {
+            // A message of another call (or of this call, cut differently): this rank
+            // found the mismatch, between itself and the sender.
+            let pair = Pair {
+                a: self.comm.world_rank(),
+                ea: self.call.fingerprint(),
+                b: done.peer,
+                eb: env,
+            };
+            self.pair = Some(pair);
+            self.forward = Some((NOTICE_MISMATCH, (done.peer as u32).min(BLAME_NONE)));
+            if !env.same_call(&self.call.fingerprint()) {
+                return pair.error(self.comm, self.call, None);
+            }
+        }
         self.forward = Some(if done.rejected && env.kind == KIND_NOTICE {
             (env.step >> 20, env.step & BLAME_NONE)
         } else {
@@ -817,6 +1051,53 @@ impl Exec<'_> {
         });
         self.call
             .rejected(self.comm, done, want, self.started.elapsed())
+    }
+
+    /// Whether communicator rank `peer` gave up a call later than this one (so completed
+    /// this one).
+    fn peer_ahead(&self, peer: usize) -> bool {
+        let w = self.comm.group.world.get(peer).copied().unwrap_or(peer);
+        let eng = self.comm.shared.lock();
+        ahead(self.call, eng.notice_from(self.call.ctx, self.call.seq, w))
+    }
+
+    /// The mismatch that world rank `from` reports in its two notices of call `tag` (see
+    /// [`Call::notice_pair`]); waits a moment for the second to arrive when only one is
+    /// here. `None` when `from` sent no such pair.
+    fn reported_pair(&self, from: usize, tag: u32) -> Option<Pair> {
+        let shared = &self.comm.shared;
+        let deadline = Instant::now() + NOTICE_GRACE;
+        loop {
+            let (losses, first, second) = {
+                let eng = shared.lock();
+                let get = |ctx| {
+                    eng.notice_from(ctx, tag, from)
+                        .map(|e| Env::decode(&e))
+                        .filter(|e| e.tag == tag && e.step >> 20 == NOTICE_MISMATCH)
+                };
+                (eng.losses(), get(self.call.ctx), get(self.call.actx))
+            };
+            match (first, second) {
+                (Some(ea), Some(eb)) => {
+                    return Some(Pair {
+                        a: (ea.step & BLAME_NONE) as usize,
+                        ea,
+                        b: (eb.step & BLAME_NONE) as usize,
+                        eb,
+                    });
+                }
+                (None, None) => return None,
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline
+                || shared
+                    .wait_any_or_loss(&[], losses, Some(deadline - now))
+                    .is_err()
+            {
+                return None;
+            }
+        }
     }
 
     /// A timeout notice from world rank `from` blames `blamed`: when that is this rank,
@@ -979,6 +1260,15 @@ impl Exec<'_> {
             ),
         }
     }
+}
+
+/// Whether `notice` (a peer's latest notice in `call`'s context) gave up a call after
+/// `call`: the peer completed `call`.
+fn ahead(call: &Call, notice: Option<crate::wire::Envelope>) -> bool {
+    notice.is_some_and(|e| {
+        let tag = Env::decode(&e).tag;
+        (1..=0x7FFF_FFFF).contains(&tag.wrapping_sub(call.seq))
+    })
 }
 
 /// Finishes an [`ReduceOp::Avg`]: divides `out` by `n` (nothing for other ops).
