@@ -6,7 +6,9 @@
 //!   one rank, chosen at random, is SIGKILLed at a random moment. Every survivor fails with
 //!   `PeerLost` within 10 s naming the dead rank (or, rarely, a survivor that gave up first
 //!   and whose own report names the dead rank; counted and printed), every `ferrorun` exits 137 naming that
-//!   rank and "signal 9 (SIGKILL)", and no temporary file (a private `TMPDIR`) or
+//!   rank and "signal 9 (SIGKILL)" in its headline although survivors exit at once after
+//!   failing (often before the killed rank is seen to end), and no temporary file (a
+//!   private `TMPDIR`, where ferrorun keeps the ranks' failure reports) or
 //!   shared-memory segment (`/dev/shm`, ferrocomm's names) is left. The transports are the
 //!   data in [`TRANSPORTS`]; one that this build does not accept (`FERROCOMM_TRANSPORT`
 //!   refused as a configuration error) is skipped with a printed line.
@@ -146,15 +148,16 @@ fn kill_trial(case: &TransportCase, trial: usize, seed: u64) {
     let tmp = tempfile::tempdir().expect("temporary directory");
     let shm_before = shm_segments();
     let ranks: usize = case.nodes.iter().map(|n| n.0).sum();
-    // Survivors ignore ferrorun's SIGTERM and linger a second after failing, so that what
-    // they print shows the transport's own report of the loss, and the launcher sees the
-    // killed rank end first (see `a_rank_killed_mid_transfer_under_ferrorun`).
+    // Survivors ignore ferrorun's SIGTERM, so that each prints its own report of the
+    // loss, and exit as soon as they have failed: often before the launcher sees the
+    // killed rank end, which ferrorun must still name (it follows the survivors' failure
+    // reports to the root cause).
     let mut nodes = launch(
         case,
         tmp.path(),
         &[
             (common::IGNORE_SIGTERM, "1"),
-            (common::LINGER_MS, "1000"),
+            (common::LINGER_MS, "0"),
             (common::MAX_SECS, "60"),
             // Far above what noticing a death takes; a rank that misses the death says
             // what it was waiting for instead of hanging until ferrorun's SIGKILL.

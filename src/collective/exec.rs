@@ -584,7 +584,10 @@ impl Exec<'_> {
                 let eng = shared.lock();
                 (
                     eng.losses(),
-                    self.lost_member(|w| eng.lost(w).cloned()),
+                    self.lost_member(
+                        |w| eng.lost(w).cloned(),
+                        |w| eng.notice_from(self.call.ctx, self.call.seq, w).is_some(),
+                    ),
                     eng.notice_of(self.call.ctx, self.call.seq),
                 )
             };
@@ -648,17 +651,26 @@ impl Exec<'_> {
     }
 
     /// The error for the first member of the communicator that was lost (crashed, or its
-    /// connection broke), if any: explained by its notice when it gave up a call (see
-    /// [`Exec::notice_waiting`]).
-    fn lost_member(&self, lost: impl Fn(usize) -> Option<Error>) -> Option<Error> {
+    /// connection broke) without a notice, else the first lost at all, if any: explained by
+    /// its notice when it gave up a call (see [`Exec::notice_waiting`]).
+    fn lost_member(
+        &self,
+        lost: impl Fn(usize) -> Option<Error>,
+        gave_notice: impl Fn(usize) -> bool,
+    ) -> Option<Error> {
         let comm = self.comm;
         let me = comm.world_rank();
-        let (peer, why) = comm
+        // A member that died (lost without a notice) is the cause, not one that gave up
+        // because of it and closed its connections after sending its notice.
+        let all_lost: Vec<usize> = comm
             .group
             .world
             .iter()
-            .filter(|&&w| w != me)
-            .find_map(|&w| lost(w).map(|e| (w, e)))?;
+            .copied()
+            .filter(|&w| w != me && lost(w).is_some())
+            .collect();
+        let peer = super::blame::first_dead(&all_lost, &gave_notice)?;
+        let why = lost(peer)?;
         let detail = match why {
             Error::PeerLost { detail, .. } => detail,
             other => other.to_string(),
@@ -746,6 +758,7 @@ impl Exec<'_> {
                 Some(sent) => sent,
                 None => self.send_notices(reason, blamed),
             };
+            super::blame::report_failure(reason, blamed, &err);
             let ids: Vec<Token> = notices.iter().map(RawRequest::id).collect();
             let deadline = std::time::Instant::now() + NOTICE_GRACE;
             let mut left = ids.clone();
