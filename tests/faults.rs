@@ -17,6 +17,9 @@
 //!   the stopped rank and the operation (`all_reduce` or `all_to_all`) and call number,
 //!   after about the timeout (bounded above, never
 //!   before it).
+//! - `a_stopped_rank_is_named_at_the_end_of_the_chain_of_waiting_ranks`: the same with 4
+//!   and 5 ranks, where most survivors wait for the stopped rank only through others:
+//!   each names the stopped rank as stuck, and never a rank that was waiting.
 //! - `abort_from_another_thread_releases_every_waiter`: threads blocked in recv and
 //!   all_reduce on local and TCP worlds all return `Aborted` when another thread aborts.
 
@@ -305,51 +308,56 @@ fn killed_ranks_are_named_by_every_survivor_and_by_ferrorun() {
     assert!(ran > 0, "tcp is always available");
 }
 
-#[test]
-fn a_stopped_rank_is_named_by_the_timeout_of_the_others() {
+/// SIGSTOPs rank `stopped` of `n` ranks (started by hand) in an all_reduce loop with
+/// `FERROCOMM_OP_TIMEOUT=5`: every other rank fails with `Timeout` naming the stopped rank
+/// as the stuck one, and no other rank as stuck, and the operation and call number, after
+/// about the timeout (bounded above, never before it).
+fn stopped_rank_trial(n: usize, stopped: usize) {
     let port = free_port();
     let env = [
         (common::MAX_SECS, "80"),
         ("FERROCOMM_OP_TIMEOUT", "5"),
         (common::REPORT_EVERY, "1"),
     ];
-    let mut ranks: Vec<Proc> = (0..3)
+    let mut ranks: Vec<Proc> = (0..n)
         .map(|r| {
             Proc::start(
                 &format!("rank {r}"),
-                by_hand("allreduce-loop", r, 3, port, &env),
+                by_hand("allreduce-loop", r, n, port, &env),
             )
         })
         .collect();
     for p in ranks.iter_mut() {
         p.wait_for("looping", |o| count(o, "LOOPING") == 1);
     }
-    let stuck = ranks.remove(1);
+    let stuck = ranks.remove(stopped);
     let pid = stuck.pid() as libc::pid_t;
     // SAFETY: kill(2) on a child of this test that has not been reaped yet.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let stopped_at = Instant::now();
-    // Both survivors end before any check, so that a failure shows both views.
+    // Every survivor ends before any check, so that a failure shows every view.
+    let survivors: Vec<usize> = (0..n).filter(|&r| r != stopped).collect();
     let finished: Vec<_> = ranks
         .into_iter()
-        .zip([0, 2])
+        .zip(survivors)
         .map(|(p, survivor)| {
             let f = p.finish();
             (survivor, f, stopped_at.elapsed())
         })
         .collect();
-    let both: String = finished.iter().map(|(_, f, _)| format!("{f:?}")).collect();
+    let all: String = finished.iter().map(|(_, f, _)| format!("{f:?}")).collect();
+    let what = format!("{n} ranks, rank {stopped} stopped");
     for (survivor, f, after) in &finished {
-        assert_eq!(f.code(), Some(1), "rank {survivor} fails: {both}");
+        assert_eq!(f.code(), Some(1), "{what}: rank {survivor} fails: {all}");
         let err = f
             .stderr
             .lines()
             .find(|l| l.contains("RANKERR"))
-            .unwrap_or_else(|| panic!("rank {survivor} reports no error: {both}"));
-        eprintln!("rank {survivor} after {after:.1?}: {err}");
+            .unwrap_or_else(|| panic!("{what}: rank {survivor} reports no error: {all}"));
+        eprintln!("{what}: rank {survivor} after {after:.1?}: {err}");
         assert!(
             err.contains("[Timeout {"),
-            "rank {survivor}: a timeout: {both}"
+            "{what}: rank {survivor}: a timeout: {all}"
         );
         // The loop runs all_reduce and all_to_all: the stop may catch either.
         assert!(
@@ -357,17 +365,24 @@ fn a_stopped_rank_is_named_by_the_timeout_of_the_others() {
                 .iter()
                 .any(|op| err.contains(op))
                 && err.contains(" (call #"),
-            "rank {survivor} names the operation and the call: {both}"
+            "{what}: rank {survivor} names the operation and the call: {all}"
         );
         assert!(
-            err.contains("rank 1 is stuck"),
-            "rank {survivor} names the stopped rank 1: {both}"
+            err.contains(&format!("rank {stopped} is stuck")),
+            "{what}: rank {survivor} names the stopped rank {stopped}: {all}"
         );
+        // A rank that is alive and waiting is never named as the stuck one.
+        for other in (0..n).filter(|&r| r != stopped) {
+            assert!(
+                !err.contains(&format!("rank {other} is stuck")),
+                "{what}: rank {survivor} names rank {other}, which was waiting, as stuck: {all}"
+            );
+        }
         // Never before the timeout (measured from the stop: the last progress was before
-        // it); generously bounded above (2 s of settling, a loaded machine).
+        // it); generously bounded above (settling, a loaded machine).
         assert!(
             *after >= Duration::from_secs(5) && *after < Duration::from_secs(30),
-            "rank {survivor} gave up after {after:?}, timeout 5 s: {both}"
+            "{what}: rank {survivor} gave up after {after:?}, timeout 5 s: {all}"
         );
     }
     // SAFETY: as above; the stopped rank is resumed and then killed.
@@ -380,6 +395,19 @@ fn a_stopped_rank_is_named_by_the_timeout_of_the_others() {
         f.code() == Some(1) || std::os::unix::process::ExitStatusExt::signal(&f.status) == Some(9),
         "{f:?}"
     );
+}
+
+#[test]
+fn a_stopped_rank_is_named_by_the_timeout_of_the_others() {
+    stopped_rank_trial(3, 1);
+}
+
+#[test]
+fn a_stopped_rank_is_named_at_the_end_of_the_chain_of_waiting_ranks() {
+    // With 4 and 5 ranks, most survivors do not wait for the stopped rank directly: each
+    // must follow the others' timeout notices to it, never naming a rank that waits.
+    stopped_rank_trial(4, 2);
+    stopped_rank_trial(5, 3);
 }
 
 /// Blocks `waiters` threads of rank 0 of `world` (recv from a rank that never sends,

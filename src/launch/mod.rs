@@ -916,9 +916,15 @@ fn supervise(
             && let Some(by) = decide_by
         {
             let list: Vec<Failed> = failed.iter().map(|(_, f)| f.clone()).collect();
+            let here = |rank: usize| ranks.ranks().iter().any(|r| r.rank == rank);
             let chosen = match verdict::decide(&list) {
                 Verdict::Named { root } => Some((root, None)),
-                Verdict::Pending { ends_at } if Instant::now() >= by || ranks.all_ended() => {
+                // Nothing more to learn here once every rank has ended, unless the chain
+                // leads to another node, which may still report it.
+                Verdict::Pending { ends_at }
+                    if Instant::now() >= by
+                        || (ranks.all_ended() && (link.is_none() || here(ends_at))) =>
+                {
                     let root = list.iter().position(|f| f.because_of.is_none());
                     Some((root.unwrap_or(0), Some(ends_at)))
                 }
@@ -930,7 +936,8 @@ fn supervise(
                 stopping = Some(begin_stop(ranks, outcome, libc::SIGTERM));
             }
         }
-        if ranks.all_ended() {
+        // (Still deciding: the chain leads to another node, whose report may come.)
+        if ranks.all_ended() && (stopping.is_some() || decide_by.is_none()) {
             break;
         }
         if stopping.is_none()
