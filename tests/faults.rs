@@ -225,6 +225,13 @@ fn kill_trial(case: &TransportCase, trial: usize, seed: u64) {
                 panic!("{what}: rank {survivor} reports no lost peer (PeerLost):\n{all_err}")
             });
         direct += usize::from(lost == victim);
+        if lost != victim {
+            let line = lines
+                .iter()
+                .find(|l| l.contains("[PeerLost {"))
+                .unwrap_or(&"");
+            eprintln!("{what}: rank {survivor} names rank {lost}: {line}");
+        }
         named.insert(survivor, lost);
         let failed_at = lines
             .iter()

@@ -850,6 +850,37 @@ fn every_node_reports_the_jobs_first_failure() {
 }
 
 #[test]
+fn every_node_names_a_rank_killed_after_its_victims_on_another_node_ended() {
+    // Node 1's ranks fail at once because of rank 0 (as PeerLost victims would, with
+    // reports); rank 0, on node 0, is killed half a second later. Both launchers name
+    // rank 0 and SIGKILL and exit 137: node 1 waits for the rank its ranks blame instead
+    // of publishing its own failure as the job's first.
+    let port = free_port().to_string();
+    let n0 = start_node(&port, "0", "1", "sleep 0.5; kill -9 $$");
+    let n1 = start_node(&port, "1", "2", &victim("peer_lost", 0));
+    let (f0, f1) = (n0.finish(), n1.finish());
+    assert_eq!(
+        (f0.code(), f1.code()),
+        (Some(137), Some(137)),
+        "{f0:?}\n{f1:?}"
+    );
+    assert!(
+        f0.stderr.contains("ferrorun: rank 0 (local rank 0, pid ")
+            && f0.stderr.contains("was killed by signal 9 (SIGKILL)"),
+        "{}",
+        f0.stderr
+    );
+    assert!(
+        f1.stderr
+            .contains("ferrorun: node 0 failed: rank 0 (local rank 0, pid ")
+            && f1.stderr.contains("was killed by signal 9 (SIGKILL)"),
+        "{}",
+        f1.stderr
+    );
+    assert!(f0.elapsed < QUICK && f1.elapsed < QUICK);
+}
+
+#[test]
 fn ranks_die_when_ferrorun_is_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_str().expect("utf-8 temp path");

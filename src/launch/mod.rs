@@ -1065,6 +1065,19 @@ mod tests {
             failed.to_string(),
             "rank 3 (local rank 1, pid 4242) exited with status 1"
         );
+        let named = Outcome::RankFailed {
+            rank: 2,
+            local_rank: 2,
+            pid: 4243,
+            how: Termination::Signaled(9),
+            note: Some("rank 0 (local rank 0, pid 4241) exited with status 1 first".into()),
+        };
+        assert_eq!(named.exit_code(), 137);
+        assert_eq!(
+            named.to_string(),
+            "rank 2 (local rank 2, pid 4243) was killed by signal 9 (SIGKILL) (rank 0 (local \
+             rank 0, pid 4241) exited with status 1 first)"
+        );
         let killed = Termination::Signaled(9);
         assert_eq!(killed.exit_code(), 137);
         assert_eq!(killed.to_string(), "was killed by signal 9 (SIGKILL)");
