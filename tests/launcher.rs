@@ -427,6 +427,22 @@ fn a_rank_that_failed_by_itself_is_named_over_its_victims() {
 }
 
 #[test]
+fn a_signal_death_wins_over_an_exit_without_a_report_seen_first() {
+    // Rank 0 exits 1 without a report (a program that lost rank 1 in a point-to-point
+    // call, outside the collectives' reports); rank 1 is killed a moment later.
+    let prog = "case $RANK in 0) exit 1;; 1) sleep 0.3; kill -9 $$;; *) exec sleep 600;; esac";
+    let f = run(&["--nproc-per-node", "3", "--", "sh", "-c", prog]);
+    assert_eq!(f.code(), Some(128 + 9), "{f:?}");
+    assert!(
+        f.stderr.contains("ferrorun: rank 1 (local rank 1, pid ")
+            && f.stderr
+                .contains(") was killed by signal 9 (SIGKILL) (rank 0 "),
+        "{}",
+        f.stderr
+    );
+}
+
+#[test]
 fn a_chain_of_timeouts_leads_to_the_stuck_rank() {
     // Rank 0 timed out waiting for rank 1, which timed out waiting for rank 3; rank 3
     // never ends (stopped), rank 2 waits. After the wait for a root cause, the first

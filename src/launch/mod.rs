@@ -57,7 +57,8 @@
 //!   signal, or one that failed without such a report (the program's own error), wins over
 //!   ranks that failed with `PeerLost` or a timeout because of it, even when they ended
 //!   first; when the first failure blames a rank still running, the launcher waits up to
-//!   [`BLAME_WAIT`] for it (the `verdict` module has the rules). Then the failure is
+//!   [`BLAME_WAIT`] for it, and when it has no report at all, up to [`UNEXPLAINED_WAIT`]
+//!   for a rank killed by a signal (the `verdict` module has the rules). Then the failure is
 //!   logged, every other rank gets SIGTERM, and whatever still runs after the grace period
 //!   (`--grace-period`, default [`DEFAULT_GRACE_PERIOD`]) gets SIGKILL. The launcher exits
 //!   with the named rank's status, or 128 + signal, and the binary prints e.g.
@@ -96,7 +97,7 @@ use std::time::{Duration, Instant};
 
 pub use node::RemoteFailure;
 pub use sys::Termination;
-pub use verdict::BLAME_WAIT;
+pub use verdict::{BLAME_WAIT, UNEXPLAINED_WAIT};
 
 use crate::collective::blame::{FAILURE_FILE_ENV, FailureReport};
 use crate::error::{Error, IoContext, Result};
@@ -650,9 +651,9 @@ impl ReportDir {
         self.0.join(format!("rank-{rank}"))
     }
 
-    /// The rank this one's report says it failed because of.
-    fn because_of(&self, rank: usize) -> Option<usize> {
-        FailureReport::read(&self.path_of(rank))?.because_of(rank)
+    /// The failure report of `rank`, if it wrote one.
+    fn report(&self, rank: usize) -> Option<FailureReport> {
+        FailureReport::read(&self.path_of(rank))
     }
 }
 
@@ -879,6 +880,7 @@ fn supervise(
     // wait for the root cause ends (see the `verdict` module).
     let mut failed: Vec<(usize, Failed)> = Vec::new();
     let mut decide_by: Option<Instant> = None;
+    let mut first_failed_at: Option<Instant> = None;
     let begin_stop = |ranks: &Ranks, outcome: Outcome, sig: i32| {
         ranks.signal_all(sig);
         if let (Some(link), false) = (link, matches!(outcome, Outcome::RemoteFailure(_))) {
@@ -898,7 +900,8 @@ fn supervise(
             if how.is_success() || stopping.is_some() {
                 continue;
             }
-            let because_of = reports.and_then(|d| d.because_of(r.rank));
+            let report = reports.and_then(|d| d.report(r.rank));
+            let because_of = report.as_ref().and_then(|rep| rep.because_of(r.rank));
             if let Some(b) = because_of {
                 tracing::info!(rank = r.rank, "rank {how}, because of rank {b}");
             }
@@ -908,8 +911,10 @@ fn supervise(
                     rank: r.rank,
                     how,
                     because_of,
+                    reported: report.is_some(),
                 },
             ));
+            first_failed_at.get_or_insert_with(Instant::now);
             decide_by.get_or_insert_with(|| Instant::now() + BLAME_WAIT);
         }
         if stopping.is_none()
@@ -918,6 +923,16 @@ fn supervise(
             let list: Vec<Failed> = failed.iter().map(|(_, f)| f.clone()).collect();
             let here = |rank: usize| ranks.ranks().iter().any(|r| r.rank == rank);
             let chosen = match verdict::decide(&list) {
+                // A rank that exited without a report may have lost a peer outside a
+                // collective: give a signal death a moment to show.
+                Verdict::Named { root }
+                    if list[root].unexplained()
+                        && !ranks.all_ended()
+                        && first_failed_at
+                            .is_some_and(|t| t.elapsed() < verdict::UNEXPLAINED_WAIT) =>
+                {
+                    None
+                }
                 Verdict::Named { root } => Some((root, None)),
                 // Nothing more to learn here once every rank has ended, unless the chain
                 // leads to another node, which may still report it.
@@ -951,8 +966,15 @@ fn supervise(
             stopping = Some(begin_stop(ranks, Outcome::RemoteFailure(f), libc::SIGTERM));
         }
         let mut timeout = Duration::from_secs(1);
-        if let (None, Some(by)) = (&stopping, decide_by) {
-            timeout = timeout.min(by.saturating_duration_since(Instant::now()));
+        if let (None, Some(by), Some(first)) = (&stopping, decide_by, first_failed_at) {
+            let now = Instant::now();
+            let unexplained_end = first + verdict::UNEXPLAINED_WAIT;
+            let next = if now < unexplained_end {
+                unexplained_end
+            } else {
+                by
+            };
+            timeout = timeout.min(next.saturating_duration_since(now));
         }
         if let Some(s) = stopping.as_mut().filter(|s| !s.killed) {
             let now = Instant::now();

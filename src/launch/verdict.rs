@@ -9,10 +9,13 @@
 //! 1. A rank that ended by a signal before the launcher stopped anything, or with a
 //!    non-zero status and no report blaming another rank (the program's own error, a
 //!    panic, a mismatch), is a *root*.
-//! 2. The chain from the first failure is followed through the reports: when it ends at a
-//!    root, that rank is named.
-//! 3. Else the first rank that ended by a signal is named (the others' reports may blame a
-//!    rank that only closed its connections because of it).
+//! 2. A rank killed by a signal wins: the one the chain of reports from the first failure
+//!    leads to, else the first seen (the others' reports may blame a rank that only closed
+//!    its connections because of it, and a rank without a report may have lost it outside
+//!    a collective).
+//! 3. Else the chain from the first failure is followed through the reports: when it ends
+//!    at a root, that rank is named. (The launcher still waits up to [`UNEXPLAINED_WAIT`]
+//!    for a signal death before naming a rank that exited without any report.)
 //! 4. Else, while the chain ends at a rank still running here or on another node, the
 //!    launcher waits (up to [`BLAME_WAIT`] after the first failure) for that rank to end
 //!    or another node to report; then the first root, or the first failure, is named,
@@ -33,6 +36,11 @@ use crate::collective::blame::{Blame, resolve};
 /// the others within about a second.
 pub const BLAME_WAIT: Duration = Duration::from_secs(3);
 
+/// How long the launcher waits, after a first failure without a report (a non-zero exit
+/// outside ferrocomm's collectives, possibly a point-to-point `PeerLost`), for another rank
+/// to be seen killed by a signal before it names that first failure.
+pub const UNEXPLAINED_WAIT: Duration = Duration::from_secs(1);
+
 /// A rank of this node that failed, in the order the failures were seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Failed {
@@ -42,12 +50,20 @@ pub(crate) struct Failed {
     pub how: Termination,
     /// The rank its failure report blames (it failed because of that rank), if any.
     pub because_of: Option<usize>,
+    /// Whether it wrote a failure report at all.
+    pub reported: bool,
 }
 
 impl Failed {
     /// A root cause by itself (see the module documentation).
     fn is_root(&self) -> bool {
         matches!(self.how, Termination::Signaled(_)) || self.because_of.is_none()
+    }
+
+    /// Exited non-zero without a report: the launcher gives a signal death elsewhere a
+    /// moment ([`UNEXPLAINED_WAIT`]) to show before naming it.
+    pub(crate) fn unexplained(&self) -> bool {
+        matches!(self.how, Termination::Exited(_)) && !self.reported
     }
 }
 
@@ -84,17 +100,20 @@ pub(crate) fn decide(failed: &[Failed]) -> Verdict {
     let at = |rank: usize| failed.iter().position(|f| f.rank == rank);
     let chain = resolve(first.rank, &edges, &roots);
     let ends_at = chain.rank();
+    let signaled = |f: &Failed| matches!(f.how, Termination::Signaled(_));
+    // A rank killed by a signal is the cause of the others' failures, wherever their
+    // chain leads (a rank's report may blame a rank that only closed its connections
+    // because of it; a rank without a report may have lost it outside a collective).
+    if failed.iter().any(signaled) {
+        let on_chain = at(ends_at).filter(|&i| signaled(&failed[i]));
+        let root = on_chain.or_else(|| failed.iter().position(signaled));
+        return Verdict::Named {
+            root: root.unwrap_or(0),
+        };
+    }
     if let Blame::Rank { rank, .. } = chain
         && let Some(i) = at(rank)
         && failed[i].is_root()
-    {
-        return Verdict::Named { root: i };
-    }
-    // A rank killed by a signal is the cause of the others' failures, wherever their
-    // chain leads.
-    if let Some(i) = failed
-        .iter()
-        .position(|f| matches!(f.how, Termination::Signaled(_)))
     {
         return Verdict::Named { root: i };
     }
@@ -117,6 +136,7 @@ mod tests {
             rank,
             how: Termination::Exited(1),
             because_of,
+            reported: because_of.is_some(),
         }
     }
 
@@ -125,6 +145,7 @@ mod tests {
             rank,
             how: Termination::Signaled(9),
             because_of: None,
+            reported: false,
         }
     }
 
@@ -159,6 +180,10 @@ mod tests {
         // rank that only closed its connections after the killed one died).
         let f = [exited(0, Some(1)), killed(2)];
         assert_eq!(decide(&f), Verdict::Named { root: 1 });
+        // A signal death wins over an exit without a report that was seen first.
+        let f = [exited(0, None), killed(2)];
+        assert_eq!(decide(&f), Verdict::Named { root: 1 });
+        assert!(f[0].unexplained() && !f[1].unexplained());
         // An unexplained exit off the chain does not decide while the chain's end runs.
         let f = [exited(0, Some(2)), exited(3, None)];
         assert_eq!(decide(&f), Verdict::Pending { ends_at: 2 });
