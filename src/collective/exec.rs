@@ -34,14 +34,16 @@
 //! When one rank stops (SIGSTOP, a long pause, an endless loop outside the library), the
 //! ranks of a collective stop making progress at nearly the same moment and time out
 //! together; only those that wait directly for the stopped rank can name it. So a rank
-//! that times out first tells the schedule's peers at once whom it waits for (a timeout
-//! notice blaming the rank of its first pending receive, else of its first pending send),
-//! then *settles* for a moment (`settle_time`): a timeout notice from the very rank it
-//! was waiting for shows that rank alive and waiting in turn, and the blame moves on to
-//! whom that rank waits for. The error then names the rank that is probably stuck, the
-//! ranks it waited for, and the call. (One hop is resolved per settle: in longer chains a
-//! rank may name a rank that was itself waiting; each rank's message says whom it waited
-//! for, so the chain can be followed from the logs.)
+//! that times out first tells every member at once whom it waits for (a timeout notice
+//! blaming the rank of its first pending receive, else of its first pending send), then
+//! *settles* for a moment (`settle_time`), collecting the others' notices: each is an edge
+//! "who waits for whom" (a lost-peer notice: "who lost whom"). A rank that receives a
+//! timeout notice (blaming itself or another rank) does the same. After settling, the rank
+//! follows the edges from its suspect to the end ([`super::blame::resolve`]): a rank that
+//! sent a notice is alive and waiting, so it is never the final name while its edge leads
+//! on; a member lost without a notice (dead) ends the chain. The error names the rank at
+//! the end of the chain, the chain itself ("rank 1 waits for rank 4, which waits for rank
+//! 2"), and the call; ranks that wait for each other in a cycle are reported as such.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
