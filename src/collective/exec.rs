@@ -50,22 +50,28 @@
 //! When one rank stops (SIGSTOP, a long pause, an endless loop outside the library), the
 //! ranks of a collective stop making progress at nearly the same moment and time out
 //! together; only those that wait directly for the stopped rank can name it. So a rank
-//! that times out first tells the schedule's peers at once whom it waits for (a timeout
-//! notice blaming the rank of its first pending receive, else of its first pending send),
-//! then *settles* for a moment (`settle_time`): a timeout notice from the very rank it
-//! was waiting for shows that rank alive and waiting in turn, and the blame moves on to
-//! whom that rank waits for. The error then names the rank that is probably stuck, the
-//! ranks it waited for, and the call. (One hop is resolved per settle: in longer chains a
-//! rank may name a rank that was itself waiting; each rank's message says whom it waited
-//! for, so the chain can be followed from the logs.)
+//! that times out first tells every member at once whom it waits for (a timeout notice
+//! blaming the rank of its first pending receive, else of its first pending send), then
+//! *settles* for a moment (`settle_time`), collecting the others' notices: each is an edge
+//! "who waits for whom" (a lost-peer notice: "who lost whom"). A rank that receives a
+//! timeout notice (blaming itself or another rank) does the same. After settling, the rank
+//! follows the edges from its suspect to the end ([`super::blame::resolve`]): a rank that
+//! sent a notice is alive and waiting, so it is never the final name while its edge leads
+//! on; a member lost without a notice (dead) ends the chain. The error names the rank at
+//! the end of the chain, the chain itself ("rank 1 waits for rank 4, which waits for rank
+//! 2"), and the call; ranks that wait for each other in a cycle are reported as such.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use super::blame::{Blame, resolve};
 use super::schedule::{Buf, Op, Schedule};
 use super::{BLAME_NONE, Call, Pair, notice_reason};
 use crate::comm::envelope::STEP_MAX;
-use crate::comm::envelope::{Env, KIND_COLL, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_TIMEOUT};
+use crate::comm::envelope::{
+    Env, KIND_COLL, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_PEER_LOST, NOTICE_TIMEOUT,
+};
 use crate::comm::{Communicator, Done, RawRequest, Source};
 use crate::element::{DType, Order, ReduceOp, divide_bytes, reduce_bytes};
 use crate::error::{Error, Result};
@@ -232,6 +238,8 @@ struct Exec<'a> {
     forward: Option<(u32, u32)>,
     /// Notices already sent (a timeout tells the peers at once), awaited by [`Exec::fail`].
     notices: Option<Vec<RawRequest>>,
+    /// True while [`Exec::settle_blame`] listens for notices (it does not nest).
+    settling: bool,
     /// When the call started.
     started: Instant,
     /// Index of the first agreement piece (send of round 0, then its receive, then round
@@ -342,6 +350,7 @@ pub(crate) fn run(
         scratch_len: 0,
         forward: None,
         notices: None,
+        settling: false,
         started: Instant::now(),
         agree_at,
         agree_sent: 0,
@@ -705,13 +714,19 @@ impl Exec<'_> {
                     eng.losses(),
                     // A member that gave up a later call completed this one: it sent this
                     // rank everything of this call, so its loss does not doom the call.
-                    self.lost_member(|w| {
-                        eng.lost(w)
-                            .filter(|_| {
-                                !ahead(self.call, eng.notice_from(self.call.ctx, self.call.seq, w))
-                            })
-                            .cloned()
-                    }),
+                    self.lost_member(
+                        |w| {
+                            eng.lost(w)
+                                .filter(|_| {
+                                    !ahead(
+                                        self.call,
+                                        eng.notice_from(self.call.ctx, self.call.seq, w),
+                                    )
+                                })
+                                .cloned()
+                        },
+                        |w| eng.notice_from(self.call.ctx, self.call.seq, w).is_some(),
+                    ),
                     eng.notice_of(self.call.ctx, self.call.seq),
                 )
             };
@@ -850,17 +865,26 @@ impl Exec<'_> {
     }
 
     /// The error for the first member of the communicator that was lost (crashed, or its
-    /// connection broke), if any: explained by its notice when it gave up a call (see
-    /// [`Exec::notice_waiting`]).
-    fn lost_member(&self, lost: impl Fn(usize) -> Option<Error>) -> Option<Error> {
+    /// connection broke) without a notice, else the first lost at all, if any: explained by
+    /// its notice when it gave up a call (see [`Exec::notice_waiting`]).
+    fn lost_member(
+        &self,
+        lost: impl Fn(usize) -> Option<Error>,
+        gave_notice: impl Fn(usize) -> bool,
+    ) -> Option<Error> {
         let comm = self.comm;
         let me = comm.world_rank();
-        let (peer, why) = comm
+        // A member that died (lost without a notice) is the cause, not one that gave up
+        // because of it and closed its connections after sending its notice.
+        let all_lost: Vec<usize> = comm
             .group
             .world
             .iter()
-            .filter(|&&w| w != me)
-            .find_map(|&w| lost(w).map(|e| (w, e)))?;
+            .copied()
+            .filter(|&w| w != me && lost(w).is_some())
+            .collect();
+        let peer = super::blame::first_dead(&all_lost, &gave_notice)?;
+        let why = lost(peer)?;
         let detail = match why {
             Error::PeerLost { detail, .. } => detail,
             other => other.to_string(),
@@ -957,6 +981,7 @@ impl Exec<'_> {
                 Some(sent) => sent,
                 None => self.send_notices(reason, blamed),
             };
+            super::blame::report_failure(reason, blamed, &err);
             let ids: Vec<Token> = notices.iter().map(RawRequest::id).collect();
             let deadline = std::time::Instant::now() + NOTICE_GRACE;
             let mut left = ids.clone();
@@ -1044,6 +1069,13 @@ impl Exec<'_> {
                 return pair.error(self.comm, self.call, None);
             }
         }
+        if done.rejected
+            && env.kind == KIND_NOTICE
+            && env.step >> 20 == NOTICE_TIMEOUT
+            && let Some(e) = self.blamed_elsewhere(done.peer, env.step & BLAME_NONE, posted_for)
+        {
+            return e;
+        }
         self.forward = Some(if done.rejected && env.kind == KIND_NOTICE {
             (env.step >> 20, env.step & BLAME_NONE)
         } else {
@@ -1117,11 +1149,13 @@ impl Exec<'_> {
         }
         let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
         // The receive the notice took was waiting too (it is no longer pending).
-        let stuck = posted_for
+        let target = posted_for
             .into_iter()
             .chain(self.waiting_for().into_iter().map(|(r, _)| r))
             .map(world)
             .find(|&w| w != from && w != me)?;
+        let chain = self.settle_blame(target, Some(target));
+        let stuck = chain.rank();
         self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
         let waited = self.started.elapsed();
         Some(Error::Timeout {
@@ -1129,14 +1163,139 @@ impl Exec<'_> {
             waited,
             detail: format!(
                 "{} timed out in the call waiting for this rank and gave up, but this rank \
-                 was itself waiting for {}: {} is stuck (stopped, hung in other work, \
+                 was itself waiting for {}{}: {} is stuck (stopped, hung in other work, \
                  unreachable, or much slower); raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no \
                  limit) if it is only slow",
                 Call::who(comm, from),
-                Call::who(comm, stuck),
+                Call::who(comm, target),
+                chain_text(comm, &chain),
                 Call::who(comm, stuck)
             ),
         })
+    }
+
+    /// A timeout notice from world rank `from` blames `blamed`, another rank: when the
+    /// notices of the others show `blamed` alive and waiting in turn, the error naming the
+    /// rank at the end of that chain, which the notices pass on. `None` when the chain
+    /// ends at `blamed` (the notice's own error says it all). `posted_for`: as for
+    /// [`Exec::notice_error`].
+    fn blamed_elsewhere(
+        &mut self,
+        from: usize,
+        blamed: u32,
+        posted_for: Option<usize>,
+    ) -> Option<Error> {
+        let comm = self.comm;
+        let me = comm.world_rank();
+        let blamed = blamed as usize;
+        if blamed == BLAME_NONE as usize || blamed == me || blamed == from || self.settling {
+            return None;
+        }
+        let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
+        let mine = posted_for
+            .into_iter()
+            .chain(self.waiting_for().into_iter().map(|(r, _)| r))
+            .map(world)
+            .find(|&w| w != me);
+        let chain = self.settle_blame(blamed, mine);
+        let stuck = chain.rank();
+        if stuck == blamed {
+            return None;
+        }
+        self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
+        Some(Error::Timeout {
+            op: format!("{} on rank {}", self.call.describe_mine(), comm.rank()),
+            waited: self.started.elapsed(),
+            detail: format!(
+                "{} timed out in the call waiting for {} and gave up, but {} was itself \
+                 waiting{}: {} is stuck (stopped, hung in other work, unreachable, or much \
+                 slower); raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it is only \
+                 slow",
+                Call::who(comm, from),
+                Call::who(comm, blamed),
+                Call::who(comm, blamed),
+                chain_text(comm, &chain),
+                Call::who(comm, stuck)
+            ),
+        })
+    }
+
+    /// The evidence for naming a stuck rank of this call (see [`super::blame`]): the edges
+    /// `who -> whom` of the timeout and lost-peer notices kept from the communicator's
+    /// members, this rank's own edge (`mine`: whom it waits for), and the members lost
+    /// without a notice.
+    fn blame_evidence(
+        &self,
+        mine: Option<usize>,
+    ) -> (BTreeMap<usize, usize>, BTreeSet<usize>, u64) {
+        let comm = self.comm;
+        let me = comm.world_rank();
+        let mut edges: BTreeMap<usize, usize> = mine.map(|m| (me, m)).into_iter().collect();
+        let mut dead = BTreeSet::new();
+        let eng = comm.shared.lock();
+        for &w in comm.group.world.iter().filter(|&&w| w != me) {
+            match eng.notice_from(self.call.ctx, self.call.seq, w) {
+                Some(env) => {
+                    let env = Env::decode(&env);
+                    let (reason, blamed) = (env.step >> 20, env.step & BLAME_NONE);
+                    if env.kind == KIND_NOTICE
+                        && matches!(reason, NOTICE_TIMEOUT | NOTICE_PEER_LOST)
+                        && blamed != BLAME_NONE
+                        && blamed as usize != w
+                    {
+                        edges.insert(w, blamed as usize);
+                    }
+                }
+                None if eng.lost(w).is_some() => {
+                    dead.insert(w);
+                }
+                None => {}
+            }
+        }
+        (edges, dead, eng.losses())
+    }
+
+    /// Tells every member at once that this rank gave up because of `suspect` (if it has
+    /// not yet sent its notices), then listens for the others' notices for the settle time,
+    /// finishing requests that complete meanwhile, and follows the chain of "waits for"
+    /// from `suspect` to its end (see [`super::blame::resolve`]). `mine`: whom this rank
+    /// waits for. Stops early when the chain ends at a dead rank.
+    fn settle_blame(&mut self, suspect: usize, mine: Option<usize>) -> Blame {
+        let shared = &self.comm.shared;
+        if self.notices.is_none() {
+            self.notices = Some(self.send_notices(NOTICE_TIMEOUT, suspect as u32));
+        }
+        let settle = shared.cfg.op_timeout.map_or(Duration::ZERO, settle_time);
+        let deadline = Instant::now() + settle;
+        let nested = std::mem::replace(&mut self.settling, true);
+        loop {
+            let (edges, dead, losses) = self.blame_evidence(mine);
+            let chain = resolve(suspect, &edges, &dead);
+            let now = Instant::now();
+            if nested || now >= deadline || dead.contains(&chain.rank()) {
+                self.settling = nested;
+                return chain;
+            }
+            let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+            match shared.wait_any_or_loss(&ids, losses, Some(deadline - now)) {
+                Ok(()) => {}
+                Err(Error::Timeout { .. }) => continue,
+                Err(_) => {
+                    self.settling = nested;
+                    return chain;
+                }
+            }
+            let mut done: Vec<(usize, Result<Done>)> = Vec::new();
+            shared.take_done(&ids, |k, r| done.push((k, r)));
+            done.sort_by_key(|d| std::cmp::Reverse(d.0));
+            for (k, r) in done {
+                let req = self.reqs.swap_remove(k);
+                let i = self.req_piece.swap_remove(k);
+                req.finished();
+                // Keeps the pieces' states consistent; the call fails anyway.
+                let _ = self.finished(i, r);
+            }
+        }
     }
 
     /// The communicator ranks this rank is waiting for, each once: those of pending
@@ -1162,7 +1321,6 @@ impl Exec<'_> {
     fn timed_out(&mut self, waited: Duration) -> Error {
         let comm = self.comm;
         let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
-        let me = comm.world_rank();
         let waiting = self.waiting_for();
         let list = waiting
             .iter()
@@ -1175,78 +1333,21 @@ impl Exec<'_> {
         let Some(&(first, _)) = waiting.first() else {
             return internal(self.call, "a timeout with nothing in flight");
         };
-        let mut stuck = world(first);
-        let mut via: Option<usize> = None;
-        self.notices = Some(self.send_notices(NOTICE_TIMEOUT, stuck as u32));
-        let shared = &comm.shared;
-        let deadline = Instant::now() + shared.cfg.op_timeout.map_or(Duration::ZERO, settle_time);
-        while via.is_none() && !self.reqs.is_empty() {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            // A timeout notice of the suspect for an earlier call (which this rank
-            // completed) shows it alive and waiting too, no receive of this call needed.
-            let (losses, kept) = {
-                let eng = shared.lock();
-                let kept = eng.notice_from(self.call.ctx, self.call.seq, stuck);
-                (eng.losses(), kept)
-            };
-            if let Some(env) = kept.map(|e| Env::decode(&e)) {
-                let blamed = (env.step & BLAME_NONE) as usize;
-                if env.kind == KIND_NOTICE
-                    && env.step >> 20 == NOTICE_TIMEOUT
-                    && blamed != BLAME_NONE as usize
-                    && blamed != me
-                    && blamed != stuck
-                {
-                    via = Some(stuck);
-                    stuck = blamed;
-                    break;
-                }
-            }
-            let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
-            if shared
-                .wait_any_or_loss(&ids, losses, Some(deadline - now))
-                .is_err()
-            {
-                break;
-            }
-            let mut done: Vec<(usize, Result<Done>)> = Vec::new();
-            shared.take_done(&ids, |k, r| done.push((k, r)));
-            done.sort_by_key(|d| std::cmp::Reverse(d.0));
-            for (k, r) in done {
-                let req = self.reqs.swap_remove(k);
-                let i = self.req_piece.swap_remove(k);
-                req.finished();
-                if let Ok(d) = &r
-                    && d.rejected
-                {
-                    let env = Env::decode(&d.env);
-                    let blamed = (env.step & BLAME_NONE) as usize;
-                    if env.kind == KIND_NOTICE
-                        && env.step >> 20 == NOTICE_TIMEOUT
-                        && d.peer == stuck
-                        && blamed != BLAME_NONE as usize
-                        && blamed != me
-                        && blamed != d.peer
-                    {
-                        via = Some(stuck);
-                        stuck = blamed;
-                    }
-                }
-                // Keeps the pieces' states consistent; the call fails anyway.
-                let _ = self.finished(i, r);
-            }
-        }
+        let suspect = world(first);
+        let chain = self.settle_blame(suspect, Some(suspect));
+        let stuck = chain.rank();
         self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
-        let why = match via {
-            Some(v) => format!(
-                "{} timed out too, waiting for {}",
-                Call::who(comm, v),
-                Call::who(comm, stuck)
+        let why = match &chain {
+            Blame::Cycle(_) => format!(
+                "the ranks wait for each other{}, none is known to be stuck: a deadlock in \
+                 the program's calls, or a rank that resumed after the others gave up",
+                chain_text(comm, &chain)
             ),
-            None => String::from("it sent nothing"),
+            Blame::Rank { via, .. } if !via.is_empty() => format!(
+                "the ranks timed out too, each waiting for the next{}",
+                chain_text(comm, &chain)
+            ),
+            Blame::Rank { .. } => String::from("it sent nothing"),
         };
         Error::Timeout {
             op: format!("{} on rank {}", self.call.describe_mine(), comm.rank()),
@@ -1269,6 +1370,29 @@ fn ahead(call: &Call, notice: Option<crate::wire::Envelope>) -> bool {
         let tag = Env::decode(&e).tag;
         (1..=0x7FFF_FFFF).contains(&tag.wrapping_sub(call.seq))
     })
+}
+
+/// The chain of a [`Blame`] in words, for an error: ` (rank 1 waits for rank 4, which
+/// waits for rank 2)`; empty when it has no hop.
+fn chain_text(comm: &Communicator, chain: &Blame) -> String {
+    let ranks: Vec<usize> = match chain {
+        Blame::Rank { rank, via } if !via.is_empty() => {
+            via.iter().copied().chain([*rank]).collect()
+        }
+        Blame::Rank { .. } => return String::new(),
+        Blame::Cycle(c) => c.iter().copied().chain(c.first().copied()).collect(),
+    };
+    let mut text = String::from(" (");
+    for (i, &w) in ranks.iter().enumerate() {
+        text += match i {
+            0 => "",
+            1 => " waits for ",
+            _ => ", which waits for ",
+        };
+        text += &Call::who(comm, w);
+    }
+    text.push(')');
+    text
 }
 
 /// Finishes an [`ReduceOp::Avg`]: divides `out` by `n` (nothing for other ops).

@@ -117,6 +117,7 @@ pub mod allreduce_recursive_doubling;
 pub mod allreduce_ring;
 mod api;
 pub mod barrier;
+pub mod blame;
 pub mod broadcast;
 pub mod cost;
 pub mod exec;
