@@ -45,7 +45,7 @@
 //! | `BadRequest` | a UTF-8 message (e.g. `Add` on a value that is not a counter) |
 //! | `ShuttingDown` | empty: the server is stopping |
 //! | `Refused` | a UTF-8 message; sent unasked when a connection is over the server's client limit |
-//! | `Closing` | a UTF-8 message: the server is stopping, and why (e.g. its host gave up) |
+//! | `Closing` | a UTF-8 message (invalid UTF-8 is refused): the server is stopping, and why (e.g. its host gave up) |
 //!
 //! `Will` (opcode 9) arms a "last will" on its connection: when that connection closes
 //! (its process exited or died) the server sets the key to the value, unless the key is set
@@ -727,7 +727,10 @@ pub fn decode_response_body(h: &ResponseHeader, body: &[u8]) -> Result<Response,
         Status::BadRequest => Response::BadRequest(String::from_utf8_lossy(body).into_owned()),
         Status::ShuttingDown => Response::ShuttingDown,
         Status::Refused => Response::Refused(String::from_utf8_lossy(body).into_owned()),
-        Status::Closing => Response::Closing(String::from_utf8_lossy(body).into_owned()),
+        // Strict (unlike the older messages): a reason always re-encodes to the same bytes.
+        Status::Closing => {
+            Response::Closing(String::from_utf8(body.to_vec()).map_err(|_| ProtoError::BadUtf8)?)
+        }
     })
 }
 
