@@ -1044,10 +1044,13 @@ impl Plan {
                 // use the store at once: scale the default limit for very large jobs.
                 let mut config = ServerConfig::from_env()?;
                 // (and one more for its last will during init).
+                let need = self.world_size.saturating_mul(3).saturating_add(64);
                 if crate::config::process_env("FERROCOMM_STORE_MAX_CLIENTS").is_none() {
-                    config.max_clients = config
-                        .max_clients
-                        .max(self.world_size.saturating_mul(3).saturating_add(64));
+                    config.max_clients = config.max_clients.max(need);
+                }
+                // The ranks of a big host connect at once when the job starts.
+                if crate::config::process_env("FERROCOMM_STORE_MAX_PENDING").is_none() {
+                    config.max_pending_per_client = config.max_pending_per_client.max(need);
                 }
                 config.secret = self.secret.clone();
                 Ok(Hosting::Server(TcpStoreServer::from_listener(l, config)?))
@@ -1441,8 +1444,11 @@ impl Plan {
                     }
                 }
                 if let Some(server) = server {
+                    let who = waiting
+                        .me
+                        .map_or_else(|| "the process".to_owned(), |r| format!("rank {r}"));
                     server.close_with(&format!(
-                        "the process hosting it (pid {} on {}) gave up: {e}",
+                        "{who} (pid {} on {}), which hosted it, gave up: {e}",
                         std::process::id(),
                         hostname()
                     ));

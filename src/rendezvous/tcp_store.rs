@@ -90,7 +90,9 @@ pub struct ServerConfig {
     /// with a logged refusal. Default 4096 (`FERROCOMM_STORE_MAX_CLIENTS`).
     pub max_clients: usize,
     /// Connections from one client address that have not completed a request yet; further
-    /// ones are refused. Default 256 (`FERROCOMM_STORE_MAX_PENDING`).
+    /// ones are refused. Default 1024 (`FERROCOMM_STORE_MAX_PENDING`): a quarter of the
+    /// default client limit, so one address cannot take every slot, and above the number of
+    /// ranks of one host that connect at once when a job starts.
     pub max_pending_per_client: usize,
     /// Longest time a request frame may take from its first byte to its last (and writing
     /// its response may take) before the connection is closed. Default 30 s.
@@ -108,7 +110,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_clients: 4096,
-            max_pending_per_client: 256,
+            max_pending_per_client: 1024,
             frame_timeout: Duration::from_secs(30),
             secret: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
