@@ -4,8 +4,8 @@
 //! Covered: 1, 2, 4 and 8 ranks under ferrorun (8 on a 2-core machine: waiting must sleep,
 //! not spin); two ferrorun "nodes" of 2 and 3 ranks on one host; two jobs at once; a rank
 //! that never starts; a rank SIGKILLed in the middle of a 1 MiB exchange loop, with and
-//! without ferrorun; a rank SIGKILLed during init, without ferrorun; wrong arguments and
-//! settings in the environment.
+//! without ferrorun; a rank SIGKILLed during init and a rank 0 started twice, without
+//! ferrorun; wrong arguments and settings in the environment.
 //!
 //! Every process runs under a generous limit (`common::LIMIT`): a hang fails the test, and
 //! every process is killed when its test ends. No test asserts a timing beyond that.
@@ -503,4 +503,35 @@ fn a_rank_killed_during_init_is_named_by_the_others_within_seconds() {
         "names its pid: {f:?}"
     );
     assert!(!f.stderr.contains("panicked"), "{f:?}");
+}
+
+#[test]
+fn a_second_process_started_as_rank_0_is_told_rank_0_is_claimed() {
+    let port = free_port();
+    let env = [("FERROCOMM_TIMEOUT", "600")];
+    let mut first = Proc::start("rank 0", by_hand("init", 0, 2, port, &env));
+    let store =
+        ferrocomm::rendezvous::TcpStore::connect(&format!("127.0.0.1:{port}"), common::LIMIT)
+            .expect("rank 0's store");
+    ferrocomm::rendezvous::Store::wait(&store, &["job/default/claim/0"], common::LIMIT)
+        .expect("rank 0 claims its rank");
+    // A user starts rank 0 twice: the second is told so (not "port in use"), at once.
+    let f = Proc::start("rank 0 again", by_hand("init", 0, 2, port, &env)).finish();
+    assert_eq!(f.code(), Some(1), "{f:?}");
+    let err = f
+        .stderr
+        .lines()
+        .find(|l| l.contains("RANKERR"))
+        .unwrap_or_else(|| panic!("no error line: {f:?}"));
+    for w in [
+        "[Config {",
+        "rank 0 is claimed twice",
+        &format!("pid {} on ", first.pid()),
+        &format!("127.0.0.1:{port}"),
+    ] {
+        assert!(err.contains(w), "says {w:?}: {f:?}");
+    }
+    assert!(!err.contains("in use"), "{f:?}");
+    assert!(first.running(), "the first rank 0 is not disturbed");
+    first.kill();
 }
