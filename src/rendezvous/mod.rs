@@ -54,9 +54,14 @@
 //!    at the master address: rank 0 hosts a [`TcpStoreServer`] there (unless
 //!    `FERROCOMM_STORE_EXTERNAL=1`: the launcher `ferrorun` hosts it); when ranks are still
 //!    to be assigned, a process whose master address belongs to its machine tries to bind the
-//!    port and hosts if it can (port in use: someone else hosts; it is a client). Every
-//!    process connects as a client, retrying until the server is up. The hosting process
-//!    keeps the server alive in its [`Bootstrap`]: it must outlive the job's use of the store.
+//!    port and hosts if it can (port in use: someone else hosts; it is a client). When rank 0
+//!    finds the port in use and a ferrocomm store answers there, it joins that store as a
+//!    client, so that the next steps say what is wrong (another job's store, or rank 0
+//!    claimed twice); otherwise it fails saying the port is in use. Every process connects
+//!    as a client, retrying until the server is up, except that a master host name that
+//!    does not resolve fails every rank within a few seconds ([`tcp_store::RESOLVE_GRACE`]).
+//!    The hosting process keeps the server alive in its [`Bootstrap`]: it must outlive the
+//!    job's use of the store.
 //! 2. **Job check.** A `compare_set` of [`JOB_KEY`] to `job_id=ID world_size=N`: a process
 //!    that reaches the store of another job (other id or world size) fails at once with
 //!    [`Error::JobMismatch`]. The store address is the job's identity: two jobs on one host
