@@ -439,16 +439,45 @@ impl Shared {
     }
 
     /// Reads, answers and returns `Ok(true)` for one request; `Ok(false)` when the client
-    /// closed the connection between frames; `Err` with what to log otherwise. Until the
-    /// connection's first request, the whole request must arrive by `first_by`; after it, the
-    /// client may stay idle between frames as long as it likes. Every frame must arrive
-    /// within the frame timeout of its first byte.
+    /// closed the connection between frames; `Err` with what to log otherwise. Reading
+    /// ([`read_request`](Self::read_request)) and encoding the reply are the codec's part;
+    /// the rest (deadlines, wills, shutdown) holds for any codec.
     fn serve_one(
         &self,
         stream: &mut TcpStream,
         first_by: Option<Instant>,
         will: &mut Will,
     ) -> std::result::Result<bool, String> {
+        let Some(req) = self.read_request(stream, first_by)? else {
+            return Ok(false);
+        };
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let resp = match req {
+            Request::Will { key, value } => {
+                *will = (!key.is_empty()).then_some((key, value));
+                Response::Ok(Vec::new())
+            }
+            req => self.handle(req),
+        };
+        let sent = write_by(
+            stream,
+            &protocol::encode_response(&resp),
+            Instant::now() + self.config.frame_timeout.max(Duration::from_millis(1)),
+        );
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        sent.map_err(|e| format!("cannot send the reply: {e}"))?;
+        Ok(true)
+    }
+
+    /// Reads one request frame of [`protocol`]: `Ok(None)` when the client closed the
+    /// connection between frames. Until the connection's first request, the whole request
+    /// must arrive by `first_by`; after it, the client may stay idle between frames as long
+    /// as it likes. Every frame must arrive within the frame timeout of its first byte.
+    fn read_request(
+        &self,
+        stream: &mut TcpStream,
+        first_by: Option<Instant>,
+    ) -> std::result::Result<Option<Request>, String> {
         let mut header = [0u8; REQUEST_HEADER_LEN];
         let cfg = |e: io::Error| format!("cannot configure the socket: {e}");
         let first_limit = self.config.handshake_timeout;
@@ -470,7 +499,7 @@ impl Shared {
         }
         loop {
             match stream.read(&mut header[..1]) {
-                Ok(0) => return Ok(false),
+                Ok(0) => return Ok(None),
                 Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
@@ -519,23 +548,7 @@ impl Shared {
         read_by(stream, &mut body, deadline).map_err(|e| stalled(e, "body"))?;
         let req =
             protocol::decode_request_body(&h, &body).map_err(|e| format!("bad request: {e}"))?;
-        drop(body);
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let resp = match req {
-            Request::Will { key, value } => {
-                *will = (!key.is_empty()).then_some((key, value));
-                Response::Ok(Vec::new())
-            }
-            req => self.handle(req),
-        };
-        let sent = write_by(
-            stream,
-            &protocol::encode_response(&resp),
-            Instant::now() + frame_timeout.max(Duration::from_millis(1)),
-        );
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        sent.map_err(|e| format!("cannot send the reply: {e}"))?;
-        Ok(true)
+        Ok(Some(req))
     }
 
     /// Runs the server's side of the handshake of [`crate::auth`] within the handshake
