@@ -1292,7 +1292,7 @@ impl TcpStore {
             .ctx(|| {
                 format!(
                     "store tcp://{}: opening another connection (the store host, rank 0 or the \
-                     launcher, may have exited; see its log)",
+                     launcher, may be gone: it exited, gave up or was killed; see its log)",
                     self.addr
                 )
             })?;
