@@ -6,7 +6,9 @@
 //!   one rank, chosen at random, is SIGKILLed at a random moment. Every survivor fails with
 //!   `PeerLost` within 10 s naming the dead rank (or, rarely, a survivor that gave up first
 //!   and whose own report names the dead rank; counted and printed), every `ferrorun` exits 137 naming that
-//!   rank and "signal 9 (SIGKILL)", and no temporary file (a private `TMPDIR`) or
+//!   rank and "signal 9 (SIGKILL)" in its headline although survivors exit at once after
+//!   failing (often before the killed rank is seen to end), and no temporary file (a
+//!   private `TMPDIR`, where ferrorun keeps the ranks' failure reports) or
 //!   shared-memory segment (`/dev/shm`, ferrocomm's names) is left. The transports are the
 //!   data in [`TRANSPORTS`]; one that this build does not accept (`FERROCOMM_TRANSPORT`
 //!   refused as a configuration error) is skipped with a printed line.
@@ -15,6 +17,11 @@
 //!   the stopped rank and the operation (`all_reduce` or `all_to_all`) and call number,
 //!   after about the timeout (bounded above, never
 //!   before it).
+//! - `a_stopped_rank_is_named_at_the_end_of_the_chain_of_waiting_ranks`: the same with 4
+//!   and 5 ranks, where most survivors wait for the stopped rank only through others:
+//!   each follows the others' timeout notices; the names lead to the stopped rank (a
+//!   survivor may name a rank that was waiting but had not timed out yet when it settled;
+//!   how many named the stopped rank directly is printed).
 //! - `abort_from_another_thread_releases_every_waiter`: threads blocked in recv and
 //!   all_reduce on local and TCP worlds all return `Aborted` when another thread aborts.
 
@@ -146,15 +153,16 @@ fn kill_trial(case: &TransportCase, trial: usize, seed: u64) {
     let tmp = tempfile::tempdir().expect("temporary directory");
     let shm_before = shm_segments();
     let ranks: usize = case.nodes.iter().map(|n| n.0).sum();
-    // Survivors ignore ferrorun's SIGTERM and linger a second after failing, so that what
-    // they print shows the transport's own report of the loss, and the launcher sees the
-    // killed rank end first (see `a_rank_killed_mid_transfer_under_ferrorun`).
+    // Survivors ignore ferrorun's SIGTERM, so that each prints its own report of the
+    // loss, and exit as soon as they have failed: often before the launcher sees the
+    // killed rank end, which ferrorun must still name (it follows the survivors' failure
+    // reports to the root cause).
     let mut nodes = launch(
         case,
         tmp.path(),
         &[
             (common::IGNORE_SIGTERM, "1"),
-            (common::LINGER_MS, "1000"),
+            (common::LINGER_MS, "0"),
             (common::MAX_SECS, "60"),
             // Far above what noticing a death takes; a rank that misses the death says
             // what it was waiting for instead of hanging until ferrorun's SIGKILL.
@@ -219,6 +227,13 @@ fn kill_trial(case: &TransportCase, trial: usize, seed: u64) {
                 panic!("{what}: rank {survivor} reports no lost peer (PeerLost):\n{all_err}")
             });
         direct += usize::from(lost == victim);
+        if lost != victim {
+            let line = lines
+                .iter()
+                .find(|l| l.contains("[PeerLost {"))
+                .unwrap_or(&"");
+            eprintln!("{what}: rank {survivor} names rank {lost}: {line}");
+        }
         named.insert(survivor, lost);
         let failed_at = lines
             .iter()
@@ -302,51 +317,58 @@ fn killed_ranks_are_named_by_every_survivor_and_by_ferrorun() {
     assert!(ran > 0, "tcp is always available");
 }
 
-#[test]
-fn a_stopped_rank_is_named_by_the_timeout_of_the_others() {
+/// SIGSTOPs rank `stopped` of `n` ranks (started by hand) in an all_reduce loop with
+/// `FERROCOMM_OP_TIMEOUT=5`: every other rank fails with `Timeout` naming a stuck rank
+/// (never itself) and the operation and call number, after about the timeout (bounded
+/// above, never before it), and following the names from any survivor leads to the
+/// stopped rank; `strict`: every survivor names the stopped rank itself.
+fn stopped_rank_trial(n: usize, stopped: usize, strict: bool) {
     let port = free_port();
     let env = [
         (common::MAX_SECS, "80"),
         ("FERROCOMM_OP_TIMEOUT", "5"),
         (common::REPORT_EVERY, "1"),
     ];
-    let mut ranks: Vec<Proc> = (0..3)
+    let mut ranks: Vec<Proc> = (0..n)
         .map(|r| {
             Proc::start(
                 &format!("rank {r}"),
-                by_hand("allreduce-loop", r, 3, port, &env),
+                by_hand("allreduce-loop", r, n, port, &env),
             )
         })
         .collect();
     for p in ranks.iter_mut() {
         p.wait_for("looping", |o| count(o, "LOOPING") == 1);
     }
-    let stuck = ranks.remove(1);
+    let stuck = ranks.remove(stopped);
     let pid = stuck.pid() as libc::pid_t;
     // SAFETY: kill(2) on a child of this test that has not been reaped yet.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let stopped_at = Instant::now();
-    // Both survivors end before any check, so that a failure shows both views.
+    // Every survivor ends before any check, so that a failure shows every view.
+    let survivors: Vec<usize> = (0..n).filter(|&r| r != stopped).collect();
     let finished: Vec<_> = ranks
         .into_iter()
-        .zip([0, 2])
+        .zip(survivors)
         .map(|(p, survivor)| {
             let f = p.finish();
             (survivor, f, stopped_at.elapsed())
         })
         .collect();
-    let both: String = finished.iter().map(|(_, f, _)| format!("{f:?}")).collect();
+    let all: String = finished.iter().map(|(_, f, _)| format!("{f:?}")).collect();
+    let what = format!("{n} ranks, rank {stopped} stopped");
+    let mut named = std::collections::BTreeMap::new();
     for (survivor, f, after) in &finished {
-        assert_eq!(f.code(), Some(1), "rank {survivor} fails: {both}");
+        assert_eq!(f.code(), Some(1), "{what}: rank {survivor} fails: {all}");
         let err = f
             .stderr
             .lines()
             .find(|l| l.contains("RANKERR"))
-            .unwrap_or_else(|| panic!("rank {survivor} reports no error: {both}"));
-        eprintln!("rank {survivor} after {after:.1?}: {err}");
+            .unwrap_or_else(|| panic!("{what}: rank {survivor} reports no error: {all}"));
+        eprintln!("{what}: rank {survivor} after {after:.1?}: {err}");
         assert!(
             err.contains("[Timeout {"),
-            "rank {survivor}: a timeout: {both}"
+            "{what}: rank {survivor}: a timeout: {all}"
         );
         // The loop runs all_reduce and all_to_all: the stop may catch either.
         assert!(
@@ -354,19 +376,52 @@ fn a_stopped_rank_is_named_by_the_timeout_of_the_others() {
                 .iter()
                 .any(|op| err.contains(op))
                 && err.contains(" (call #"),
-            "rank {survivor} names the operation and the call: {both}"
+            "{what}: rank {survivor} names the operation and the call: {all}"
+        );
+        let stuck_named = err
+            .split_once(" is stuck")
+            .and_then(|(head, _)| head.rsplit_once("rank "))
+            .and_then(|(_, k)| k.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("{what}: rank {survivor} names no stuck rank: {all}"));
+        assert_ne!(
+            stuck_named, *survivor,
+            "{what}: a rank never names itself: {all}"
         );
         assert!(
-            err.contains("rank 1 is stuck"),
-            "rank {survivor} names the stopped rank 1: {both}"
+            !strict || stuck_named == stopped,
+            "{what}: rank {survivor} names the stopped rank {stopped}: {all}"
         );
+        named.insert(*survivor, stuck_named);
         // Never before the timeout (measured from the stop: the last progress was before
-        // it); generously bounded above (2 s of settling, a loaded machine).
+        // it); generously bounded above (settling, a loaded machine).
         assert!(
             *after >= Duration::from_secs(5) && *after < Duration::from_secs(30),
-            "rank {survivor} gave up after {after:?}, timeout 5 s: {both}"
+            "{what}: rank {survivor} gave up after {after:?}, timeout 5 s: {all}"
         );
     }
+    // Every survivor names the stopped rank, or a rank that was waiting (alive, but not
+    // yet timed out itself when this one settled: see `exec`'s "Naming the stuck rank")
+    // whose own error leads on to the stopped rank: the cause can always be followed.
+    let direct = named.values().filter(|&&k| k == stopped).count();
+    for &s in named.keys() {
+        let mut at = s;
+        for _ in 0..n {
+            if at == stopped {
+                break;
+            }
+            at = *named
+                .get(&at)
+                .unwrap_or_else(|| panic!("{what}: rank {s}'s chain leaves the job: {all}"));
+        }
+        assert_eq!(
+            at, stopped,
+            "{what}: rank {s}'s report does not lead to the stopped rank: {named:?}\n{all}"
+        );
+    }
+    eprintln!(
+        "{what}: {direct} of {} survivors name it directly ({named:?})",
+        named.len()
+    );
     // SAFETY: as above; the stopped rank is resumed and then killed.
     unsafe {
         libc::kill(pid, libc::SIGCONT);
@@ -377,6 +432,19 @@ fn a_stopped_rank_is_named_by_the_timeout_of_the_others() {
         f.code() == Some(1) || std::os::unix::process::ExitStatusExt::signal(&f.status) == Some(9),
         "{f:?}"
     );
+}
+
+#[test]
+fn a_stopped_rank_is_named_by_the_timeout_of_the_others() {
+    stopped_rank_trial(3, 1, true);
+}
+
+#[test]
+fn a_stopped_rank_is_named_at_the_end_of_the_chain_of_waiting_ranks() {
+    // With 4 and 5 ranks, most survivors do not wait for the stopped rank directly: each
+    // must follow the others' timeout notices to it, never naming a rank that waits.
+    stopped_rank_trial(4, 2, false);
+    stopped_rank_trial(5, 3, false);
 }
 
 /// Blocks `waiters` threads of rank 0 of `world` (recv from a rank that never sends,

@@ -364,6 +364,107 @@ fn rank_killed_by_a_signal() {
     );
 }
 
+/// A `sh` command that writes a failure report (as a ferrocomm rank whose collective
+/// failed does) of `kind` blaming rank `blamed`, then exits 1.
+fn victim(kind: &str, blamed: usize) -> String {
+    format!(
+        "printf 'ferrocomm-failure-v1 {kind} {blamed}\\nrank $RANK: lost peer rank {blamed}\\n' \
+         > \"$FERROCOMM_FAILURE_FILE\"; exit 1"
+    )
+}
+
+#[test]
+fn the_killed_rank_is_named_over_its_victims_that_ended_first() {
+    // Ranks 0, 1 and 3 fail with PeerLost because of rank 2 and end at once; rank 2 is
+    // killed half a second later. The headline names rank 2 and its signal, and ferrorun
+    // exits 137, whatever ended first; the report directory is gone afterwards.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let prog = format!(
+        "if [ \"$RANK\" = 2 ]; then sleep 0.5; kill -9 $$; fi; {}",
+        victim("peer_lost", 2)
+    );
+    let f = start_env(
+        &["--nproc-per-node", "4", "--", "sh", "-c", &prog],
+        &[("TMPDIR", tmp.path().to_str().expect("utf-8 temp path"))],
+    )
+    .finish();
+    assert_eq!(f.code(), Some(128 + 9), "{f:?}");
+    assert!(f.elapsed < QUICK, "took {:?}", f.elapsed);
+    assert!(
+        f.stderr.contains("ferrorun: rank 2 (local rank 2, pid ")
+            && f.stderr
+                .contains(") was killed by signal 9 (SIGKILL) (rank ")
+            && f.stderr
+                .contains("exited with status 1 first, because of rank 2)"),
+        "names the killed rank, not its victims: {}",
+        f.stderr
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("read TMPDIR")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "failure reports left behind: {left:?}");
+}
+
+#[test]
+fn a_rank_that_failed_by_itself_is_named_over_its_victims() {
+    // Rank 1 exits 5 without a report (the program's own error) after the others failed
+    // because of it: rank 1 and its status.
+    let prog = format!(
+        "if [ \"$RANK\" = 1 ]; then sleep 0.5; exit 5; fi; {}",
+        victim("peer_lost", 1)
+    );
+    let f = run(&["--nproc-per-node", "3", "--", "sh", "-c", &prog]);
+    assert_eq!(f.code(), Some(5), "{f:?}");
+    assert!(
+        f.stderr.contains("ferrorun: rank 1 (local rank 1, pid ")
+            && f.stderr.contains(") exited with status 5 (rank ")
+            && f.stderr.contains("first, because of rank 1)"),
+        "{}",
+        f.stderr
+    );
+}
+
+#[test]
+fn a_signal_death_wins_over_an_exit_without_a_report_seen_first() {
+    // Rank 0 exits 1 without a report (a program that lost rank 1 in a point-to-point
+    // call, outside the collectives' reports); rank 1 is killed a moment later.
+    let prog = "case $RANK in 0) exit 1;; 1) sleep 0.3; kill -9 $$;; *) exec sleep 600;; esac";
+    let f = run(&["--nproc-per-node", "3", "--", "sh", "-c", prog]);
+    assert_eq!(f.code(), Some(128 + 9), "{f:?}");
+    assert!(
+        f.stderr.contains("ferrorun: rank 1 (local rank 1, pid ")
+            && f.stderr
+                .contains(") was killed by signal 9 (SIGKILL) (rank 0 "),
+        "{}",
+        f.stderr
+    );
+}
+
+#[test]
+fn a_chain_of_timeouts_leads_to_the_stuck_rank() {
+    // Rank 0 timed out waiting for rank 1, which timed out waiting for rank 3; rank 3
+    // never ends (stopped), rank 2 waits. After the wait for a root cause, the first
+    // failure is reported with the rank the chain leads to, still running.
+    let prog = format!(
+        "case $RANK in 0) {};; 1) sleep 0.2; {};; *) exec sleep 600;; esac",
+        victim("timeout", 1),
+        victim("timeout", 3)
+    );
+    let f = run(&["--nproc-per-node", "4", "--", "sh", "-c", &prog]);
+    assert_eq!(f.code(), Some(1), "{f:?}");
+    assert!(f.elapsed < QUICK, "took {:?}", f.elapsed);
+    assert!(
+        f.stderr.contains("ferrorun: rank 0 (local rank 0, pid ")
+            && f.stderr
+                .contains("the failures lead to rank 3 (local rank 3, pid ")
+            && f.stderr.contains("which was still running"),
+        "{}",
+        f.stderr
+    );
+}
+
 /// SIGTERM or SIGINT to ferrorun reaches every rank, and ferrorun exits 128 + signal.
 fn signal_to_ferrorun(signal: &str, code: i32) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -762,6 +863,37 @@ fn every_node_reports_the_jobs_first_failure() {
         "{}",
         f1.stderr
     );
+}
+
+#[test]
+fn every_node_names_a_rank_killed_after_its_victims_on_another_node_ended() {
+    // Node 1's ranks fail at once because of rank 0 (as PeerLost victims would, with
+    // reports); rank 0, on node 0, is killed half a second later. Both launchers name
+    // rank 0 and SIGKILL and exit 137: node 1 waits for the rank its ranks blame instead
+    // of publishing its own failure as the job's first.
+    let port = free_port().to_string();
+    let n0 = start_node(&port, "0", "1", "sleep 0.5; kill -9 $$");
+    let n1 = start_node(&port, "1", "2", &victim("peer_lost", 0));
+    let (f0, f1) = (n0.finish(), n1.finish());
+    assert_eq!(
+        (f0.code(), f1.code()),
+        (Some(137), Some(137)),
+        "{f0:?}\n{f1:?}"
+    );
+    assert!(
+        f0.stderr.contains("ferrorun: rank 0 (local rank 0, pid ")
+            && f0.stderr.contains("was killed by signal 9 (SIGKILL)"),
+        "{}",
+        f0.stderr
+    );
+    assert!(
+        f1.stderr
+            .contains("ferrorun: node 0 failed: rank 0 (local rank 0, pid ")
+            && f1.stderr.contains("was killed by signal 9 (SIGKILL)"),
+        "{}",
+        f1.stderr
+    );
+    assert!(f0.elapsed < QUICK && f1.elapsed < QUICK);
 }
 
 #[test]

@@ -385,3 +385,238 @@ fn a_rank_with_another_secret_cannot_join() {
     assert_auth_failure(e);
     assert!(results[0].is_err());
 }
+
+// ---------------------------------------------------------------------------------------
+// Limits without a secret (issue 13, item 8), and what the store and the transport log.
+// ---------------------------------------------------------------------------------------
+
+/// Everything logged at WARN or above by any thread of this test binary since the first
+/// call (the store and the transport log from their own threads).
+fn global_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        #[derive(Clone)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Buf(buf.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        buf
+    })
+    .clone()
+}
+
+/// The logged lines that contain `needle`.
+fn logged_lines(logs: &Mutex<Vec<u8>>, needle: &str) -> Vec<String> {
+    String::from_utf8_lossy(&logs.lock().unwrap())
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether the other side closes `s` within `limit` (EOF or reset), reading and dropping
+/// whatever it sends first.
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn server_without_secret(tune: impl FnOnce(&mut ServerConfig)) -> TcpStoreServer {
+    let mut cfg = ServerConfig::default();
+    tune(&mut cfg);
+    TcpStoreServer::bind_with("127.0.0.1:0".parse().unwrap(), cfg).unwrap()
+}
+
+#[test]
+fn store_without_secret_drops_idle_strangers_and_trickled_requests() {
+    let srv = server_without_secret(|c| {
+        c.handshake_timeout = Duration::from_millis(300);
+        c.frame_timeout = Duration::from_secs(1);
+    });
+    // A connection that never sends a request is dropped (it used to be kept forever, one
+    // server thread each).
+    let mut idle = TcpStream::connect(srv.local_addr()).unwrap();
+    assert!(closed_within(&mut idle, LONG), "an idle stranger is kept");
+
+    // A client that completed a request may idle, but a request trickled one byte every
+    // 100 ms is dropped once the whole frame has taken more than the frame timeout (each
+    // byte used to restart the clock, so it stayed open indefinitely).
+    let mut slow = TcpStream::connect(srv.local_addr()).unwrap();
+    let set = protocol::encode_request(&Request::Set {
+        key: "k".into(),
+        value: b"v".to_vec(),
+    })
+    .unwrap();
+    slow.write_all(&set).unwrap();
+    let mut reply = [0u8; protocol::RESPONSE_HEADER_LEN];
+    slow.read_exact(&mut reply).unwrap();
+    std::thread::sleep(Duration::from_millis(600)); // idle after a request: allowed
+    let frame = protocol::encode_request(&Request::TryGet { key: "k".into() }).unwrap();
+    let mut dropped = false;
+    for b in &frame {
+        if slow.write_all(std::slice::from_ref(b)).is_err()
+            || closed_within(&mut slow, Duration::from_millis(100))
+        {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(
+        dropped || closed_within(&mut slow, Duration::from_millis(100)),
+        "a request trickled over {} bytes was served",
+        frame.len()
+    );
+    // The store still serves.
+    let c = client(&srv, None).unwrap();
+    assert_eq!(c.get("k", LONG).unwrap(), b"v");
+}
+
+#[test]
+fn store_caps_connections_without_a_request_per_client() {
+    let srv = server_without_secret(|c| {
+        c.max_pending_per_client = 3;
+        c.handshake_timeout = LONG;
+    });
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(srv.local_addr()).unwrap())
+        .collect();
+    // The fourth silent connection from this address is refused, saying why.
+    let mut extra = TcpStream::connect(srv.local_addr()).unwrap();
+    let got = read_to_close(&mut extra, LONG);
+    let (resp, _) = protocol::decode_response(&got).expect("a refusal");
+    match resp {
+        protocol::Response::Refused(m) => {
+            assert!(m.contains("FERROCOMM_STORE_MAX_PENDING"), "{m}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Once they are gone, clients are served again.
+    drop(idle);
+    let deadline = Instant::now() + LONG;
+    loop {
+        match client(&srv, None).and_then(|c| c.set("k", b"v")) {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "still refused: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+fn store_refusals_are_logged_at_a_bounded_rate() {
+    let logs = global_logs();
+    let srv = server_without_secret(|_| {});
+    let addr = srv.local_addr().to_string();
+    const BAD: usize = 120;
+    for _ in 0..BAD {
+        let mut s = TcpStream::connect(srv.local_addr()).unwrap();
+        s.write_all(&[0xEE; protocol::REQUEST_HEADER_LEN]).unwrap();
+        assert!(
+            closed_within(&mut s, LONG),
+            "garbage is answered by a close"
+        );
+    }
+    // The store still serves, and stopping it sums up what was not logged.
+    client(&srv, None).unwrap().set("k", b"v").unwrap();
+    drop(srv);
+    let lines = logged_lines(&logs, &format!("store server {addr}"));
+    assert!(
+        lines.len() <= (ferrocomm::rendezvous::tcp_store::LOG_BURST as usize) + 3,
+        "{} lines for {BAD} bad connections:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("more refused or closed connections")),
+        "no summary:\n{}",
+        lines.join("\n")
+    );
+}
+
+/// Closes `s` with a reset (SO_LINGER 0) instead of an orderly shutdown.
+fn reset(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `s` owns an open socket; the option value is a valid `linger` of the size
+    // passed, read by the kernel during the call only.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER");
+    drop(s);
+}
+
+#[test]
+fn a_dial_dropped_during_the_transport_handshake_is_not_a_warning() {
+    let logs = global_logs();
+    let mut from = Vec::new();
+    job_under_attack("crossing-key", |addr, _| {
+        // What a crossing dial given up by its rank looks like to the acceptor: a
+        // connection reset, or closed, before it said anything.
+        let s = TcpStream::connect(addr).unwrap();
+        from.push(s.local_addr().unwrap().to_string());
+        reset(s);
+        let s = TcpStream::connect(addr).unwrap();
+        from.push(s.local_addr().unwrap().to_string());
+        drop(s);
+        // A stranger after them is still refused (so the rank has read its connections).
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&hello(0)).unwrap();
+        assert!(!read_to_close(&mut s, LONG).is_empty());
+    });
+    for f in &from {
+        let lines = logged_lines(&logs, f);
+        assert!(
+            lines.is_empty(),
+            "warned about a dropped dial:\n{}",
+            lines.join("\n")
+        );
+    }
+}

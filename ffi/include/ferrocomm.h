@@ -185,9 +185,9 @@ FERROCOMM_ENUM_(ferrocomm_op) {
     FERROCOMM_SUM = 0x200,
     /** Product (wrapping for integer types). */
     FERROCOMM_PROD = 0x201,
-    /** Maximum (NaN if any operand is NaN). */
+    /** Maximum. Floats: IEEE 754-2019 maximum (+0.0 > -0.0; a NaN operand gives the canonical quiet NaN), so the result does not depend on the algorithm or world size. */
     FERROCOMM_MAX = 0x202,
-    /** Minimum (NaN if any operand is NaN). */
+    /** Minimum. Floats: IEEE 754-2019 minimum (-0.0 < +0.0; a NaN operand gives the canonical quiet NaN), so the result does not depend on the algorithm or world size. */
     FERROCOMM_MIN = 0x203,
     /**
      * Sum divided by the number of ranks; floating-point types only (an integer type gives

@@ -153,9 +153,9 @@ pub enum ferrocomm_op_code {
     FERROCOMM_SUM = OP_BASE,
     /// Product (wrapping for integer types).
     FERROCOMM_PROD = OP_BASE + 1,
-    /// Maximum (NaN if any operand is NaN).
+    /// Maximum. Floats: IEEE 754-2019 maximum (+0.0 > -0.0; a NaN operand gives the canonical quiet NaN), so the result does not depend on the algorithm or world size.
     FERROCOMM_MAX = OP_BASE + 2,
-    /// Minimum (NaN if any operand is NaN).
+    /// Minimum. Floats: IEEE 754-2019 minimum (-0.0 < +0.0; a NaN operand gives the canonical quiet NaN), so the result does not depend on the algorithm or world size.
     FERROCOMM_MIN = OP_BASE + 3,
     /// Sum divided by the number of ranks; floating-point types only (an integer type gives
     /// `FERROCOMM_ERR_INVALID_ARGUMENT`).

@@ -1,9 +1,11 @@
 //! `ferrorun`: starts the ranks of one node of a ferrocomm (or torchrun-style) job.
 //!
 //! A thin command line over [`ferrocomm::launch`], which documents the behaviour. Exit
-//! status: 0 when every rank exited 0; a failed rank's status (or 128 + the signal that
-//! killed it); 128 + signal when ferrorun itself was interrupted; 1 when the launcher could
-//! not do its work (rendezvous timeout, program not found); 2 for a bad command line.
+//! status: 0 when every rank exited 0; the status of the failed rank named as the root
+//! cause (or 128 + the signal that killed it: a rank killed by a signal is named over the
+//! ranks that failed because they lost it, even when they ended first); 128 + signal when
+//! ferrorun itself was interrupted; 1 when the launcher could not do its work (rendezvous
+//! timeout, program not found); 2 for a bad command line.
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -16,7 +18,8 @@ use ferrocomm::launch::{self, LaunchConfig};
 /// Start K ranks of PROGRAM on this node, with the environment torch.distributed and
 /// ferrocomm read (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...). Node 0 hosts the job's
 /// rendezvous store at --master-addr:--master-port. When a rank fails, the others are
-/// stopped. Log level: FERROCOMM_LOG (default warn); rendezvous timeout: FERROCOMM_TIMEOUT
+/// stopped, and the rank that caused the failure is named (a rank killed by a signal over
+/// the ranks that lost it). Log level: FERROCOMM_LOG (default warn); rendezvous timeout: FERROCOMM_TIMEOUT
 /// (seconds, default 300); FERROCOMM_LOG_INTERVAL (seconds, default 10) between "still
 /// waiting" messages.
 #[derive(Debug, Parser)]

@@ -19,6 +19,22 @@
 //! of every link carry data all the time, and large messages pipeline through the
 //! algorithm without any algorithm having to say so.
 //!
+//! # Agreement
+//!
+//! For a call that a rank may finish without having heard from every rank (see
+//! `Call::agrees` and the module documentation of [`crate::collective`]), the executor
+//! appends agreement pieces after the data pieces: in round `r` (`r < ⌈log2 P⌉`) an empty
+//! message to rank `me + 2^r` and one from rank `me - 2^r`, in the communicator's agreement
+//! context (`Call::actx`), so they never match a data receive. Every round's receive is
+//! posted at the start (their sources differ), so a disagreeing neighbour is found even
+//! while the data is blocked (a reduce whose ranks disagree about the root waits for data
+//! that never comes); round `r`'s send starts only once round `r - 1`'s receive has been
+//! accepted, so what a rank passes on includes what it accepted, and after the last round
+//! every rank has compared, directly or not, every rank's fingerprint with its own. The
+//! call is complete when data and agreement pieces are all done. Other calls post one
+//! receive of any agreement message of the call ("wildcard"), withdrawn at the end: only a
+//! rank whose call differs (and so runs the exchange where this one does not) can send one.
+//!
 //! # Failures
 //!
 //! The executor waits for whichever request finishes first. A message of another call (or
@@ -34,23 +50,29 @@
 //! When one rank stops (SIGSTOP, a long pause, an endless loop outside the library), the
 //! ranks of a collective stop making progress at nearly the same moment and time out
 //! together; only those that wait directly for the stopped rank can name it. So a rank
-//! that times out first tells the schedule's peers at once whom it waits for (a timeout
-//! notice blaming the rank of its first pending receive, else of its first pending send),
-//! then *settles* for a moment (`settle_time`): a timeout notice from the very rank it
-//! was waiting for shows that rank alive and waiting in turn, and the blame moves on to
-//! whom that rank waits for. The error then names the rank that is probably stuck, the
-//! ranks it waited for, and the call. (One hop is resolved per settle: in longer chains a
-//! rank may name a rank that was itself waiting; each rank's message says whom it waited
-//! for, so the chain can be followed from the logs.)
+//! that times out first tells every member at once whom it waits for (a timeout notice
+//! blaming the rank of its first pending receive, else of its first pending send), then
+//! *settles* for a moment (`settle_time`), collecting the others' notices: each is an edge
+//! "who waits for whom" (a lost-peer notice: "who lost whom"). A rank that receives a
+//! timeout notice (blaming itself or another rank) does the same. After settling, the rank
+//! follows the edges from its suspect to the end ([`super::blame::resolve`]): a rank that
+//! sent a notice is alive and waiting, so it is never the final name while its edge leads
+//! on; a member lost without a notice (dead) ends the chain. The error names the rank at
+//! the end of the chain, the chain itself ("rank 1 waits for rank 4, which waits for rank
+//! 2"), and the call; ranks that wait for each other in a cycle are reported as such.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use super::blame::{Blame, resolve};
 use super::schedule::{Buf, Op, Schedule};
-use super::{BLAME_NONE, Call, notice_reason};
+use super::{BLAME_NONE, Call, Pair, notice_reason};
 use crate::comm::envelope::STEP_MAX;
-use crate::comm::envelope::{Env, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_TIMEOUT};
-use crate::comm::{Communicator, Done, RawRequest};
+use crate::comm::envelope::{
+    Env, KIND_COLL, KIND_NOTICE, NOTICE_MISMATCH, NOTICE_PEER_LOST, NOTICE_TIMEOUT,
+};
+use crate::comm::{Communicator, Done, RawRequest, Source};
 use crate::element::{DType, Order, ReduceOp, divide_bytes, reduce_bytes};
 use crate::error::{Error, Result};
 use crate::transport::Token;
@@ -67,6 +89,9 @@ pub const MAX_RECVS: usize = 16;
 const MAX_SCRATCH: usize = 16;
 /// How long a failing rank waits for its notices to leave before it fails the engine.
 const NOTICE_GRACE: Duration = Duration::from_secs(2);
+/// How long a rank that lost a peer drives the transports for notices already on their
+/// way in before it reports the loss (see [`Exec::explained`]).
+const NOTICE_TAKE_IN: Duration = Duration::from_millis(50);
 /// Scratch memory kept between calls, at most (bytes).
 const KEEP_TMP: usize = 16 << 20;
 
@@ -89,7 +114,14 @@ pub(crate) struct ScratchCache {
 enum Kind {
     Send,
     Recv(Option<Order>),
-    Copy { src: Buf, start: usize },
+    Copy {
+        src: Buf,
+        start: usize,
+    },
+    /// The agreement message of a round (see the module documentation): no data.
+    AgreeSend,
+    /// See [`Kind::AgreeSend`].
+    AgreeRecv,
 }
 
 /// A piece of an op, in bytes.
@@ -112,6 +144,7 @@ impl Piece {
                 (self.buf, self.range.clone(), true),
                 (src, start..start + self.range.len(), false),
             ],
+            Kind::AgreeSend | Kind::AgreeRecv => [none.clone(), none],
         }
     }
 }
@@ -205,8 +238,22 @@ struct Exec<'a> {
     forward: Option<(u32, u32)>,
     /// Notices already sent (a timeout tells the peers at once), awaited by [`Exec::fail`].
     notices: Option<Vec<RawRequest>>,
+    /// True while [`Exec::settle_blame`] listens for notices (it does not nest).
+    settling: bool,
     /// When the call started.
     started: Instant,
+    /// Index of the first agreement piece (send of round 0, then its receive, then round
+    /// 1...); `pieces.len()` when the call has no agreement exchange.
+    agree_at: usize,
+    /// Agreement sends started.
+    agree_sent: usize,
+    /// Whether the agreement receives are posted.
+    agree_posted: bool,
+    /// A call without agreement exchange: a receive of any agreement message of this
+    /// call, which only a rank whose call differs sends (see the module documentation).
+    wildcard: Option<RawRequest>,
+    /// The two ranks whose calls differ, once this rank knows them.
+    pair: Option<Pair>,
 }
 
 fn region_index(b: Buf) -> usize {
@@ -258,7 +305,29 @@ pub(crate) fn run(
             len: tmp_bytes,
         },
     ];
-    let pieces = expand(sched, elem);
+    let mut pieces = expand(sched, elem);
+    let agree_at = pieces.len();
+    let (me, p) = (comm.rank(), comm.size());
+    if call.agrees(p) {
+        let mut dist = 1;
+        let mut round = 0;
+        while dist < p {
+            for (kind, peer) in [
+                (Kind::AgreeSend, (me + dist) % p),
+                (Kind::AgreeRecv, (me + p - dist) % p),
+            ] {
+                pieces.push(Piece {
+                    kind,
+                    peer,
+                    buf: Buf::Tmp,
+                    range: 0..0,
+                    round,
+                });
+            }
+            dist *= 2;
+            round += 1;
+        }
+    }
     let mut ex = Exec {
         comm,
         call,
@@ -281,7 +350,13 @@ pub(crate) fn run(
         scratch_len: 0,
         forward: None,
         notices: None,
+        settling: false,
         started: Instant::now(),
+        agree_at,
+        agree_sent: 0,
+        agree_posted: false,
+        wildcard: None,
+        pair: None,
     };
     ex.scratch_len = ex
         .pieces
@@ -295,8 +370,10 @@ pub(crate) fn run(
         Ok(()) => Ok(()),
         Err(e) => Err(ex.fail(call.explain(e))),
     };
-    // Every request is finished (done, or failed by the engine's abort) here.
+    // Every request is finished (done, or failed by the engine's abort) here; an unmatched
+    // wildcard is withdrawn.
     ex.reqs.clear();
+    ex.wildcard = None;
     let mut pool = std::mem::take(&mut ex.pool);
     for s in ex.state.drain(..) {
         if let St::Posted(Some(v)) | St::Arrived(v) = s {
@@ -397,8 +474,13 @@ impl Exec<'_> {
             self.forward = Some((NOTICE_MISMATCH, (peer as u32).min(BLAME_NONE)));
             return Err(err);
         }
+        if self.agree_at == self.pieces.len() && self.comm.size() > 1 {
+            self.wildcard = Some(self.call.agree_recv(self.comm, Source::Any)?);
+        }
         loop {
-            self.issue()?;
+            if let Err(e) = self.issue() {
+                return Err(self.explained(e));
+            }
             if self.first_open == self.pieces.len() {
                 return Ok(());
             }
@@ -421,6 +503,7 @@ impl Exec<'_> {
 
     /// Starts, posts and completes everything that can go now.
     fn issue(&mut self) -> Result<()> {
+        self.agree()?;
         loop {
             let mut any = false;
             // Received pieces whose destination is free: combine them into place.
@@ -483,6 +566,42 @@ impl Exec<'_> {
             if !any {
                 return Ok(());
             }
+        }
+    }
+
+    /// Advances the agreement exchange: posts every round's receive at once (their sources
+    /// differ), starts round `r`'s send once round `r - 1`'s receive is done, so that what
+    /// a rank passes on includes what it heard (dissemination: after `⌈log2 P⌉` rounds every
+    /// rank has heard, directly or not, from every rank, and each message was compared).
+    fn agree(&mut self) -> Result<()> {
+        if self.agree_at == self.pieces.len() {
+            return Ok(());
+        }
+        if !self.agree_posted {
+            self.agree_posted = true;
+            for i in (self.agree_at + 1..self.pieces.len()).step_by(2) {
+                let req = self
+                    .call
+                    .agree_recv(self.comm, Source::Rank(self.pieces[i].peer))?;
+                self.reqs.push(req);
+                self.req_piece.push(i);
+                self.state[i] = St::Posted(None);
+            }
+        }
+        loop {
+            let i = self.agree_at + 2 * self.agree_sent;
+            if i >= self.pieces.len()
+                || (i > self.agree_at && !matches!(self.state[i - 1], St::Done))
+            {
+                return Ok(());
+            }
+            let p = &self.pieces[i];
+            // SAFETY: an agreement message has no payload.
+            let req = unsafe { self.call.agree_send(self.comm, p.peer, p.round)? };
+            self.reqs.push(req);
+            self.req_piece.push(i);
+            self.state[i] = St::Posted(None);
+            self.agree_sent += 1;
         }
     }
 
@@ -577,7 +696,11 @@ impl Exec<'_> {
 
     /// Waits until at least one request finishes and handles every finished one.
     fn wait(&mut self) -> Result<()> {
-        let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+        let mut ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+        let n = ids.len();
+        if let Some(w) = &self.wildcard {
+            ids.push(w.id());
+        }
         let shared = &self.comm.shared;
         let start = Instant::now();
         let mut done: Vec<(usize, Result<Done>)> = Vec::new();
@@ -589,7 +712,21 @@ impl Exec<'_> {
                 let eng = shared.lock();
                 (
                     eng.losses(),
-                    self.lost_member(|w| eng.lost(w).cloned()),
+                    // A member that gave up a later call completed this one: it sent this
+                    // rank everything of this call, so its loss does not doom the call.
+                    self.lost_member(
+                        |w| {
+                            eng.lost(w)
+                                .filter(|_| {
+                                    !ahead(
+                                        self.call,
+                                        eng.notice_from(self.call.ctx, self.call.seq, w),
+                                    )
+                                })
+                                .cloned()
+                        },
+                        |w| eng.notice_from(self.call.ctx, self.call.seq, w).is_some(),
+                    ),
                     eng.notice_of(self.call.ctx, self.call.seq),
                 )
             };
@@ -614,10 +751,27 @@ impl Exec<'_> {
             if let Err(e) = shared.wait_any_or_loss(&ids, losses, left) {
                 return Err(match e {
                     Error::Timeout { .. } => self.timed_out(start.elapsed()),
-                    other => other,
+                    other => self.explained(other),
                 });
             }
             shared.take_done(&ids, |k, r| done.push((k, r)));
+        }
+        // The wildcard matched: a rank whose call differs sent an agreement message.
+        if let Some(at) = done.iter().position(|d| d.0 == n) {
+            let (_, r) = done.swap_remove(at);
+            if let Some(w) = self.wildcard.take() {
+                w.finished();
+            }
+            // A receive from any rank fails when some rank is lost: the loss itself fails
+            // this call when it matters (see `lost_member`); and a rank lost after it
+            // completed this call shows that every rank's call matched this one.
+            if let Ok(d) = r {
+                let e = self.notice_error(&d, 0, None);
+                return Err(self.explained(e));
+            }
+            if done.is_empty() {
+                return Ok(());
+            }
         }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         // A notice explains why its sender gave up; the sender then fails its engine and
@@ -646,24 +800,91 @@ impl Exec<'_> {
     /// `err`, or for the loss of a peer that gave up a call first, the error its notice
     /// describes (see [`Exec::notice_waiting`]).
     fn explained(&mut self, err: Error) -> Error {
+        if matches!(err, Error::PeerLost { .. } | Error::Aborted(_)) {
+            self.take_in_notices();
+        }
         match err {
             Error::PeerLost { peer, .. } if let Some(e) = self.notice_waiting(peer) => e,
+            Error::PeerLost { .. } | Error::Aborted(_) if let Some(e) = self.mismatch_known() => e,
+            Error::PeerLost { peer, .. } if let Some(e) = self.mismatch_elsewhere(peer) => e,
             e => e,
         }
     }
 
+    /// The mismatch that world rank `peer` reported in a call of another communicator
+    /// (its engine, shared by all its communicators, then failed, which is the loss this
+    /// rank saw), if it did.
+    fn mismatch_elsewhere(&mut self, peer: usize) -> Option<Error> {
+        let notices = self.comm.shared.lock().notices_of_peer(peer);
+        let main = notices.iter().rev().map(Env::decode).find(|e| {
+            e.ctx != self.call.ctx && e.ctx & 1 == 1 && e.step >> 20 == NOTICE_MISMATCH
+        })?;
+        let actx = Call::agree_ctx(main.ctx - 1);
+        let second = notices
+            .iter()
+            .map(Env::decode)
+            .find(|e| e.ctx == actx && e.tag == main.tag && e.step >> 20 == NOTICE_MISMATCH)?;
+        let pair = Pair {
+            a: (main.step & BLAME_NONE) as usize,
+            ea: main,
+            b: (second.step & BLAME_NONE) as usize,
+            eb: second,
+        };
+        self.pair = Some(pair);
+        self.forward = Some((NOTICE_MISMATCH, BLAME_NONE));
+        Some(pair.elsewhere(self.comm, self.call, peer))
+    }
+
+    /// Drives the transports a moment so that a notice already on its way in (sent before
+    /// its sender failed, which a send to that sender can find first) is taken in.
+    fn take_in_notices(&self) {
+        let shared = &self.comm.shared;
+        let losses = shared.lock().losses();
+        let _ = shared.wait_any_or_loss(&[], losses, Some(NOTICE_TAKE_IN));
+    }
+
+    /// The error of a mismatch notice of this call from any rank, if one arrived: a lost
+    /// peer may only be a rank that gave up the call for that mismatch (it fails its
+    /// engine after sending its notices), so the mismatch is the better answer.
+    fn mismatch_known(&mut self) -> Option<Error> {
+        let (peer, env) = self
+            .comm
+            .shared
+            .lock()
+            .notice_of(self.call.ctx, self.call.seq)?;
+        if Env::decode(&env).step >> 20 != NOTICE_MISMATCH {
+            return None;
+        }
+        let done = Done {
+            peer,
+            len: 0,
+            env,
+            rejected: true,
+        };
+        Some(self.notice_error(&done, 0, None))
+    }
+
     /// The error for the first member of the communicator that was lost (crashed, or its
-    /// connection broke), if any: explained by its notice when it gave up a call (see
-    /// [`Exec::notice_waiting`]).
-    fn lost_member(&self, lost: impl Fn(usize) -> Option<Error>) -> Option<Error> {
+    /// connection broke) without a notice, else the first lost at all, if any: explained by
+    /// its notice when it gave up a call (see [`Exec::notice_waiting`]).
+    fn lost_member(
+        &self,
+        lost: impl Fn(usize) -> Option<Error>,
+        gave_notice: impl Fn(usize) -> bool,
+    ) -> Option<Error> {
         let comm = self.comm;
         let me = comm.world_rank();
-        let (peer, why) = comm
+        // A member that died (lost without a notice) is the cause, not one that gave up
+        // because of it and closed its connections after sending its notice.
+        let all_lost: Vec<usize> = comm
             .group
             .world
             .iter()
-            .filter(|&&w| w != me)
-            .find_map(|&w| lost(w).map(|e| (w, e)))?;
+            .copied()
+            .filter(|&w| w != me && lost(w).is_some())
+            .collect();
+        let peer = super::blame::first_dead(&all_lost, &gave_notice)?;
+        let why = lost(peer)?;
         let detail = match why {
             Error::PeerLost { detail, .. } => detail,
             other => other.to_string(),
@@ -685,14 +906,17 @@ impl Exec<'_> {
             .shared
             .lock()
             .notice_from(self.call.ctx, self.call.seq, peer)?;
-        let step = Env::decode(&env).step;
-        self.forward = Some((step >> 20, step & BLAME_NONE));
         let done = Done {
             peer,
             len: 0,
             env,
             rejected: true,
         };
+        let step = Env::decode(&env).step;
+        if step >> 20 == NOTICE_MISMATCH {
+            return Some(self.notice_error(&done, 0, None));
+        }
+        self.forward = Some((step >> 20, step & BLAME_NONE));
         Some(
             self.call
                 .rejected(self.comm, &done, 0, self.started.elapsed()),
@@ -701,11 +925,12 @@ impl Exec<'_> {
 
     fn finished(&mut self, i: usize, r: Result<Done>) -> Result<()> {
         let st = std::mem::replace(&mut self.state[i], St::Done);
-        let is_send = matches!(self.pieces[i].kind, Kind::Send);
-        if is_send {
-            self.sends -= 1;
-        } else {
-            self.recvs -= 1;
+        let kind = self.pieces[i].kind;
+        let is_send = matches!(kind, Kind::Send | Kind::AgreeSend);
+        match kind {
+            Kind::Send => self.sends -= 1,
+            Kind::Recv(_) => self.recvs -= 1,
+            _ => {}
         }
         let scratch = match st {
             St::Posted(s) => s,
@@ -713,6 +938,11 @@ impl Exec<'_> {
         };
         let done = match r {
             Ok(d) => d,
+            Err(Error::PeerLost { .. }) if is_send && self.peer_ahead(self.pieces[i].peer) => {
+                // The peer completed this call (it gave up a later one) and so received
+                // everything this rank sends it in this call.
+                return Ok(());
+            }
             Err(e) => {
                 if let Some(v) = scratch {
                     self.pool.push(v);
@@ -751,6 +981,7 @@ impl Exec<'_> {
                 Some(sent) => sent,
                 None => self.send_notices(reason, blamed),
             };
+            super::blame::report_failure(reason, blamed, &err);
             let ids: Vec<Token> = notices.iter().map(RawRequest::id).collect();
             let deadline = std::time::Instant::now() + NOTICE_GRACE;
             let mut left = ids.clone();
@@ -790,6 +1021,10 @@ impl Exec<'_> {
         let me = self.comm.rank();
         let others = (0..self.comm.size()).filter(|r| *r != me && !self.peers.contains(r));
         for peer in self.peers.iter().copied().chain(others) {
+            if let (NOTICE_MISMATCH, Some(pair)) = (reason, &self.pair) {
+                notices.extend(self.call.notice_pair(self.comm, peer, pair));
+                continue;
+            }
             // SAFETY: a notice has no payload.
             if let Ok(r) = unsafe { self.call.notice(self.comm, peer, reason, blamed) } {
                 notices.push(r);
@@ -810,6 +1045,37 @@ impl Exec<'_> {
         {
             return e;
         }
+        if done.rejected
+            && env.kind == KIND_NOTICE
+            && env.step >> 20 == NOTICE_MISMATCH
+            && let Some(pair) = self.reported_pair(done.peer, env.tag)
+        {
+            self.pair = Some(pair);
+            self.forward = Some((NOTICE_MISMATCH, BLAME_NONE));
+            return pair.error(self.comm, self.call, Some(done.peer));
+        }
+        if env.kind == KIND_COLL {
+            // A message of another call (or of this call, cut differently): this rank
+            // found the mismatch, between itself and the sender.
+            let pair = Pair {
+                a: self.comm.world_rank(),
+                ea: self.call.fingerprint(),
+                b: done.peer,
+                eb: env,
+            };
+            self.pair = Some(pair);
+            self.forward = Some((NOTICE_MISMATCH, (done.peer as u32).min(BLAME_NONE)));
+            if !env.same_call(&self.call.fingerprint()) {
+                return pair.error(self.comm, self.call, None);
+            }
+        }
+        if done.rejected
+            && env.kind == KIND_NOTICE
+            && env.step >> 20 == NOTICE_TIMEOUT
+            && let Some(e) = self.blamed_elsewhere(done.peer, env.step & BLAME_NONE, posted_for)
+        {
+            return e;
+        }
         self.forward = Some(if done.rejected && env.kind == KIND_NOTICE {
             (env.step >> 20, env.step & BLAME_NONE)
         } else {
@@ -817,6 +1083,53 @@ impl Exec<'_> {
         });
         self.call
             .rejected(self.comm, done, want, self.started.elapsed())
+    }
+
+    /// Whether communicator rank `peer` gave up a call later than this one (so completed
+    /// this one).
+    fn peer_ahead(&self, peer: usize) -> bool {
+        let w = self.comm.group.world.get(peer).copied().unwrap_or(peer);
+        let eng = self.comm.shared.lock();
+        ahead(self.call, eng.notice_from(self.call.ctx, self.call.seq, w))
+    }
+
+    /// The mismatch that world rank `from` reports in its two notices of call `tag` (see
+    /// [`Call::notice_pair`]); waits a moment for the second to arrive when only one is
+    /// here. `None` when `from` sent no such pair.
+    fn reported_pair(&self, from: usize, tag: u32) -> Option<Pair> {
+        let shared = &self.comm.shared;
+        let deadline = Instant::now() + NOTICE_GRACE;
+        loop {
+            let (losses, first, second) = {
+                let eng = shared.lock();
+                let get = |ctx| {
+                    eng.notice_from(ctx, tag, from)
+                        .map(|e| Env::decode(&e))
+                        .filter(|e| e.tag == tag && e.step >> 20 == NOTICE_MISMATCH)
+                };
+                (eng.losses(), get(self.call.ctx), get(self.call.actx))
+            };
+            match (first, second) {
+                (Some(ea), Some(eb)) => {
+                    return Some(Pair {
+                        a: (ea.step & BLAME_NONE) as usize,
+                        ea,
+                        b: (eb.step & BLAME_NONE) as usize,
+                        eb,
+                    });
+                }
+                (None, None) => return None,
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline
+                || shared
+                    .wait_any_or_loss(&[], losses, Some(deadline - now))
+                    .is_err()
+            {
+                return None;
+            }
+        }
     }
 
     /// A timeout notice from world rank `from` blames `blamed`: when that is this rank,
@@ -836,11 +1149,13 @@ impl Exec<'_> {
         }
         let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
         // The receive the notice took was waiting too (it is no longer pending).
-        let stuck = posted_for
+        let target = posted_for
             .into_iter()
             .chain(self.waiting_for().into_iter().map(|(r, _)| r))
             .map(world)
             .find(|&w| w != from && w != me)?;
+        let chain = self.settle_blame(target, Some(target));
+        let stuck = chain.rank();
         self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
         let waited = self.started.elapsed();
         Some(Error::Timeout {
@@ -848,14 +1163,139 @@ impl Exec<'_> {
             waited,
             detail: format!(
                 "{} timed out in the call waiting for this rank and gave up, but this rank \
-                 was itself waiting for {}: {} is stuck (stopped, hung in other work, \
+                 was itself waiting for {}{}: {} is stuck (stopped, hung in other work, \
                  unreachable, or much slower); raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no \
                  limit) if it is only slow",
                 Call::who(comm, from),
-                Call::who(comm, stuck),
+                Call::who(comm, target),
+                chain_text(comm, &chain),
                 Call::who(comm, stuck)
             ),
         })
+    }
+
+    /// A timeout notice from world rank `from` blames `blamed`, another rank: when the
+    /// notices of the others show `blamed` alive and waiting in turn, the error naming the
+    /// rank at the end of that chain, which the notices pass on. `None` when the chain
+    /// ends at `blamed` (the notice's own error says it all). `posted_for`: as for
+    /// [`Exec::notice_error`].
+    fn blamed_elsewhere(
+        &mut self,
+        from: usize,
+        blamed: u32,
+        posted_for: Option<usize>,
+    ) -> Option<Error> {
+        let comm = self.comm;
+        let me = comm.world_rank();
+        let blamed = blamed as usize;
+        if blamed == BLAME_NONE as usize || blamed == me || blamed == from || self.settling {
+            return None;
+        }
+        let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
+        let mine = posted_for
+            .into_iter()
+            .chain(self.waiting_for().into_iter().map(|(r, _)| r))
+            .map(world)
+            .find(|&w| w != me);
+        let chain = self.settle_blame(blamed, mine);
+        let stuck = chain.rank();
+        if stuck == blamed {
+            return None;
+        }
+        self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
+        Some(Error::Timeout {
+            op: format!("{} on rank {}", self.call.describe_mine(), comm.rank()),
+            waited: self.started.elapsed(),
+            detail: format!(
+                "{} timed out in the call waiting for {} and gave up, but {} was itself \
+                 waiting{}: {} is stuck (stopped, hung in other work, unreachable, or much \
+                 slower); raise FERROCOMM_OP_TIMEOUT (seconds, 0 = no limit) if it is only \
+                 slow",
+                Call::who(comm, from),
+                Call::who(comm, blamed),
+                Call::who(comm, blamed),
+                chain_text(comm, &chain),
+                Call::who(comm, stuck)
+            ),
+        })
+    }
+
+    /// The evidence for naming a stuck rank of this call (see [`super::blame`]): the edges
+    /// `who -> whom` of the timeout and lost-peer notices kept from the communicator's
+    /// members, this rank's own edge (`mine`: whom it waits for), and the members lost
+    /// without a notice.
+    fn blame_evidence(
+        &self,
+        mine: Option<usize>,
+    ) -> (BTreeMap<usize, usize>, BTreeSet<usize>, u64) {
+        let comm = self.comm;
+        let me = comm.world_rank();
+        let mut edges: BTreeMap<usize, usize> = mine.map(|m| (me, m)).into_iter().collect();
+        let mut dead = BTreeSet::new();
+        let eng = comm.shared.lock();
+        for &w in comm.group.world.iter().filter(|&&w| w != me) {
+            match eng.notice_from(self.call.ctx, self.call.seq, w) {
+                Some(env) => {
+                    let env = Env::decode(&env);
+                    let (reason, blamed) = (env.step >> 20, env.step & BLAME_NONE);
+                    if env.kind == KIND_NOTICE
+                        && matches!(reason, NOTICE_TIMEOUT | NOTICE_PEER_LOST)
+                        && blamed != BLAME_NONE
+                        && blamed as usize != w
+                    {
+                        edges.insert(w, blamed as usize);
+                    }
+                }
+                None if eng.lost(w).is_some() => {
+                    dead.insert(w);
+                }
+                None => {}
+            }
+        }
+        (edges, dead, eng.losses())
+    }
+
+    /// Tells every member at once that this rank gave up because of `suspect` (if it has
+    /// not yet sent its notices), then listens for the others' notices for the settle time,
+    /// finishing requests that complete meanwhile, and follows the chain of "waits for"
+    /// from `suspect` to its end (see [`super::blame::resolve`]). `mine`: whom this rank
+    /// waits for. Stops early when the chain ends at a dead rank.
+    fn settle_blame(&mut self, suspect: usize, mine: Option<usize>) -> Blame {
+        let shared = &self.comm.shared;
+        if self.notices.is_none() {
+            self.notices = Some(self.send_notices(NOTICE_TIMEOUT, suspect as u32));
+        }
+        let settle = shared.cfg.op_timeout.map_or(Duration::ZERO, settle_time);
+        let deadline = Instant::now() + settle;
+        let nested = std::mem::replace(&mut self.settling, true);
+        loop {
+            let (edges, dead, losses) = self.blame_evidence(mine);
+            let chain = resolve(suspect, &edges, &dead);
+            let now = Instant::now();
+            if nested || now >= deadline || dead.contains(&chain.rank()) {
+                self.settling = nested;
+                return chain;
+            }
+            let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
+            match shared.wait_any_or_loss(&ids, losses, Some(deadline - now)) {
+                Ok(()) => {}
+                Err(Error::Timeout { .. }) => continue,
+                Err(_) => {
+                    self.settling = nested;
+                    return chain;
+                }
+            }
+            let mut done: Vec<(usize, Result<Done>)> = Vec::new();
+            shared.take_done(&ids, |k, r| done.push((k, r)));
+            done.sort_by_key(|d| std::cmp::Reverse(d.0));
+            for (k, r) in done {
+                let req = self.reqs.swap_remove(k);
+                let i = self.req_piece.swap_remove(k);
+                req.finished();
+                // Keeps the pieces' states consistent; the call fails anyway.
+                let _ = self.finished(i, r);
+            }
+        }
     }
 
     /// The communicator ranks this rank is waiting for, each once: those of pending
@@ -881,7 +1321,6 @@ impl Exec<'_> {
     fn timed_out(&mut self, waited: Duration) -> Error {
         let comm = self.comm;
         let world = |r: usize| comm.group.world.get(r).copied().unwrap_or(r);
-        let me = comm.world_rank();
         let waiting = self.waiting_for();
         let list = waiting
             .iter()
@@ -894,78 +1333,21 @@ impl Exec<'_> {
         let Some(&(first, _)) = waiting.first() else {
             return internal(self.call, "a timeout with nothing in flight");
         };
-        let mut stuck = world(first);
-        let mut via: Option<usize> = None;
-        self.notices = Some(self.send_notices(NOTICE_TIMEOUT, stuck as u32));
-        let shared = &comm.shared;
-        let deadline = Instant::now() + shared.cfg.op_timeout.map_or(Duration::ZERO, settle_time);
-        while via.is_none() && !self.reqs.is_empty() {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            // A timeout notice of the suspect for an earlier call (which this rank
-            // completed) shows it alive and waiting too, no receive of this call needed.
-            let (losses, kept) = {
-                let eng = shared.lock();
-                let kept = eng.notice_from(self.call.ctx, self.call.seq, stuck);
-                (eng.losses(), kept)
-            };
-            if let Some(env) = kept.map(|e| Env::decode(&e)) {
-                let blamed = (env.step & BLAME_NONE) as usize;
-                if env.kind == KIND_NOTICE
-                    && env.step >> 20 == NOTICE_TIMEOUT
-                    && blamed != BLAME_NONE as usize
-                    && blamed != me
-                    && blamed != stuck
-                {
-                    via = Some(stuck);
-                    stuck = blamed;
-                    break;
-                }
-            }
-            let ids: Vec<Token> = self.reqs.iter().map(RawRequest::id).collect();
-            if shared
-                .wait_any_or_loss(&ids, losses, Some(deadline - now))
-                .is_err()
-            {
-                break;
-            }
-            let mut done: Vec<(usize, Result<Done>)> = Vec::new();
-            shared.take_done(&ids, |k, r| done.push((k, r)));
-            done.sort_by_key(|d| std::cmp::Reverse(d.0));
-            for (k, r) in done {
-                let req = self.reqs.swap_remove(k);
-                let i = self.req_piece.swap_remove(k);
-                req.finished();
-                if let Ok(d) = &r
-                    && d.rejected
-                {
-                    let env = Env::decode(&d.env);
-                    let blamed = (env.step & BLAME_NONE) as usize;
-                    if env.kind == KIND_NOTICE
-                        && env.step >> 20 == NOTICE_TIMEOUT
-                        && d.peer == stuck
-                        && blamed != BLAME_NONE as usize
-                        && blamed != me
-                        && blamed != d.peer
-                    {
-                        via = Some(stuck);
-                        stuck = blamed;
-                    }
-                }
-                // Keeps the pieces' states consistent; the call fails anyway.
-                let _ = self.finished(i, r);
-            }
-        }
+        let suspect = world(first);
+        let chain = self.settle_blame(suspect, Some(suspect));
+        let stuck = chain.rank();
         self.forward = Some((NOTICE_TIMEOUT, stuck as u32));
-        let why = match via {
-            Some(v) => format!(
-                "{} timed out too, waiting for {}",
-                Call::who(comm, v),
-                Call::who(comm, stuck)
+        let why = match &chain {
+            Blame::Cycle(_) => format!(
+                "the ranks wait for each other{}, none is known to be stuck: a deadlock in \
+                 the program's calls, or a rank that resumed after the others gave up",
+                chain_text(comm, &chain)
             ),
-            None => String::from("it sent nothing"),
+            Blame::Rank { via, .. } if !via.is_empty() => format!(
+                "the ranks timed out too, each waiting for the next{}",
+                chain_text(comm, &chain)
+            ),
+            Blame::Rank { .. } => String::from("it sent nothing"),
         };
         Error::Timeout {
             op: format!("{} on rank {}", self.call.describe_mine(), comm.rank()),
@@ -979,6 +1361,38 @@ impl Exec<'_> {
             ),
         }
     }
+}
+
+/// Whether `notice` (a peer's latest notice in `call`'s context) gave up a call after
+/// `call`: the peer completed `call`.
+fn ahead(call: &Call, notice: Option<crate::wire::Envelope>) -> bool {
+    notice.is_some_and(|e| {
+        let tag = Env::decode(&e).tag;
+        (1..=0x7FFF_FFFF).contains(&tag.wrapping_sub(call.seq))
+    })
+}
+
+/// The chain of a [`Blame`] in words, for an error: ` (rank 1 waits for rank 4, which
+/// waits for rank 2)`; empty when it has no hop.
+fn chain_text(comm: &Communicator, chain: &Blame) -> String {
+    let ranks: Vec<usize> = match chain {
+        Blame::Rank { rank, via } if !via.is_empty() => {
+            via.iter().copied().chain([*rank]).collect()
+        }
+        Blame::Rank { .. } => return String::new(),
+        Blame::Cycle(c) => c.iter().copied().chain(c.first().copied()).collect(),
+    };
+    let mut text = String::from(" (");
+    for (i, &w) in ranks.iter().enumerate() {
+        text += match i {
+            0 => "",
+            1 => " waits for ",
+            _ => ", which waits for ",
+        };
+        text += &Call::who(comm, w);
+    }
+    text.push(')');
+    text
 }
 
 /// Finishes an [`ReduceOp::Avg`]: divides `out` by `n` (nothing for other ops).

@@ -49,27 +49,48 @@
 //!
 //! Every rank of a communicator must make the same collective calls in the same order, with
 //! the same element type, count (per rank's block where the collective has blocks), root,
-//! reduction and algorithm. Every collective call takes the communicator's next sequence
-//! number and sends its messages in the communicator's collective context with that
-//! number as tag; each message also carries the call's *fingerprint* (operation, element
-//! type, count, root, reduction, algorithm). A receive that gets a message of another call
-//! fails with [`Error::CollectiveMismatch`] naming both calls (this rank's and the peer's,
-//! with the sequence number), and the message's bytes are dropped, never mixed into the
-//! result.
+//! reduction and algorithm. (Whether a rank passes its data in place does not have to
+//! agree: it only changes where that rank keeps its own block, never a message.) Every
+//! collective call takes the communicator's next sequence number and sends its messages in
+//! the communicator's collective context with that number as tag; each message also carries
+//! the call's *fingerprint* (operation, element type, count, root, reduction, algorithm). A
+//! receive that gets a message of another call rejects it (its bytes are dropped, never
+//! mixed into the result) and the call fails with [`Error::CollectiveMismatch`].
 //!
-//! A rank whose collective fails (mismatch, lost peer, timeout, abort) sends a *notice* to
-//! every peer of its schedule: a rank blocked in the same collective then fails at once
-//! with an error that names the first rank's reason, and passes the notice on. So when one
-//! rank dies during an all_reduce, its neighbours see [`Error::PeerLost`] within moments
-//! (a closed connection, or the local transport's close) and the others through notices.
-//! A rank that only sends in a call (two ranks that both believe they are the root of a
-//! broadcast) can finish it before any evidence reaches it: the other call's message is then
-//! found unreceived when a later collective starts on this communicator, and that
-//! collective fails with [`Error::CollectiveMismatch`] naming the earlier calls. Some
-//! mismatches exchange no message at all (rank 0 in `reduce` to itself waits for rank 1,
-//! rank 1 in `broadcast` from rank 0 waits for rank 0): those ranks fail with
-//! [`Error::Timeout`] after the operation timeout (`FERROCOMM_OP_TIMEOUT`: no message of the
-//! collective arrived for that long). No rank ever waits longer than that.
+//! **Guarantee: a rank returns `Ok` from a collective only after every rank's fingerprint
+//! is known to equal its own.** Two mechanisms give it:
+//!
+//! - *Data dependency.* When a rank's result depends on every rank's data (all_reduce,
+//!   all_gather, reduce_scatter, all_to_all, barrier; count > 0), it has checked every
+//!   rank's fingerprint transitively: it accepted only messages with its own fingerprint,
+//!   and each sender forwarded a contribution only after accepting it in turn. These calls
+//!   cost nothing extra.
+//! - *Agreement exchange* (see [`exec`]). A rank that can finish without hearing from every
+//!   rank (the root of broadcast and scatter, the other ranks of reduce and gather, ranks
+//!   whose data path avoids the odd rank, and every call with count 0) also runs
+//!   `⌈log2 P⌉` dissemination rounds of empty messages carrying the fingerprint, beside the
+//!   data and in a context of their own; the call completes when both are done. A call of
+//!   the first kind keeps one receive for agreement messages from any rank posted (no
+//!   message): only a rank whose call differs sends it one, so it fails at once too.
+//!
+//! A rank that finds a mismatch tells *every* member of the communicator, before it fails
+//! its engine, with two notices that carry both calls and the two ranks whose calls differ
+//! (see `Call::notice_pair`); ranks that learn of it pass the same pair on. So every rank
+//! fails promptly with [`Error::CollectiveMismatch`] naming the same kind of evidence:
+//! "call #5: rank 0 called broadcast(..., root 0) but rank 2 called broadcast(..., root 1)".
+//! A rank that sees a member's connection close after (or because) it reported a mismatch
+//! reports the mismatch, not the loss; a member that reported a mismatch in a *later* call
+//! completed the current one, so its departure does not fail it.
+//!
+//! Other failures (lost peer, timeout, abort) also send a *notice* to every member: a rank
+//! blocked in the same collective then fails at once with an error that names the first
+//! rank's reason, and passes the notice on. So when one rank dies during an all_reduce, its
+//! neighbours see [`Error::PeerLost`] within moments (a closed connection, or the local
+//! transport's close) and the others through notices. No rank ever waits longer than the
+//! operation timeout (`FERROCOMM_OP_TIMEOUT`) for a call that cannot finish. A message of
+//! an earlier call found unreceived when a collective starts (which the agreement exchange
+//! makes impossible between ranks of this version) still fails that collective with
+//! [`Error::CollectiveMismatch`].
 //!
 //! A failed collective fails the process's engine with its error (like NCCL's
 //! communicator abort): the transports forget every buffer still in flight, so the call can
@@ -96,6 +117,7 @@ pub mod allreduce_recursive_doubling;
 pub mod allreduce_ring;
 mod api;
 pub mod barrier;
+pub mod blame;
 pub mod broadcast;
 pub mod cost;
 pub mod exec;
@@ -170,6 +192,90 @@ pub(crate) struct Call {
     pub algo: Option<Algorithm>,
     pub seq: u32,
     pub ctx: u64,
+    /// Context of the call's agreement messages (see [`exec`]) and of the second notice
+    /// of a mismatch report: apart from the data messages, so that the two never match
+    /// each other's receives.
+    pub actx: u64,
+}
+
+/// Domain separator of a communicator's agreement context (see [`Call::actx`]).
+const CTX_AGREE: u64 = 0x4147_5245_4500_0004;
+
+/// Two ranks whose calls differ: world rank `a` called `ea`, world rank `b` called `eb`.
+/// A rank that finds a mismatch reports it with this pair; ranks that learn of it from a
+/// notice pass the same pair on, so every rank names the same two calls.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pair {
+    pub a: usize,
+    pub ea: Env,
+    pub b: usize,
+    pub eb: Env,
+}
+
+impl Pair {
+    /// The error for this rank (`mine`) when world rank `via` failed for this mismatch in
+    /// a call of another communicator (this rank lost it during `mine`).
+    pub fn elsewhere(&self, comm: &Communicator, mine: &Call, via: usize) -> Error {
+        let w = |r: usize| format!("world rank {r}");
+        Error::CollectiveMismatch {
+            rank: comm.rank(),
+            detail: format!(
+                "call #{} of another communicator: {} called {} but {} called {} \
+                 (reported by {}, which then failed, while this rank was in {}); every rank \
+                 must make the same collective calls in the same order with matching arguments",
+                self.ea.tag,
+                w(self.a),
+                Call::describe(&self.ea),
+                w(self.b),
+                Call::describe(&self.eb),
+                w(via),
+                mine.describe_mine()
+            ),
+        }
+    }
+
+    /// The error for this rank (`mine`), told by world rank `via` (`None`: found here).
+    pub fn error(&self, comm: &Communicator, mine: &Call, via: Option<usize>) -> Error {
+        let me = comm.world_rank();
+        let (a, b) = (Call::who(comm, self.a), Call::who(comm, self.b));
+        let (ca, cb) = (Call::describe(&self.ea), Call::describe(&self.eb));
+        let context = match via {
+            Some(v) if v != self.a && v != self.b => format!(
+                " (reported by {}; this rank called {})",
+                Call::who(comm, v),
+                Call::describe(&mine.env(0))
+            ),
+            _ if me != self.a && me != self.b => {
+                format!(" (this rank called {})", Call::describe(&mine.env(0)))
+            }
+            _ => String::new(),
+        };
+        let context = if self.ea.tag == mine.seq {
+            context
+        } else {
+            format!(
+                "{context} (found while this rank was in call #{}, {})",
+                mine.seq,
+                Call::describe(&mine.env(0))
+            )
+        };
+        let what = if self.ea.same_call(&self.eb) {
+            String::from(
+                " with the same arguments but different message sizes (different ferrocomm \
+                 versions?)",
+            )
+        } else {
+            String::new()
+        };
+        Error::CollectiveMismatch {
+            rank: comm.rank(),
+            detail: format!(
+                "call #{}: {a} called {ca} but {b} called {cb}{what}{context}; every rank must \
+                 make the same collective calls in the same order with matching arguments",
+                self.ea.tag
+            ),
+        }
+    }
 }
 
 impl Call {
@@ -194,6 +300,7 @@ impl Call {
             algo,
             seq,
             ctx: comm.ctx + 1,
+            actx: Call::agree_ctx(comm.ctx),
         };
         let mut h = comm.history.borrow_mut();
         if h.len() == HISTORY {
@@ -227,6 +334,95 @@ impl Call {
             ),
         };
         Some((err, peer))
+    }
+
+    /// The agreement context of the communicator with (point-to-point) context `ctx`.
+    pub fn agree_ctx(ctx: u64) -> u64 {
+        crate::comm::mix_ctx(ctx, &[CTX_AGREE]) | 1
+    }
+
+    /// Whether the call needs the agreement exchange (see [`exec`]) among `p` ranks: a
+    /// rank may complete it without having heard, even indirectly, from every rank (rooted
+    /// collectives; calls without data).
+    pub fn agrees(&self, p: usize) -> bool {
+        p > 1 && (CollOp::rooted(self.op as u8) || (self.count == 0 && self.op != CollOp::Barrier))
+    }
+
+    /// Starts sending this call's agreement message of round `round` to `dst`: no payload,
+    /// the fingerprint in the envelope.
+    ///
+    /// # Safety
+    /// None beyond the call's: the message has no payload. (Unsafe only because it shares
+    /// the raw send path.)
+    pub unsafe fn agree_send(
+        &self,
+        comm: &Communicator,
+        dst: usize,
+        round: u32,
+    ) -> Result<RawRequest> {
+        let env = Env {
+            ctx: self.actx,
+            ..self.env(round)
+        };
+        // SAFETY: the empty buffer is valid forever.
+        unsafe { comm.isend_ctx(SendBuf::new(&[]), dst, &env, "collective agreement send") }
+    }
+
+    /// Posts a receive of this call's agreement message from `src`; a message of another
+    /// call (a rank whose call differs) completes it as rejected.
+    pub fn agree_recv(&self, comm: &Communicator, src: Source) -> Result<RawRequest> {
+        let env = Env {
+            ctx: self.actx,
+            ..self.env(0)
+        };
+        // SAFETY: the empty buffer is valid forever.
+        unsafe {
+            comm.irecv_ctx(
+                RecvBuf::new(&mut []),
+                src,
+                self.actx,
+                Some(self.seq),
+                Some(env),
+                "collective agreement recv",
+            )
+        }
+    }
+
+    /// Sends `peer` the report of mismatch `pair`: two notices, the second call's (in the
+    /// agreement context) first, then the first call's (in the call's context), which fails
+    /// the peer's receives of the call. Both travel in order on one link, so a rank that
+    /// sees the second finds the first already there.
+    pub fn notice_pair(&self, comm: &Communicator, peer: usize, pair: &Pair) -> Vec<RawRequest> {
+        let mut out = Vec::new();
+        let notices = [
+            Env {
+                ctx: self.actx,
+                tag: self.seq,
+                kind: KIND_NOTICE,
+                step: (NOTICE_MISMATCH << 20) | (pair.b as u32 & BLAME_NONE),
+                ..pair.eb
+            },
+            Env {
+                ctx: self.ctx,
+                tag: self.seq,
+                kind: KIND_NOTICE,
+                step: (NOTICE_MISMATCH << 20) | (pair.a as u32 & BLAME_NONE),
+                ..pair.ea
+            },
+        ];
+        for env in notices {
+            // SAFETY: the empty buffer is valid forever.
+            match unsafe { comm.isend_ctx(SendBuf::new(&[]), peer, &env, "collective notice") } {
+                Ok(r) => out.push(r),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// The call's fingerprint, as its messages carry it.
+    pub fn fingerprint(&self) -> Env {
+        self.env(0)
     }
 
     fn env(&self, step: u32) -> Env {

@@ -970,6 +970,17 @@ impl Engine {
             .copied()
     }
 
+    /// The envelopes of the collective notices kept from world rank `peer`, in any
+    /// context, oldest first.
+    pub fn notices_of_peer(&self, peer: usize) -> Vec<Envelope> {
+        self.core
+            .notices
+            .iter()
+            .filter(|(p, _)| *p == peer)
+            .map(|(_, env)| *env)
+            .collect()
+    }
+
     /// How many peer losses and collective notices this engine has seen: a waiter that
     /// remembers the count learns that a peer was lost, even one none of its requests
     /// involves (see [`crate::comm::shared::Shared::wait_any_or_loss`]).

@@ -23,6 +23,12 @@
 //! fields and, in `step`, why ([`NOTICE_MISMATCH`], ...) in the top 4 bits and the rank to
 //! blame in the low 20. The engine fails every receive of that collective (context and tag)
 //! when one arrives, so ranks blocked in the collective learn of the failure at once.
+//!
+//! A mismatch is reported with two notices that together name both calls: the first
+//! differing rank's call in the fingerprint fields and that rank in the blamed field, in
+//! the call's own context; and before it, in the communicator's agreement context, the
+//! second rank's call and rank. Agreement messages (kind 1, no payload, the fingerprint in
+//! the envelope and the round in `step`) travel in that agreement context too.
 
 use crate::wire::Envelope;
 

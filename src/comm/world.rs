@@ -158,71 +158,102 @@ impl InitOptions {
         if let Some(v) = &verbs {
             v.publish(&mut addrs);
         }
-        let boot = plan.join(addrs)?;
+        let mut boot = plan.join(addrs)?;
         tracing::debug!(rank = boot.rank, world = boot.world_size, ?choice, %addr, "joined the job");
-        let deadline = std::time::Instant::now() + boot.timeout;
-        let local = shm_peers(&boot, choice)?;
-        // u8::MAX: not routed yet (and "self" for this rank, see Engine::new).
-        let mut route = vec![u8::MAX; boot.world_size];
-        let mut transports: Vec<Box<dyn Transport>> = Vec::new();
-        if local.len() > 1 {
-            let setup = ShmSetup::create(boot.rank, boot.world_size, local, shm_cfg)?;
-            let t = setup.connect(deadline)?;
-            t.wait_attached(deadline)?;
-            for &p in t.peers() {
-                route[p] = transports.len() as u8;
+        // Armed until every rank is reachable: dropping it (an error below) tells the others
+        // at once that this rank left during init.
+        let will = boot.take_will();
+        let (transports, route) = match connect(&boot, choice, shm_cfg, verbs, listener, tcp_cfg) {
+            Ok(v) => v,
+            Err(e) => {
+                boot.abandon(&e);
+                return Err(e);
             }
-            transports.push(Box::new(t));
+        };
+        let rank = boot.rank;
+        let comm = world_from(boot, transports, route)?;
+        if let Some(w) = will {
+            crate::rendezvous::finish_will(rank, w);
         }
-        if let Some((ib, peers)) = ibverbs_setup::connect(verbs, &boot)? {
-            // Verbs pairs are on different hosts (or forced verbs and offered no shared
-            // memory), so none of them is routed yet.
-            for (r, _) in peers.iter().enumerate().filter(|(_, v)| **v) {
-                route[r] = transports.len() as u8;
-            }
-            transports.push(ib);
+        Ok(comm)
+    }
+}
+
+/// A rank's transports and the route (transport index) of every rank.
+type Connected = (Vec<Box<dyn Transport>>, Vec<u8>);
+
+/// Connects this rank's transports to every peer of `boot`: shared memory, verbs, TCP.
+/// Returns them with the route (transport index) of every rank.
+fn connect(
+    boot: &Bootstrap,
+    choice: TransportChoice,
+    shm_cfg: ShmConfig,
+    verbs: Option<ibverbs_setup::Prepared>,
+    listener: std::net::TcpListener,
+    tcp_cfg: TcpConfig,
+) -> Result<Connected> {
+    let deadline = std::time::Instant::now() + boot.timeout;
+    let local = shm_peers(boot, choice)?;
+    // u8::MAX: not routed yet (and "self" for this rank, see Engine::new).
+    let mut route = vec![u8::MAX; boot.world_size];
+    let mut transports: Vec<Box<dyn Transport>> = Vec::new();
+    if local.len() > 1 {
+        let setup = ShmSetup::create(boot.rank, boot.world_size, local, shm_cfg)?;
+        let t = setup.connect(deadline)?;
+        t.wait_attached(deadline)?;
+        for &p in t.peers() {
+            route[p] = transports.len() as u8;
         }
-        let remote: Vec<usize> = (0..boot.world_size)
-            .filter(|&r| r != boot.rank && route[r] == u8::MAX)
-            .collect();
-        if remote.is_empty() {
-            tracing::debug!(
-                rank = boot.rank,
-                "every peer is reached through shared memory or verbs: no TCP transport"
-            );
-            return world_from(boot, transports, route);
-        }
-        let peers = boot
-            .peers
-            .iter()
-            .map(|p| {
-                p.addrs
-                    .get("tcp")
-                    .map(|a| {
-                        a.parse::<SocketAddr>().map_err(|_| {
-                            Error::misbehaved(
-                                format!("rank {}", p.rank),
-                                format!("published an unreadable TCP address {a:?}"),
-                            )
-                        })
-                    })
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let tcp = TcpTransport::new(
-            boot.rank,
-            boot.world_size,
-            crate::wire::job_hash(&boot.job_id),
-            listener,
-            peers,
-            tcp_cfg,
-        )?;
-        for r in remote {
+        transports.push(Box::new(t));
+    }
+    if let Some((ib, peers)) = ibverbs_setup::connect(verbs, boot)? {
+        // Verbs pairs are on different hosts (or forced verbs and offered no shared
+        // memory), so none of them is routed yet.
+        for (r, _) in peers.iter().enumerate().filter(|(_, v)| **v) {
             route[r] = transports.len() as u8;
         }
-        transports.push(Box::new(tcp));
-        world_from(boot, transports, route)
+        transports.push(ib);
     }
+    let remote: Vec<usize> = (0..boot.world_size)
+        .filter(|&r| r != boot.rank && route[r] == u8::MAX)
+        .collect();
+    if remote.is_empty() {
+        tracing::debug!(
+            rank = boot.rank,
+            "every peer is reached through shared memory or verbs: no TCP transport"
+        );
+        return Ok((transports, route));
+    }
+    let peers = boot
+        .peers
+        .iter()
+        .map(|p| {
+            p.addrs
+                .get("tcp")
+                .map(|a| {
+                    a.parse::<SocketAddr>().map_err(|_| {
+                        Error::misbehaved(
+                            format!("rank {}", p.rank),
+                            format!("published an unreadable TCP address {a:?}"),
+                        )
+                    })
+                })
+                .transpose()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tcp = TcpTransport::new(
+        boot.rank,
+        boot.world_size,
+        crate::wire::job_hash(&boot.job_id),
+        listener,
+        peers,
+        tcp_cfg,
+    )?;
+    for r in remote {
+        route[r] = transports.len() as u8;
+    }
+    transports.push(Box::new(tcp));
+    Ok((transports, route))
 }
 
 fn world_from(

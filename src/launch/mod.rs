@@ -51,11 +51,21 @@
 //! # Ending
 //!
 //! - Every rank exits 0: the launcher exits 0.
-//! - A rank exits non-zero or is killed by a signal: that first failure is logged at once,
-//!   every other rank gets SIGTERM, and whatever still runs after the grace period
+//! - A rank exits non-zero or is killed by a signal: the launcher names the *root cause*
+//!   of the failure (like torchrun's "first observed failure", but not fooled by the order
+//!   in which ranks end): every rank gets a file in `FERROCOMM_FAILURE_FILE` (in a private
+//!   directory under `TMPDIR`, removed at the end) where a rank whose collective fails
+//!   reports whom it failed because of ([`crate::collective::blame`]). A rank killed by a
+//!   signal, or one that failed without such a report (the program's own error), wins over
+//!   ranks that failed with `PeerLost` or a timeout because of it, even when they ended
+//!   first; when the first failure blames a rank still running, the launcher waits up to
+//!   [`BLAME_WAIT`] for it, and when it has no report at all, up to [`UNEXPLAINED_WAIT`]
+//!   for a rank killed by a signal (the `verdict` module has the rules). Then the failure is
+//!   logged, every other rank gets SIGTERM, and whatever still runs after the grace period
 //!   (`--grace-period`, default [`DEFAULT_GRACE_PERIOD`]) gets SIGKILL. The launcher exits
-//!   with the rank's status, or 128 + signal, and the binary prints e.g.
-//!   `ferrorun: rank 3 (local rank 1, pid 4242) exited with status 1`.
+//!   with the named rank's status, or 128 + signal, and the binary prints e.g.
+//!   `ferrorun: rank 3 (local rank 1, pid 4242) was killed by signal 9 (SIGKILL) (rank 0
+//!   (local rank 0, pid 4240) exited with status 1 first, because of rank 3)`.
 //! - The launcher receives SIGINT, SIGTERM, SIGHUP or SIGQUIT: it forwards the signal to
 //!   every rank, SIGKILLs what is left after the grace period, and exits 128 + signal
 //!   (130 for SIGINT, 143 for SIGTERM). A second signal during the grace period kills the
@@ -79,21 +89,26 @@ mod node;
 mod output;
 mod ranks;
 mod sys;
+mod verdict;
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use node::RemoteFailure;
 pub use sys::Termination;
+pub use verdict::{BLAME_WAIT, UNEXPLAINED_WAIT};
 
+use crate::collective::blame::{FAILURE_FILE_ENV, FailureReport};
 use crate::error::{Error, IoContext, Result};
 use crate::rendezvous::Store;
 use crate::rendezvous::tcp_store::{ServerConfig, TcpStore, TcpStoreServer};
 use node::{Agreement, Link, NodePlan};
 use ranks::{RankSpec, Ranks};
 use sys::SignalPipe;
+use verdict::{Failed, Verdict};
 
 /// Default time between SIGTERM and SIGKILL when stopping ranks: long enough for a rank to
 /// flush its output and close its connections, short enough that a failed job is torn down
@@ -294,6 +309,9 @@ pub enum Outcome {
         pid: u32,
         /// How it ended.
         how: Termination,
+        /// When this rank is not the first that failed: how the first failed and whom
+        /// its chain of failures led to (see [`BLAME_WAIT`] and the module docs).
+        note: Option<String>,
     },
     /// Another node's launcher reported a failure first; this node's ranks were stopped.
     RemoteFailure(RemoteFailure),
@@ -358,7 +376,14 @@ impl std::fmt::Display for Outcome {
                 local_rank,
                 pid,
                 how,
-            } => write!(f, "rank {rank} (local rank {local_rank}, pid {pid}) {how}"),
+                note,
+            } => {
+                write!(f, "rank {rank} (local rank {local_rank}, pid {pid}) {how}")?;
+                match note {
+                    Some(n) => write!(f, " ({n})"),
+                    None => Ok(()),
+                }
+            }
             Outcome::RemoteFailure(r) => write!(f, "node {} failed: {}", r.node, r.message),
             Outcome::Interrupted { signal } => match sys::signal_name(*signal) {
                 Some(name) => write!(f, "interrupted by signal {signal} ({name})"),
@@ -520,6 +545,14 @@ fn attempt(
             spec.env.push((crate::auth::SECRET_ENV.into(), s.clone()));
         }
     }
+    let reports = ReportDir::create(&plan.job_id, restart);
+    if let Some(dir) = &reports {
+        for spec in &mut specs {
+            let path = dir.path_of(spec.rank);
+            spec.env
+                .push((FAILURE_FILE_ENV.into(), path.to_string_lossy().into_owned()));
+        }
+    }
     let mut ranks = match Ranks::spawn(&cfg.program, &cfg.args, specs, cfg.tag_output) {
         Ok(r) => r,
         Err(e) => {
@@ -541,7 +574,13 @@ fn attempt(
     );
 
     let pids: Vec<u32> = ranks.ranks().iter().map(|r| r.pid()).collect();
-    let outcome = supervise(&mut ranks, signals, link.as_ref(), cfg.grace_period);
+    let outcome = supervise(
+        &mut ranks,
+        signals,
+        link.as_ref(),
+        cfg.grace_period,
+        reports.as_ref(),
+    );
     ranks.finish();
     // Ranks killed while they started up cannot remove their shared-memory segments.
     let left = crate::transport::shm::remove_segments_of(&plan.job_id, &pids);
@@ -577,9 +616,107 @@ fn attempt(
             }
         }
     }
+    drop(reports);
     drop(store);
     drop(server);
     Ok(outcome)
+}
+
+/// The private directory of the ranks' failure reports (see
+/// [`crate::collective::blame`]): one file per rank, named in its [`FAILURE_FILE_ENV`].
+/// Removed with everything in it when dropped.
+struct ReportDir(PathBuf);
+
+impl ReportDir {
+    /// Creates it in the temporary directory (`TMPDIR`); `None` (reports are then not
+    /// used, and the first failure is named) when that fails.
+    fn create(job_id: &str, restart: usize) -> Option<ReportDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = std::env::temp_dir().join(format!(
+            "ferrorun-{}-{job_id}-{restart}",
+            std::process::id()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => Some(ReportDir(path)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot create {} for the ranks' failure reports ({e}); a failure is \
+                     reported as the first rank that ended, not its root cause",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+
+    fn path_of(&self, rank: usize) -> PathBuf {
+        self.0.join(format!("rank-{rank}"))
+    }
+
+    /// The failure report of `rank`, if it wrote one.
+    fn report(&self, rank: usize) -> Option<FailureReport> {
+        FailureReport::read(&self.path_of(rank))
+    }
+}
+
+impl Drop for ReportDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The outcome naming `failed[k]` (see the `verdict` module); `pending_end`: where the
+/// chain of failures ended when no root cause was found in time.
+fn verdict_outcome(
+    ranks: &Ranks,
+    failed: &[(usize, Failed)],
+    k: usize,
+    pending_end: Option<usize>,
+) -> Outcome {
+    let who = |i: usize| {
+        let r = &ranks.ranks()[i];
+        format!(
+            "rank {} (local rank {}, pid {})",
+            r.rank,
+            r.local_rank,
+            r.pid()
+        )
+    };
+    let (i, f) = &failed[k];
+    let (first_i, first) = &failed[0];
+    let mut notes = Vec::new();
+    if k != 0 {
+        let why = match first.because_of {
+            Some(b) => format!(", because of rank {b}"),
+            None => String::new(),
+        };
+        notes.push(format!("{} {} first{why}", who(*first_i), first.how));
+    }
+    if let Some(end) = pending_end {
+        match ranks.ranks().iter().position(|r| r.rank == end) {
+            Some(j) if ranks.ranks()[j].ended.is_none() => notes.push(format!(
+                "the failures lead to {}, which was still running {:.0?} later: stopped, \
+                 hung, or much slower",
+                who(j),
+                BLAME_WAIT
+            )),
+            Some(_) => notes.push(format!(
+                "the ranks' reports blame each other, starting with rank {end}"
+            )),
+            None => notes.push(format!(
+                "the failures lead to rank {end}, on another node, which reported nothing \
+                 within {BLAME_WAIT:.0?}"
+            )),
+        }
+    }
+    let r = &ranks.ranks()[*i];
+    Outcome::RankFailed {
+        rank: r.rank,
+        local_rank: r.local_rank,
+        pid: r.pid(),
+        how: f.how,
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
+    }
 }
 
 fn interrupted_outcome(interrupted: &mut impl FnMut() -> Option<i32>) -> Outcome {
@@ -749,8 +886,14 @@ fn supervise(
     signals: &SignalPipe,
     link: Option<&Link>,
     grace: Duration,
+    reports: Option<&ReportDir>,
 ) -> Result<Outcome> {
     let mut stopping: Option<Stopping> = None;
+    // The ranks that failed before anything was stopped, in the order seen, and when the
+    // wait for the root cause ends (see the `verdict` module).
+    let mut failed: Vec<(usize, Failed)> = Vec::new();
+    let mut decide_by: Option<Instant> = None;
+    let mut first_failed_at: Option<Instant> = None;
     let begin_stop = |ranks: &Ranks, outcome: Outcome, sig: i32| {
         ranks.signal_all(sig);
         if let (Some(link), false) = (link, matches!(outcome, Outcome::RemoteFailure(_))) {
@@ -770,16 +913,59 @@ fn supervise(
             if how.is_success() || stopping.is_some() {
                 continue;
             }
-            let outcome = Outcome::RankFailed {
-                rank: r.rank,
-                local_rank: r.local_rank,
-                pid: r.pid(),
-                how,
-            };
-            tracing::error!("{outcome}; stopping the other ranks");
-            stopping = Some(begin_stop(ranks, outcome, libc::SIGTERM));
+            let report = reports.and_then(|d| d.report(r.rank));
+            let because_of = report.as_ref().and_then(|rep| rep.because_of(r.rank));
+            if let Some(b) = because_of {
+                tracing::info!(rank = r.rank, "rank {how}, because of rank {b}");
+            }
+            failed.push((
+                i,
+                Failed {
+                    rank: r.rank,
+                    how,
+                    because_of,
+                    reported: report.is_some(),
+                },
+            ));
+            first_failed_at.get_or_insert_with(Instant::now);
+            decide_by.get_or_insert_with(|| Instant::now() + BLAME_WAIT);
         }
-        if ranks.all_ended() {
+        if stopping.is_none()
+            && let Some(by) = decide_by
+        {
+            let list: Vec<Failed> = failed.iter().map(|(_, f)| f.clone()).collect();
+            let here = |rank: usize| ranks.ranks().iter().any(|r| r.rank == rank);
+            let chosen = match verdict::decide(&list) {
+                // A rank that exited without a report may have lost a peer outside a
+                // collective: give a signal death a moment to show.
+                Verdict::Named { root }
+                    if list[root].unexplained()
+                        && !ranks.all_ended()
+                        && first_failed_at
+                            .is_some_and(|t| t.elapsed() < verdict::UNEXPLAINED_WAIT) =>
+                {
+                    None
+                }
+                Verdict::Named { root } => Some((root, None)),
+                // Nothing more to learn here once every rank has ended, unless the chain
+                // leads to another node, which may still report it.
+                Verdict::Pending { ends_at }
+                    if Instant::now() >= by
+                        || (ranks.all_ended() && (link.is_none() || here(ends_at))) =>
+                {
+                    let root = list.iter().position(|f| f.because_of.is_none());
+                    Some((root.unwrap_or(0), Some(ends_at)))
+                }
+                Verdict::Pending { .. } => None,
+            };
+            if let Some((k, pending_end)) = chosen {
+                let outcome = verdict_outcome(ranks, &failed, k, pending_end);
+                tracing::error!("{outcome}; stopping the other ranks");
+                stopping = Some(begin_stop(ranks, outcome, libc::SIGTERM));
+            }
+        }
+        // (Still deciding: the chain leads to another node, whose report may come.)
+        if ranks.all_ended() && (stopping.is_some() || decide_by.is_none()) {
             break;
         }
         if stopping.is_none()
@@ -793,6 +979,16 @@ fn supervise(
             stopping = Some(begin_stop(ranks, Outcome::RemoteFailure(f), libc::SIGTERM));
         }
         let mut timeout = Duration::from_secs(1);
+        if let (None, Some(by), Some(first)) = (&stopping, decide_by, first_failed_at) {
+            let now = Instant::now();
+            let unexplained_end = first + verdict::UNEXPLAINED_WAIT;
+            let next = if now < unexplained_end {
+                unexplained_end
+            } else {
+                by
+            };
+            timeout = timeout.min(next.saturating_duration_since(now));
+        }
         if let Some(s) = stopping.as_mut().filter(|s| !s.killed) {
             let now = Instant::now();
             if now >= s.kill_at {
@@ -897,11 +1093,25 @@ mod tests {
             local_rank: 1,
             pid: 4242,
             how: Termination::Exited(1),
+            note: None,
         };
         assert_eq!(failed.exit_code(), 1);
         assert_eq!(
             failed.to_string(),
             "rank 3 (local rank 1, pid 4242) exited with status 1"
+        );
+        let named = Outcome::RankFailed {
+            rank: 2,
+            local_rank: 2,
+            pid: 4243,
+            how: Termination::Signaled(9),
+            note: Some("rank 0 (local rank 0, pid 4241) exited with status 1 first".into()),
+        };
+        assert_eq!(named.exit_code(), 137);
+        assert_eq!(
+            named.to_string(),
+            "rank 2 (local rank 2, pid 4243) was killed by signal 9 (SIGKILL) (rank 0 (local \
+             rank 0, pid 4241) exited with status 1 first)"
         );
         let killed = Termination::Signaled(9);
         assert_eq!(killed.exit_code(), 137);

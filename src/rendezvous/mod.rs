@@ -54,9 +54,14 @@
 //!    at the master address: rank 0 hosts a [`TcpStoreServer`] there (unless
 //!    `FERROCOMM_STORE_EXTERNAL=1`: the launcher `ferrorun` hosts it); when ranks are still
 //!    to be assigned, a process whose master address belongs to its machine tries to bind the
-//!    port and hosts if it can (port in use: someone else hosts; it is a client). Every
-//!    process connects as a client, retrying until the server is up. The hosting process
-//!    keeps the server alive in its [`Bootstrap`]: it must outlive the job's use of the store.
+//!    port and hosts if it can (port in use: someone else hosts; it is a client). When rank 0
+//!    finds the port in use and a ferrocomm store answers there, it joins that store as a
+//!    client, so that the next steps say what is wrong (another job's store, or rank 0
+//!    claimed twice); otherwise it fails saying the port is in use. Every process connects
+//!    as a client, retrying until the server is up, except that a master host name that
+//!    does not resolve fails every rank within a few seconds ([`tcp_store::RESOLVE_GRACE`]).
+//!    The hosting process keeps the server alive in its [`Bootstrap`]: it must outlive the
+//!    job's use of the store.
 //! 2. **Job check.** A `compare_set` of [`JOB_KEY`] to `job_id=ID world_size=N`: a process
 //!    that reaches the store of another job (other id or world size) fails at once with
 //!    [`Error::JobMismatch`]. The store address is the job's identity: two jobs on one host
@@ -73,10 +78,23 @@
 //!    the ranks of one host), never taken from `LOCAL_RANK` (a disagreeing `LOCAL_RANK` is
 //!    logged).
 //!
-//! Waiting never hangs silently: waits run in slices of the log interval; after each slice
+//! Waiting never hangs silently: waits run in slices of at most a second; every log interval
 //! a `tracing::warn!` says which ranks are missing (or how many processes have joined while
 //! ranks are unassigned), and at the timeout [`Error::Timeout`] names them, the store and the
 //! setting that raises the limit.
+//!
+//! # A rank that dies during `init`
+//!
+//! Once its rank is settled, each process arms a last will on the TCP store
+//! ([`TcpStore::last_will`]): should its process die (or its `init` fail) before the job is
+//! set up, its store connection closes and the store records under [`DEPARTED_KEY`] which
+//! rank left (rank, pid, host). A process that fails with an error writes the error there
+//! itself. Every waiting rank checks that key between its one-second wait slices and fails
+//! at once with [`Error::PeerLost`] naming the rank, whatever host it ran on; the will is
+//! withdrawn when `init` completes ([`Bootstrap::finish_init`]). The process hosting the
+//! store, when it gives up, closes the store saying why
+//! ([`TcpStoreServer::close_with`]), and the others report that reason. Ranks on one host
+//! also watch each other's pids while they attach shared memory.
 
 pub mod file_store;
 pub mod host;
@@ -95,7 +113,7 @@ use std::time::{Duration, Instant};
 pub use file_store::FileStore;
 pub use host::{host_id, hostname};
 pub use store::{PrefixStore, Store};
-pub use tcp_store::{ServerConfig, TcpStore, TcpStoreServer};
+pub use tcp_store::{LastWill, ServerConfig, TcpStore, TcpStoreServer};
 pub use torch_store::TorchStore;
 
 use crate::auth::Secret;
@@ -107,6 +125,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_LOG_INTERVAL: Duration = tcp_store::DEFAULT_LOG_INTERVAL;
 /// The un-prefixed store key that records which job a store serves.
 pub const JOB_KEY: &str = "ferrocomm/job";
+/// The key (under the job's prefix) where the first rank to leave during `init` is recorded
+/// (a JSON [`Departure`]).
+pub const DEPARTED_KEY: &str = "departed";
+/// How often a waiting rank looks for a departed rank.
+const DEPARTURE_POLL: Duration = Duration::from_secs(1);
 
 const ACCEPTED_URLS: &str = "accepted: tcp://HOST:PORT (IPv6: tcp://[ADDR]:PORT), env:// (MASTER_ADDR, \
      MASTER_PORT, RANK, WORLD_SIZE from the environment), file:///ABSOLUTE/PATH (a file on a file \
@@ -675,6 +698,50 @@ pub struct Bootstrap {
     pub timeout: Duration,
     /// The store server, when this process hosts it: dropped with the bootstrap.
     server: Option<TcpStoreServer>,
+    /// This rank's last will on the store, armed until `init` completes.
+    will: Option<LastWill>,
+}
+
+/// Which rank left during `init`, and why: the value of [`DEPARTED_KEY`].
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Departure {
+    /// The rank that left.
+    pub rank: usize,
+    /// Its process id.
+    pub pid: u32,
+    /// Its hostname.
+    pub hostname: String,
+    /// What happened to it.
+    pub why: String,
+}
+
+impl Departure {
+    fn of_me(rank: usize, why: String) -> Departure {
+        Departure {
+            rank,
+            pid: std::process::id(),
+            hostname: hostname(),
+            why,
+        }
+    }
+
+    /// The error a rank (`me`, when its rank is known) reports about this departure.
+    pub fn error(&self, me: Option<usize>, during: &str) -> Error {
+        let detail = format!(
+            "rank {} (pid {} on {}) left during init: {}; the job cannot be set up without it \
+             (restart the job)",
+            self.rank, self.pid, self.hostname, self.why
+        );
+        match me {
+            Some(rank) => Error::PeerLost {
+                rank,
+                peer: self.rank,
+                op: format!("init ({during})"),
+                detail,
+            },
+            None => Error::Aborted(format!("init ({during}): {detail}")),
+        }
+    }
 }
 
 impl std::fmt::Debug for Bootstrap {
@@ -702,6 +769,42 @@ impl Bootstrap {
     /// This rank's own entry of [`peers`](Self::peers).
     pub fn me(&self) -> &PeerInfo {
         &self.peers[self.rank]
+    }
+
+    /// Says that `init` completed on this rank: withdraws its last will, so that its exit
+    /// from now on is not reported as a departure during `init`.
+    pub fn finish_init(&mut self) {
+        if let Some(w) = self.will.take() {
+            finish_will(self.rank, w);
+        }
+    }
+
+    /// Takes this rank's last will out of the bootstrap (to withdraw it with
+    /// [`finish_will`] once `init` has completed; dropping it reports a departure).
+    pub fn take_will(&mut self) -> Option<LastWill> {
+        self.will.take()
+    }
+
+    /// Gives up `init` on this rank after `err`: records the departure (with `err`) for the
+    /// other ranks and, when this process hosts the store, closes it saying why.
+    pub fn abandon(self, err: &Error) {
+        let d = Departure::of_me(self.rank, format!("it failed: {err}"));
+        if let Ok(v) = serde_json::to_vec(&d) {
+            let _ = self.store.compare_set(DEPARTED_KEY, None, &v);
+        }
+        if let Some(server) = self.server {
+            server.close_with(&format!(
+                "rank {} (pid {} on {}), which hosts the store, gave up: {err}",
+                self.rank, d.pid, d.hostname
+            ));
+        }
+    }
+}
+
+/// Withdraws the last will of `rank` (see [`Bootstrap::finish_init`]).
+pub fn finish_will(rank: usize, will: LastWill) {
+    if let Err(e) = will.disarm() {
+        tracing::debug!("rank {rank}: withdrawing the last will: {e}");
     }
 }
 
@@ -737,6 +840,8 @@ struct Waiting {
     timeout: Duration,
     interval: Duration,
     store: String,
+    /// This process's rank once settled.
+    me: Option<usize>,
 }
 
 impl Waiting {
@@ -776,8 +881,19 @@ impl Waiting {
         }
     }
 
-    /// Waits for `keys` in slices of the log interval; after each slice without them, logs
-    /// `status()`; at the deadline fails with it.
+    /// Fails when a rank has left the job during `init` (see [`DEPARTED_KEY`]).
+    fn check_departed(&self, store: &dyn Store, what: &str) -> Result<()> {
+        match store.try_get(DEPARTED_KEY)? {
+            None => Ok(()),
+            Some(v) => {
+                let d: Departure = from_json(store, DEPARTED_KEY, &v)?;
+                Err(d.error(self.me, &format!("rendezvous: {what}")))
+            }
+        }
+    }
+
+    /// Waits for `keys` in slices of at most [`DEPARTURE_POLL`], failing when a rank has
+    /// departed; every log interval logs `status()`; at the deadline fails with it.
     fn wait(
         &self,
         store: &dyn Store,
@@ -787,18 +903,30 @@ impl Waiting {
     ) -> Result<()> {
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let mut last: Option<String> = None;
+        let mut logged = Instant::now();
         loop {
-            let slice = self.remaining().min(self.interval);
+            let slice = self.remaining().min(self.interval).min(DEPARTURE_POLL);
             match store.wait(&refs, slice) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_timeout() => {}
                 Err(e) => return Err(self.store_failed(what, e, last.as_deref())),
             }
+            if let Err(e) = self.check_departed(store, what) {
+                return Err(match e {
+                    Error::PeerLost { .. } | Error::Aborted(_) | Error::PeerMisbehaved { .. } => e,
+                    e => self.store_failed(what, e, last.as_deref()),
+                });
+            }
+            let expired = self.remaining().is_zero();
+            if !expired && logged.elapsed() < self.interval {
+                continue;
+            }
+            logged = Instant::now();
             let s = match status() {
                 Ok(s) => s,
                 Err(e) => return Err(self.store_failed(what, e, last.as_deref())),
             };
-            if self.remaining().is_zero() {
+            if expired {
                 return Err(self.expired(what, &s));
             }
             tracing::warn!(
@@ -810,6 +938,24 @@ impl Waiting {
             last = Some(s);
         }
     }
+}
+
+/// What [`Plan::open_store`] opened: the store, the server if this process hosts it, and
+/// the TCP client (for the last will) if the store is a TCP store.
+type OpenStore = (
+    Arc<dyn Store>,
+    Option<TcpStoreServer>,
+    Option<Arc<TcpStore>>,
+);
+
+/// Whether this process hosts the store.
+enum Hosting {
+    /// It does.
+    Server(TcpStoreServer),
+    /// Someone else does (or will).
+    Client,
+    /// Rank 0 must host it but the port is in use; the error to report if no store answers.
+    InUse(Error),
 }
 
 /// A process's registration for rank assignment.
@@ -872,8 +1018,9 @@ impl Plan {
     }
 
     /// Hosts the store on this machine if the master address is one of its own. `required`
-    /// (rank 0): failing to is an error; otherwise `None` means "be a client".
-    fn host_store(&self, host: &str, port: u16, required: bool) -> Result<Option<TcpStoreServer>> {
+    /// (rank 0): failing to is an error, except that a port in use is [`Hosting::InUse`];
+    /// otherwise [`Hosting::Client`] means "be a client".
+    fn host_store(&self, host: &str, port: u16, required: bool) -> Result<Hosting> {
         let (addr_name, port_name) = self.names();
         let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
@@ -888,7 +1035,7 @@ impl Plan {
                 }
                 Err(e) => {
                     tracing::debug!("cannot resolve {host} ({e}); joining the store as a client");
-                    return Ok(None);
+                    return Ok(Hosting::Client);
                 }
             },
         };
@@ -910,7 +1057,7 @@ impl Plan {
                     ),
                 ));
             }
-            return Ok(None);
+            return Ok(Hosting::Client);
         };
         let bind_ip = store_bind_ip(host, ip);
         match TcpListener::bind((bind_ip, port)) {
@@ -922,29 +1069,35 @@ impl Plan {
                 // Every rank holds at least one connection, more while several of its threads
                 // use the store at once: scale the default limit for very large jobs.
                 let mut config = ServerConfig::from_env()?;
+                // (and one more for its last will during init).
+                let need = self.world_size.saturating_mul(3).saturating_add(64);
                 if crate::config::process_env("FERROCOMM_STORE_MAX_CLIENTS").is_none() {
-                    config.max_clients = config
-                        .max_clients
-                        .max(self.world_size.saturating_mul(2).saturating_add(64));
+                    config.max_clients = config.max_clients.max(need);
+                }
+                // The ranks of a big host connect at once when the job starts.
+                if crate::config::process_env("FERROCOMM_STORE_MAX_PENDING").is_none() {
+                    config.max_pending_per_client = config.max_pending_per_client.max(need);
                 }
                 config.secret = self.secret.clone();
-                Ok(Some(TcpStoreServer::from_listener(l, config)?))
+                Ok(Hosting::Server(TcpStoreServer::from_listener(l, config)?))
             }
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !required => {
                 tracing::debug!(
                     "port {port} is in use: another process hosts the store; joining as a client"
                 );
-                Ok(None)
+                Ok(Hosting::Client)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::config(
-                port_name,
-                port.to_string(),
-                format!(
-                    "rank 0 hosts the store, but port {port} on this machine is in use: by another job's \
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                Ok(Hosting::InUse(Error::config(
+                    port_name,
+                    port.to_string(),
+                    format!(
+                        "rank 0 hosts the store, but port {port} on this machine is in use: by another job's \
                      store (every job needs its own port), by a stale process, or by a launcher hosting \
                      the store (then set FERROCOMM_STORE_EXTERNAL=1)"
-                ),
-            )),
+                    ),
+                )))
+            }
             Err(e) => Err(Error::io(
                 format!("binding the store server to {bind_ip}:{port}"),
                 e,
@@ -952,9 +1105,70 @@ impl Plan {
         }
     }
 
-    fn open_store(&self, waiting: &Waiting) -> Result<(Arc<dyn Store>, Option<TcpStoreServer>)> {
+    /// Resolves the master host name, retrying for at most [`tcp_store::RESOLVE_GRACE`]: a
+    /// name that does not resolve fails every rank at once, naming it.
+    fn check_resolves(&self, host: &str, port: u16) -> Result<()> {
+        if host.parse::<IpAddr>().is_ok() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        loop {
+            let err = match (host, port).to_socket_addrs().map(|mut it| it.next()) {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => "it resolves to no address".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() >= tcp_store::RESOLVE_GRACE.min(self.timeout) {
+                return Err(Error::config(
+                    self.names().0,
+                    host,
+                    format!(
+                        "the master host name {host:?} does not resolve on this machine ({err}; \
+                         tried for {:.0?}); every rank must reach rank 0's machine under this \
+                         name: check the name, this machine's DNS or /etc/hosts, or give an IP \
+                         address",
+                        start.elapsed()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Rank 0 found the store port in use (`in_use`): if a ferrocomm store answers there,
+    /// this process joins it as a client, so that the job check and the rank claim say what
+    /// is wrong (another job, or rank 0 claimed twice); otherwise `in_use` is the error.
+    fn probe_in_use(&self, addr: &str, in_use: Error, waiting: &Waiting) -> Result<TcpStore> {
+        const PROBE: Duration = Duration::from_secs(5);
+        let limit = waiting.remaining().min(PROBE);
+        let probe =
+            TcpStore::connect_secure(addr, limit, PROBE, self.secret.clone()).and_then(|mut c| {
+                c.set_request_timeout(limit);
+                c.try_get(JOB_KEY).map(|_| c)
+            });
+        match probe {
+            Ok(c) => {
+                tracing::info!(
+                    "rank 0: port {addr} is in use by a store that answers; joining it as a \
+                     client to learn whose it is"
+                );
+                Ok(c)
+            }
+            Err(Error::JobMismatch { store, detail }) => Err(Error::JobMismatch { store, detail }),
+            Err(e) => Err(match in_use {
+                Error::Config { name, value, why } => Error::Config {
+                    name,
+                    value,
+                    why: format!("{why} (no ferrocomm store answers there: {e})"),
+                },
+                other => other,
+            }),
+        }
+    }
+
+    fn open_store(&self, waiting: &Waiting) -> Result<OpenStore> {
         match &self.method {
-            InitMethod::File(path) => Ok((Arc::new(FileStore::open(path)?), None)),
+            InitMethod::File(path) => Ok((Arc::new(FileStore::open(path)?), None, None)),
             InitMethod::Tcp { .. } | InitMethod::Env => {
                 let (Some(host), Some(port), Some(addr)) =
                     (&self.master_host, self.master_port, &self.store_addr)
@@ -981,21 +1195,33 @@ impl Plan {
                     )?;
                     let store: Arc<dyn Store> =
                         Arc::new(PrefixStore::new(prefix.clone(), Arc::new(client)));
-                    return Ok((store, None));
+                    return Ok((store, None, None));
                 }
-                let server = match (self.store_external, self.rank) {
-                    (true, _) | (false, Some(1..)) => None,
+                let hosting = match (self.store_external, self.rank) {
+                    (true, _) | (false, Some(1..)) => Hosting::Client,
                     (false, Some(0)) => self.host_store(host, port, true)?,
                     (false, None) => self.host_store(host, port, false)?,
                 };
-                let mut client = TcpStore::connect_secure(
-                    addr,
-                    waiting.remaining(),
-                    self.log_interval,
-                    self.secret.clone(),
-                )?;
+                let (server, mut client) = match hosting {
+                    Hosting::Server(s) => (Some(s), None),
+                    Hosting::Client => (None, None),
+                    Hosting::InUse(e) => (None, Some(self.probe_in_use(addr, e, waiting)?)),
+                };
+                if server.is_none() && client.is_none() {
+                    self.check_resolves(host, port)?;
+                }
+                let mut client = match client.take() {
+                    Some(c) => c,
+                    None => TcpStore::connect_secure(
+                        addr,
+                        waiting.remaining(),
+                        self.log_interval,
+                        self.secret.clone(),
+                    )?,
+                };
                 client.set_request_timeout(self.timeout);
-                Ok((Arc::new(client), server))
+                let client = Arc::new(client);
+                Ok((client.clone(), server, Some(client)))
             }
         }
     }
@@ -1025,10 +1251,14 @@ impl Plan {
                 "rank",
                 rank.to_string(),
                 format!(
-                    "rank {rank} is claimed twice: {} joined with it first, and {me} asks for it too; \
-                     check that RANK (or SLURM_PROCID, OMPI_COMM_WORLD_RANK, the rank option) is unique \
-                     per process; a file:// store left from an earlier run must be deleted",
-                    String::from_utf8_lossy(&got)
+                    "rank {rank} is claimed twice: another process ({}) already holds rank {rank} \
+                     of job {} at store {}, and this process ({me}) asks for it too; check that \
+                     RANK (or SLURM_PROCID, OMPI_COMM_WORLD_RANK, the rank option) is unique per \
+                     process and that no earlier run of this job still runs at this address \
+                     (MASTER_PORT); a file:// store left from an earlier run must be deleted",
+                    String::from_utf8_lossy(&got),
+                    self.job_id,
+                    store.describe()
                 ),
             ));
         }
@@ -1198,33 +1428,78 @@ impl Plan {
                 .store_addr
                 .clone()
                 .unwrap_or_else(|| self.method.to_string()),
+            me: None,
         };
-        let (raw, server) = self.open_store(&waiting)?;
+        let (raw, server, tcp) = self.open_store(&waiting)?;
         waiting.store = raw.describe();
-        self.check_job(&*raw)?;
-        let store: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("job/{}", self.job_id), raw));
-        let rank = match self.rank {
-            Some(r) => {
-                let nonce = getrandom::u64().unwrap_or(0);
-                let me = format!(
-                    "pid {} on {} ({}, #{nonce:016x})",
-                    std::process::id(),
-                    hostname(),
-                    self.host_id
+        let prefix = format!("job/{}", self.job_id);
+        let store: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), raw.clone()));
+        let mut will = None;
+        let joined = (|| -> Result<(usize, PeerInfo, Vec<PeerInfo>)> {
+            self.check_job(&*raw)?;
+            let rank = match self.rank {
+                Some(r) => {
+                    let nonce = getrandom::u64().unwrap_or(0);
+                    let me = format!(
+                        "pid {} on {} ({}, #{nonce:016x})",
+                        std::process::id(),
+                        hostname(),
+                        self.host_id
+                    );
+                    self.claim_rank(&*store, r, &me)?;
+                    r
+                }
+                None => self.assign_rank(&*store, &waiting)?,
+            };
+            waiting.me = Some(rank);
+            if let Some(tcp) = &tcp {
+                let d = Departure::of_me(
+                    rank,
+                    "its connection to the store closed before init completed: the process \
+                     exited, crashed or was killed (see its log and exit status)"
+                        .into(),
                 );
-                self.claim_rank(&*store, r, &me)?;
-                r
+                will = Some(tcp.last_will(&format!("{prefix}/{DEPARTED_KEY}"), &to_json(&d)?)?);
             }
-            None => self.assign_rank(&*store, &waiting)?,
+            let me = PeerInfo {
+                rank,
+                host_id: self.host_id.clone(),
+                hostname: hostname(),
+                pid: std::process::id(),
+                addrs,
+            };
+            let peers = self.exchange_peers(&*store, &me, &waiting)?;
+            Ok((rank, me, peers))
+        })();
+        let (rank, me, peers) = match joined {
+            Ok(v) => v,
+            Err(e) => {
+                // Tell the others at once (only once this rank is settled: a process refused
+                // its rank must not disturb the job that holds it). A timeout is not news:
+                // the others have the same deadline and say themselves who is missing.
+                if let (Some(rank), Some(w)) = (waiting.me, will.take()) {
+                    if e.is_timeout() {
+                        finish_will(rank, w);
+                    } else {
+                        let d = Departure::of_me(rank, format!("it failed: {e}"));
+                        if let Ok(v) = to_json(&d) {
+                            let _ = store.compare_set(DEPARTED_KEY, None, &v);
+                        }
+                    }
+                }
+                if let Some(server) = server {
+                    let who = waiting
+                        .me
+                        .map_or_else(|| "the process".to_owned(), |r| format!("rank {r}"));
+                    server.close_with(&format!(
+                        "{who} (pid {} on {}), which hosted it, gave up: {e}",
+                        std::process::id(),
+                        hostname()
+                    ));
+                }
+                return Err(e);
+            }
         };
-        let me = PeerInfo {
-            rank,
-            host_id: self.host_id.clone(),
-            hostname: hostname(),
-            pid: std::process::id(),
-            addrs,
-        };
-        let peers = self.exchange_peers(&*store, &me, &waiting)?;
         let local: Vec<usize> = (0..w).filter(|&r| peers[r].host_id == me.host_id).collect();
         let local_rank = local.iter().position(|&r| r == rank).unwrap_or(0);
         let local_size = local.len();
@@ -1267,6 +1542,7 @@ impl Plan {
             job_id: self.job_id.clone(),
             timeout: self.timeout,
             server,
+            will,
         })
     }
 }

@@ -45,6 +45,13 @@
 //! | `BadRequest` | a UTF-8 message (e.g. `Add` on a value that is not a counter) |
 //! | `ShuttingDown` | empty: the server is stopping |
 //! | `Refused` | a UTF-8 message; sent unasked when a connection is over the server's client limit |
+//! | `Closing` | a UTF-8 message (invalid UTF-8 is refused): the server is stopping, and why (e.g. its host gave up) |
+//!
+//! `Will` (opcode 9) arms a "last will" on its connection: when that connection closes
+//! (its process exited or died) the server sets the key to the value, unless the key is set
+//! already or the will was disarmed. A `Will` with an empty key disarms it. The reply is an
+//! empty `Ok`. The rendezvous uses it so that a rank that dies during `init` is noticed by
+//! the others within seconds, whatever host it ran on.
 
 use std::time::Duration;
 
@@ -133,6 +140,8 @@ pub enum Op {
     Check = 7,
     /// [`Request::Delete`].
     Delete = 8,
+    /// [`Request::Will`].
+    Will = 9,
 }
 
 impl Op {
@@ -146,6 +155,7 @@ impl Op {
             6 => Op::Wait,
             7 => Op::Check,
             8 => Op::Delete,
+            9 => Op::Will,
             _ => return None,
         })
     }
@@ -211,6 +221,14 @@ pub enum Request {
         /// The key.
         key: String,
     },
+    /// Arms this connection's last will: when the connection closes, set `key` to `value`
+    /// unless `key` is already set. An empty `key` disarms it.
+    Will {
+        /// The key to set, empty to disarm.
+        key: String,
+        /// The value to set it to.
+        value: Vec<u8>,
+    },
 }
 
 impl Request {
@@ -225,6 +243,7 @@ impl Request {
             Request::Wait { .. } => Op::Wait,
             Request::Check { .. } => Op::Check,
             Request::Delete { .. } => Op::Delete,
+            Request::Will { .. } => Op::Will,
         }
     }
 }
@@ -244,6 +263,8 @@ pub enum Response {
     ShuttingDown,
     /// The server does not serve this connection (too many clients); it closes it.
     Refused(String),
+    /// The server is stopping, for the reason given (e.g. the rank hosting it gave up).
+    Closing(String),
 }
 
 /// A decoded, validated request header: every length is within its limit.
@@ -345,7 +366,7 @@ impl RequestHeader {
             ));
         }
         match self.op {
-            Op::Set | Op::CompareSet => check_len("value", value, MAX_VALUE_LEN)?,
+            Op::Set | Op::CompareSet | Op::Will => check_len("value", value, MAX_VALUE_LEN)?,
             Op::Add if value != 8 => {
                 return Err(ProtoError::Malformed("add needs an 8-byte delta"));
             }
@@ -430,7 +451,9 @@ fn decode_key_list(mut b: &[u8]) -> Result<Vec<String>, ProtoError> {
 /// limit.
 pub fn encode_request(req: &Request) -> Result<Vec<u8>, ProtoError> {
     let (key, aux, value, flags, timeout): (Vec<u8>, &[u8], Vec<u8>, u8, u32) = match req {
-        Request::Set { key, value } => (key.as_bytes().to_vec(), &[], value.clone(), 0, 0),
+        Request::Set { key, value } | Request::Will { key, value } => {
+            (key.as_bytes().to_vec(), &[], value.clone(), 0, 0)
+        }
         Request::Get { key, timeout } => (
             key.as_bytes().to_vec(),
             &[],
@@ -540,6 +563,10 @@ pub fn decode_request_body(h: &RequestHeader, body: &[u8]) -> Result<Request, Pr
         Op::Delete => Request::Delete {
             key: decode_key(key)?,
         },
+        Op::Will => Request::Will {
+            key: decode_key(key)?,
+            value: value.to_vec(),
+        },
     })
 }
 
@@ -576,6 +603,8 @@ pub enum Status {
     ShuttingDown = 4,
     /// [`Response::Refused`].
     Refused = 5,
+    /// [`Response::Closing`].
+    Closing = 6,
 }
 
 impl Status {
@@ -587,6 +616,7 @@ impl Status {
             3 => Status::BadRequest,
             4 => Status::ShuttingDown,
             5 => Status::Refused,
+            6 => Status::Closing,
             _ => return None,
         })
     }
@@ -627,7 +657,9 @@ impl ResponseHeader {
         match status {
             Status::Ok => check_len("value", len, MAX_VALUE_LEN)?,
             Status::Timeout => check_len("key list", len, MAX_KEY_LIST_LEN)?,
-            Status::BadRequest | Status::Refused => check_len("message", len, MAX_MESSAGE_LEN)?,
+            Status::BadRequest | Status::Refused | Status::Closing => {
+                check_len("message", len, MAX_MESSAGE_LEN)?
+            }
             Status::NotFound | Status::ShuttingDown if len != 0 => {
                 return Err(ProtoError::Malformed("body on a status without one"));
             }
@@ -659,6 +691,7 @@ pub fn encode_response(resp: &Response) -> Vec<u8> {
         Response::BadRequest(m) => (Status::BadRequest, truncated(m)),
         Response::Refused(m) => (Status::Refused, truncated(m)),
         Response::ShuttingDown => (Status::ShuttingDown, Vec::new()),
+        Response::Closing(m) => (Status::Closing, truncated(m)),
     };
     let mut out = Vec::with_capacity(RESPONSE_HEADER_LEN + body.len());
     out.extend_from_slice(&RESPONSE_MAGIC.to_le_bytes());
@@ -694,6 +727,10 @@ pub fn decode_response_body(h: &ResponseHeader, body: &[u8]) -> Result<Response,
         Status::BadRequest => Response::BadRequest(String::from_utf8_lossy(body).into_owned()),
         Status::ShuttingDown => Response::ShuttingDown,
         Status::Refused => Response::Refused(String::from_utf8_lossy(body).into_owned()),
+        // Strict (unlike the older messages): a reason always re-encodes to the same bytes.
+        Status::Closing => {
+            Response::Closing(String::from_utf8(body.to_vec()).map_err(|_| ProtoError::BadUtf8)?)
+        }
     })
 }
 
@@ -753,6 +790,14 @@ mod tests {
             },
             Request::Check { keys: Vec::new() },
             Request::Delete { key: "d".into() },
+            Request::Will {
+                key: "failed".into(),
+                value: b"rank 3 died".to_vec(),
+            },
+            Request::Will {
+                key: String::new(),
+                value: Vec::new(),
+            },
         ]
     }
 
@@ -781,6 +826,7 @@ mod tests {
             Response::BadRequest("not a counter".into()),
             Response::ShuttingDown,
             Response::Refused("too many clients".into()),
+            Response::Closing("rank 0 gave up".into()),
         ];
         for r in all {
             let b = encode_response(&r);

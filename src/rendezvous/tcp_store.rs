@@ -10,15 +10,29 @@
 //! not turn every `set` into a thundering herd.
 //!
 //! Bad input never takes the server down: a client that sends garbage, a truncated frame, an
-//! oversized length, or stalls for more than [`ServerConfig::frame_timeout`] in the middle of
-//! a frame gets its connection closed with a `tracing::warn!`; every length is checked
-//! against the protocol limits before anything is allocated; other clients are unaffected.
-//! An idle client (between frames) may stay connected as long as it likes.
+//! oversized length, or takes more than [`ServerConfig::frame_timeout`] to send a whole frame
+//! (however it trickles the bytes) gets its connection closed with a `tracing::warn!`; every
+//! length is checked against the protocol limits before anything is allocated; other clients
+//! are unaffected.
+//!
+//! Deadlines and limits hold with and without a job secret: a new connection must complete
+//! its first request (after authenticating, with a secret) within
+//! [`ServerConfig::handshake_timeout`], so idle or trickling strangers cannot pile up; one
+//! client address may hold at most [`ServerConfig::max_pending_per_client`] connections that
+//! have not completed a request yet; [`ServerConfig::max_clients`] bounds the connections
+//! (one thread each) in all. A client that has completed a request may then stay idle
+//! between frames as long as it likes (ranks keep their connections for the whole job).
+//! Refusals and closed connections are logged at most [`LOG_BURST`] times per
+//! [`LOG_WINDOW`]; the rest are counted and summed up in one line.
+//!
+//! A connection can carry a "last will" ([`Request::Will`]): when it closes without having
+//! disarmed it, the server sets the will's key (unless set already). The rendezvous arms one
+//! per rank so that the others learn within seconds when a rank dies during `init`.
 //!
 //! Dropping the server (or [`TcpStoreServer::shutdown`]) stops it promptly: the accept thread
-//! is woken and joined, every client connection is shut down, waiting requests are answered
-//! with a "shutting down" status, and the client threads are waited for (up to a few
-//! seconds).
+//! is woken and joined, waiting requests are answered with a "shutting down" status (with the
+//! reason given to [`TcpStoreServer::close_with`], if any), then every client connection is
+//! shut down and the client threads are waited for (up to a few seconds).
 //!
 //! The client, [`TcpStore`], keeps a small pool of connections: a thread blocked in a long
 //! `get` does not block `set`s from other threads of the same process, which use another
@@ -27,9 +41,9 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -58,21 +72,41 @@ const MAX_IDLE: usize = 4;
 const CONN_STACK: usize = 256 * 1024;
 /// How long dropping the server waits for its client threads.
 const JOIN_WAIT: Duration = Duration::from_secs(5);
+/// How long dropping the server lets answered waiters finish writing their reply before it
+/// shuts the connections down.
+const REPLY_WAIT: Duration = Duration::from_secs(1);
+/// Refusal and closed-connection warnings the server logs per [`LOG_WINDOW`]; the rest are
+/// counted and summed up in one line.
+pub const LOG_BURST: u32 = 10;
+/// The window of [`LOG_BURST`].
+pub const LOG_WINDOW: Duration = Duration::from_secs(10);
+/// A pooled client connection that has never carried a request is replaced after this long:
+/// the server drops connections that send no request within its handshake timeout.
+const FRESH_FOR: Duration = Duration::from_secs(1);
+/// How long a client retries a master host name that does not resolve (a DNS failure is
+/// rarely transient; a host that is up but not listening yet is retried until the timeout).
+pub const RESOLVE_GRACE: Duration = Duration::from_secs(5);
 
 /// Tunables of a [`TcpStoreServer`].
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Client connections served at once; further ones are closed at once with a logged
-    /// refusal. Default 4096 (`FERROCOMM_STORE_MAX_CLIENTS`).
+    /// Client connections served at once (one thread each); further ones are closed at once
+    /// with a logged refusal. Default 4096 (`FERROCOMM_STORE_MAX_CLIENTS`).
     pub max_clients: usize,
-    /// Longest pause allowed in the middle of a request frame (and for writing a response)
-    /// before the connection is closed. Default 30 s.
+    /// Connections from one client address that have not completed a request yet; further
+    /// ones are refused. Default 1024 (`FERROCOMM_STORE_MAX_PENDING`): a quarter of the
+    /// default client limit, so one address cannot take every slot, and above the number of
+    /// ranks of one host that connect at once when a job starts.
+    pub max_pending_per_client: usize,
+    /// Longest time a request frame may take from its first byte to its last (and writing
+    /// its response may take) before the connection is closed. Default 30 s.
     pub frame_timeout: Duration,
     /// The job secret: when set, every connection must pass the challenge-response of
     /// [`crate::auth`] before its first request, and clients without it are refused.
     pub secret: Option<Secret>,
-    /// How long a new connection may take to authenticate (with a secret) before it is
-    /// dropped with a log line. Default 10 s (`FERROCOMM_HANDSHAKE_TIMEOUT`).
+    /// How long a new connection may take to authenticate (with a secret) and complete its
+    /// first request (with or without a secret) before it is dropped with a log line.
+    /// Default 10 s (`FERROCOMM_HANDSHAKE_TIMEOUT`).
     pub handshake_timeout: Duration,
     /// Serve PyTorch `TCPStore` clients even though a secret is set (they cannot
     /// authenticate, so they bypass it). Without a secret they are always served. Default
@@ -84,6 +118,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_clients: 4096,
+            max_pending_per_client: 1024,
             frame_timeout: Duration::from_secs(30),
             secret: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -96,8 +131,8 @@ impl Default for ServerConfig {
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ServerConfig {
-    /// The defaults adjusted by `FERROCOMM_STORE_MAX_CLIENTS`, `FERROCOMM_HANDSHAKE_TIMEOUT`
-    /// (seconds) and `FERROCOMM_SECRET`.
+    /// The defaults adjusted by `FERROCOMM_STORE_MAX_CLIENTS`, `FERROCOMM_STORE_MAX_PENDING`,
+    /// `FERROCOMM_HANDSHAKE_TIMEOUT` (seconds) and `FERROCOMM_SECRET`.
     pub fn from_env() -> Result<ServerConfig> {
         Self::from_lookup(&crate::config::process_env)
     }
@@ -111,6 +146,14 @@ impl ServerConfig {
             |v| v.parse::<usize>().ok().filter(|n| *n > 0),
         )? {
             cfg.max_clients = n;
+        }
+        if let Some(n) = crate::config::parse_var(
+            lookup,
+            "FERROCOMM_STORE_MAX_PENDING",
+            "a positive number of connections",
+            |v| v.parse::<usize>().ok().filter(|n| *n > 0),
+        )? {
+            cfg.max_pending_per_client = n;
         }
         if let Some(t) = crate::config::seconds(lookup, "FERROCOMM_HANDSHAKE_TIMEOUT")? {
             cfg.handshake_timeout = t;
@@ -139,6 +182,8 @@ struct Data {
     /// Waiters by the key they miss; each condvar belongs to one waiting request.
     waiters: HashMap<String, Vec<Arc<Condvar>>>,
     shutdown: bool,
+    /// Why the server stops, when its owner said ([`TcpStoreServer::close_with`]).
+    closing: Option<String>,
     /// The queues of PyTorch clients ([`torch_server`]).
     torch_queues: torch_server::Queues,
 }
@@ -151,6 +196,14 @@ impl Data {
             }
         }
         self.map.insert(key, value);
+    }
+
+    /// The answer to every request once the server stops.
+    fn stopped(&self) -> Response {
+        match &self.closing {
+            Some(why) => Response::Closing(why.clone()),
+            None => Response::ShuttingDown,
+        }
     }
 
     fn unregister(&mut self, key: &str, cv: &Arc<Condvar>) {
@@ -170,9 +223,106 @@ struct Shared {
     conns: Mutex<HashMap<u64, TcpStream>>,
     active: Mutex<usize>,
     idle: Condvar,
+    /// Connections per client address that have not completed a request yet.
+    pending: Mutex<HashMap<IpAddr, usize>>,
+    /// Requests read and not yet answered (shutdown lets them finish their reply).
+    in_flight: AtomicUsize,
+    log: Mutex<LogLimit>,
     addr: SocketAddr,
     config: ServerConfig,
 }
+
+/// Rate limit of the server's refusal warnings (see [`LOG_BURST`]).
+struct LogLimit {
+    window: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    fn new() -> LogLimit {
+        LogLimit {
+            window: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Logs the summary of the lines suppressed so far, if any.
+    fn flush(&mut self, addr: SocketAddr) {
+        if self.suppressed > 0 {
+            tracing::warn!(
+                "store server {addr}: {} more refused or closed connections in the last {:.0?} \
+                 were not logged one by one",
+                self.suppressed,
+                self.window.elapsed()
+            );
+        }
+        self.window = Instant::now();
+        self.logged = 0;
+        self.suppressed = 0;
+    }
+
+    fn warn(&mut self, addr: SocketAddr, line: impl FnOnce() -> String) {
+        if self.window.elapsed() >= LOG_WINDOW {
+            self.flush(addr);
+        }
+        if self.logged < LOG_BURST {
+            self.logged += 1;
+            tracing::warn!("store server {addr}: {}", line());
+            if self.logged == LOG_BURST {
+                tracing::warn!(
+                    "store server {addr}: {LOG_BURST} refusals within {LOG_WINDOW:?}; further \
+                     ones in this window are counted and summed up"
+                );
+            }
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, each read bounded by what is left until `deadline`:
+/// a client trickling bytes cannot stretch it. Times out with `TimedOut`.
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` by `deadline` (see [`read_by`]).
+fn write_by(s: &mut TcpStream, buf: &[u8], deadline: Instant) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        s.set_write_timeout(Some(left))?;
+        match s.write(&buf[sent..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// What one connection has asked to leave behind when it closes: `(key, value)`.
+type Will = Option<(String, Vec<u8>)>;
 
 impl Shared {
     /// Waits, holding `data` between checks, until every key has been seen set. Returns `None`
@@ -194,7 +344,7 @@ impl Shared {
                 return None;
             }
             if data.shutdown {
-                return Some(Response::ShuttingDown);
+                return Some(data.stopped());
             }
             let now = Instant::now();
             let remaining = match deadline {
@@ -221,6 +371,9 @@ impl Shared {
 
     fn handle(&self, req: Request) -> Response {
         let mut data = self.data.lock();
+        if data.shutdown {
+            return data.stopped();
+        }
         match req {
             Request::Set { key, value } => {
                 data.set(key, value);
@@ -285,41 +438,124 @@ impl Shared {
             Request::Delete { key } => {
                 Response::Ok(vec![u8::from(data.map.remove(&key).is_some())])
             }
+            // Connection state: answered by `serve_one`, never here.
+            Request::Will { .. } => Response::BadRequest("a will belongs to a connection".into()),
+        }
+    }
+
+    /// Carries out the will of a connection that closed: sets its key unless set already.
+    fn execute_will(&self, peer: SocketAddr, will: Will) {
+        let Some((key, value)) = will else {
+            return;
+        };
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        tracing::debug!(
+            "store server {}: client {peer} closed with a will; setting {key:?}",
+            self.addr
+        );
+        let mut data = self.data.lock();
+        if !data.shutdown && !data.map.contains_key(&key) {
+            data.set(key, value);
         }
     }
 
     /// Reads, answers and returns `Ok(true)` for one request; `Ok(false)` when the client
-    /// closed the connection between frames; `Err` with what to log otherwise.
-    fn serve_one(&self, stream: &mut TcpStream) -> std::result::Result<bool, String> {
+    /// closed the connection between frames; `Err` with what to log otherwise. Reading
+    /// ([`read_request`](Self::read_request)) and encoding the reply are the codec's part;
+    /// the rest (deadlines, wills, shutdown) holds for any codec.
+    fn serve_one(
+        &self,
+        stream: &mut TcpStream,
+        first_by: Option<Instant>,
+        will: &mut Will,
+    ) -> std::result::Result<bool, String> {
+        let Some(req) = self.read_request(stream, first_by)? else {
+            return Ok(false);
+        };
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let resp = match req {
+            Request::Will { key, value } => {
+                *will = (!key.is_empty()).then_some((key, value));
+                Response::Ok(Vec::new())
+            }
+            req => self.handle(req),
+        };
+        let sent = write_by(
+            stream,
+            &protocol::encode_response(&resp),
+            Instant::now() + self.config.frame_timeout.max(Duration::from_millis(1)),
+        );
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        sent.map_err(|e| format!("cannot send the reply: {e}"))?;
+        Ok(true)
+    }
+
+    /// Reads one request frame of [`protocol`]: `Ok(None)` when the client closed the
+    /// connection between frames. Until the connection's first request, the whole request
+    /// must arrive by `first_by`; after it, the client may stay idle between frames as long
+    /// as it likes. Every frame must arrive within the frame timeout of its first byte.
+    fn read_request(
+        &self,
+        stream: &mut TcpStream,
+        first_by: Option<Instant>,
+    ) -> std::result::Result<Option<Request>, String> {
         let mut header = [0u8; REQUEST_HEADER_LEN];
-        // Between frames a client may stay idle as long as it likes.
-        stream
-            .set_read_timeout(None)
-            .map_err(|e| format!("cannot configure the socket: {e}"))?;
+        let cfg = |e: io::Error| format!("cannot configure the socket: {e}");
+        let first_limit = self.config.handshake_timeout;
+        let late = || {
+            format!(
+                "no complete request within {first_limit:?} of connecting (idle or trickling \
+                 connection dropped; FERROCOMM_HANDSHAKE_TIMEOUT sets the limit)"
+            )
+        };
+        match first_by {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(late());
+                }
+                stream.set_read_timeout(Some(left)).map_err(cfg)?;
+            }
+            None => stream.set_read_timeout(None).map_err(cfg)?,
+        }
         loop {
             match stream.read(&mut header[..1]) {
-                Ok(0) => return Ok(false),
+                Ok(0) => return Ok(None),
                 Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(late());
+                }
                 Err(e) => return Err(format!("read failed: {e}")),
             }
         }
         let frame_timeout = self.config.frame_timeout;
-        stream
-            .set_read_timeout(Some(frame_timeout))
-            .map_err(|e| format!("cannot configure the socket: {e}"))?;
+        let mut deadline = Instant::now() + frame_timeout.max(Duration::from_millis(1));
+        if let Some(d) = first_by {
+            deadline = deadline.min(d);
+        }
         let stalled = |e: io::Error, what: &str| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                if first_by.is_some_and(|d| d <= Instant::now()) =>
+            {
+                late()
+            }
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                format!("stalled for more than {frame_timeout:?} inside a request {what}")
+                format!("a request {what} took more than {frame_timeout:?} to arrive")
             }
             io::ErrorKind::UnexpectedEof => {
                 format!("truncated request {what} (connection closed inside it)")
             }
             _ => format!("read failed inside a request {what}: {e}"),
         };
-        stream
-            .read_exact(&mut header[1..])
-            .map_err(|e| stalled(e, "header"))?;
+        read_by(stream, &mut header[1..], deadline).map_err(|e| stalled(e, "header"))?;
         if auth::is_auth_message(&header) {
             // A client with a secret, and this server has none: say so before closing.
             let _ = stream.write_all(&auth::no_secret_reply());
@@ -332,17 +568,10 @@ impl Shared {
         let h = RequestHeader::decode(&header).map_err(|e| format!("bad request header: {e}"))?;
         // Bounded: `decode` checked every length against the protocol limits.
         let mut body = vec![0u8; h.body_len()];
-        stream
-            .read_exact(&mut body)
-            .map_err(|e| stalled(e, "body"))?;
+        read_by(stream, &mut body, deadline).map_err(|e| stalled(e, "body"))?;
         let req =
             protocol::decode_request_body(&h, &body).map_err(|e| format!("bad request: {e}"))?;
-        drop(body);
-        let resp = self.handle(req);
-        stream
-            .write_all(&protocol::encode_response(&resp))
-            .map_err(|e| format!("cannot send the reply: {e}"))?;
-        Ok(true)
+        Ok(Some(req))
     }
 
     /// Runs the server's side of the handshake of [`crate::auth`] within the handshake
@@ -406,72 +635,95 @@ impl Shared {
             .map_err(|e| format!("authentication failed: {e}"))
     }
 
-    fn serve(&self, mut stream: TcpStream, peer: SocketAddr) {
+    /// Logs a refusal or a closed connection, rate-limited (see [`LOG_BURST`]).
+    fn refusal(&self, line: impl FnOnce() -> String) {
+        if !self.stopping.load(Ordering::Acquire) {
+            self.log.lock().warn(self.addr, line);
+        }
+    }
+
+    /// Serves one connection until it closes. `pending` counts it against its address's
+    /// limit of connections without a completed request, until its first request.
+    fn serve(&self, mut stream: TcpStream, peer: SocketAddr, pending: PendingGuard) {
+        let first_by = Instant::now() + self.config.handshake_timeout.max(Duration::from_millis(1));
+        let mut pending = Some(pending);
         if let Err(e) = stream.set_write_timeout(Some(self.config.frame_timeout)) {
-            tracing::warn!(
-                "store server {}: closing connection of {peer}: {e}",
-                self.addr
-            );
+            self.refusal(|| format!("closing connection of {peer}: {e}"));
             return;
         }
         // PyTorch `TCPStore` clients start with a 0x00 byte; `torch_server` serves them.
-        let limit = self
-            .config
-            .secret
-            .as_ref()
-            .map(|_| self.config.handshake_timeout);
-        let kind = torch_server::detect(&stream, limit);
-        if let (torch_server::Kind::Silent, Some(limit)) = (&kind, limit) {
-            if !self.stopping.load(Ordering::Acquire) {
-                tracing::warn!(
-                    "store server {}: refusing client {peer}: no authentication within \
-                     {limit:?} (half-open handshake dropped)",
-                    self.addr
-                );
+        match torch_server::detect(&stream, first_by) {
+            torch_server::Kind::Silent => {
+                self.refusal(|| {
+                    format!(
+                        "refusing client {peer}: nothing received within {:?}",
+                        self.config.handshake_timeout
+                    )
+                });
+                return;
             }
-            return;
-        }
-        if let torch_server::Kind::Torch = kind {
-            if self.config.secret.is_some() && !self.config.allow_torch {
-                if let Some(n) = torch_server::log_refusal() {
-                    tracing::warn!(
-                        "store server {}: refusing PyTorch TCPStore client {peer} ({n} so far): \
-                         this store requires the job secret (FERROCOMM_SECRET) and torch's \
-                         protocol cannot authenticate; set FERROCOMM_STORE_ALLOW_TORCH=1 where \
-                         the store is hosted to serve torch clients without authentication",
-                        self.addr
-                    );
-                }
+            torch_server::Kind::Torch
+                if self.config.secret.is_some() && !self.config.allow_torch =>
+            {
+                self.refusal(|| {
+                    format!(
+                        "refusing PyTorch TCPStore client {peer}: this store requires the job \
+                         secret (FERROCOMM_SECRET) and torch's protocol cannot authenticate; \
+                         set FERROCOMM_STORE_ALLOW_TORCH=1 where the store is hosted to serve \
+                         torch clients without authentication"
+                    )
+                });
                 linger_close(&mut stream);
                 return;
             }
-            return torch_server::serve(self, stream, peer);
+            torch_server::Kind::Torch => {
+                return torch_server::serve(self, stream, peer, pending.take(), first_by);
+            }
+            torch_server::Kind::Other => {}
         }
         if let Some(secret) = &self.config.secret {
             if let Err(why) = self.authenticate(&mut stream, secret) {
-                if !self.stopping.load(Ordering::Acquire) {
-                    tracing::warn!("store server {}: refusing client {peer}: {why}", self.addr);
-                }
+                self.refusal(|| format!("refusing client {peer}: {why}"));
                 return;
             }
             tracing::debug!("store server {}: client {peer} authenticated", self.addr);
         }
+        let mut will: Will = None;
         loop {
-            match self.serve_one(&mut stream) {
-                Ok(true) => {}
+            let by = pending.is_some().then_some(first_by);
+            match self.serve_one(&mut stream, by, &mut will) {
+                Ok(true) => {
+                    pending = None;
+                }
                 Ok(false) => {
                     tracing::debug!("store server {}: client {peer} disconnected", self.addr);
-                    return;
+                    break;
                 }
                 Err(why) => {
-                    if !self.stopping.load(Ordering::Acquire) {
-                        tracing::warn!(
-                            "store server {}: closing connection of client {peer}: {why}",
-                            self.addr
-                        );
-                    }
-                    return;
+                    self.refusal(|| format!("closing connection of client {peer}: {why}"));
+                    break;
                 }
+            }
+        }
+        drop(pending);
+        self.execute_will(peer, will);
+    }
+}
+
+/// Counts a connection against its client address's limit of connections that have not
+/// completed a request ([`ServerConfig::max_pending_per_client`]) while it lives.
+struct PendingGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut pending = self.shared.pending.lock();
+        if let Some(n) = pending.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                pending.remove(&self.ip);
             }
         }
     }
@@ -571,6 +823,9 @@ impl TcpStoreServer {
             conns: Mutex::new(HashMap::new()),
             active: Mutex::new(0),
             idle: Condvar::new(),
+            pending: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            log: Mutex::new(LogLimit::new()),
             addr,
             config,
         });
@@ -597,6 +852,12 @@ impl TcpStoreServer {
 
     /// Stops the server (the same as dropping it): see the module docs.
     pub fn shutdown(self) {}
+
+    /// Stops the server, answering every waiting and later request with `reason` (e.g.
+    /// "rank 0 gave up: ..."), so that the clients say why the store went away.
+    pub fn close_with(self, reason: &str) {
+        self.shared.data.lock().closing = Some(reason.to_owned());
+    }
 }
 
 impl Drop for TcpStoreServer {
@@ -614,10 +875,8 @@ impl Drop for TcpStoreServer {
         {
             tracing::warn!("store server {}: the accept thread panicked", shared.addr);
         }
-        // No new connections now. Wake everything the client threads may block on.
-        for s in shared.conns.lock().values() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        // No new connections now. Answer every waiting request first (with the reason, if
+        // any), and let the replies go out before the connections are shut down.
         {
             let mut data = shared.data.lock();
             data.shutdown = true;
@@ -626,6 +885,13 @@ impl Drop for TcpStoreServer {
                     cv.notify_one();
                 }
             }
+        }
+        let replies_by = Instant::now() + REPLY_WAIT;
+        while shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < replies_by {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for s in shared.conns.lock().values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         let deadline = Instant::now() + JOIN_WAIT;
         let mut active = shared.active.lock();
@@ -639,6 +905,7 @@ impl Drop for TcpStoreServer {
                 break;
             }
         }
+        shared.log.lock().flush(shared.addr);
         tracing::debug!("store server {} stopped", shared.addr);
     }
 }
@@ -646,7 +913,6 @@ impl Drop for TcpStoreServer {
 fn accept_loop(shared: &Arc<Shared>, mut poll: mio::Poll, listener: mio::net::TcpListener) {
     let mut events = mio::Events::with_capacity(16);
     let mut next_id = 0u64;
-    let mut refused = 0u64;
     let mut retry_in = None;
     loop {
         if let Err(e) = poll.poll(&mut events, retry_in)
@@ -663,7 +929,7 @@ fn accept_loop(shared: &Arc<Shared>, mut poll: mio::Poll, listener: mio::net::Tc
             match listener.accept() {
                 Ok((stream, peer)) => {
                     next_id += 1;
-                    admit(shared, stream.into(), peer, next_id, &mut refused);
+                    admit(shared, stream.into(), peer, next_id);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e)
@@ -682,26 +948,47 @@ fn accept_loop(shared: &Arc<Shared>, mut poll: mio::Poll, listener: mio::net::Tc
     }
 }
 
-fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64, refused: &mut u64) {
+/// Tells a refused client why (best effort: a fresh socket takes a small write without
+/// blocking) and logs it, rate-limited.
+fn refuse(shared: &Shared, mut stream: TcpStream, why: String) {
+    let _ = stream.write(&protocol::encode_response(&Response::Refused(why.clone())));
+    shared.refusal(|| why);
+}
+
+fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64) {
     {
         let mut active = shared.active.lock();
         if *active >= shared.config.max_clients {
-            *refused += 1;
             let why = format!(
-                "the store server at {} already serves {} clients (its limit); refusing {peer}",
+                "the store server at {} already serves {} clients (its limit, \
+                 FERROCOMM_STORE_MAX_CLIENTS); refusing {peer}",
                 shared.addr, *active
             );
-            if *refused == 1 || refused.is_multiple_of(1000) {
-                tracing::warn!("{why}; {refused} refused so far");
-            }
-            // Best effort: tell the client why before closing (a fresh socket takes a small
-            // write without blocking).
-            let mut stream = stream;
-            let _ = stream.write(&protocol::encode_response(&Response::Refused(why)));
+            drop(active);
+            refuse(shared, stream, why);
             return;
         }
+        let mut pending = shared.pending.lock();
+        let n = pending.entry(peer.ip()).or_insert(0);
+        if *n >= shared.config.max_pending_per_client {
+            let why = format!(
+                "{} already has {n} connections to the store server at {} that have not \
+                 completed a request (the limit, FERROCOMM_STORE_MAX_PENDING); refusing {peer}",
+                peer.ip(),
+                shared.addr
+            );
+            drop(pending);
+            drop(active);
+            refuse(shared, stream, why);
+            return;
+        }
+        *n += 1;
         *active += 1;
     }
+    let pending = PendingGuard {
+        shared: shared.clone(),
+        ip: peer.ip(),
+    };
     let guard = ActiveGuard {
         shared: shared.clone(),
         id,
@@ -715,7 +1002,7 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64, ref
             shared.conns.lock().insert(id, clone);
         }
         Err(e) => {
-            tracing::warn!("store server {}: dropping client {peer}: {e}", shared.addr);
+            shared.refusal(|| format!("dropping client {peer}: {e}"));
             return;
         }
     }
@@ -725,14 +1012,11 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64, ref
         .stack_size(CONN_STACK)
         .spawn(move || {
             let _guard = guard;
-            s.serve(stream, peer);
+            s.serve(stream, peer, pending);
         });
     if let Err(e) = spawned {
-        // The closure (and with it the guard) was dropped: the count is already restored.
-        tracing::warn!(
-            "store server {}: cannot start a thread for client {peer}: {e}",
-            shared.addr
-        );
+        // The closure (and with it the guards) was dropped: the counts are already restored.
+        shared.refusal(|| format!("cannot start a thread for client {peer}: {e}"));
     }
 }
 
@@ -744,7 +1028,9 @@ pub struct TcpStore {
     addr: String,
     /// Bounds every request that does not wait by itself.
     io_timeout: Duration,
-    idle: Mutex<Vec<TcpStream>>,
+    /// Connections ready for reuse, each with the time it was opened if it has not carried a
+    /// request yet (the server drops those after its handshake timeout).
+    idle: Mutex<Vec<(TcpStream, Option<Instant>)>>,
     /// The job secret every new connection authenticates with, if any.
     secret: Option<Secret>,
 }
@@ -757,18 +1043,104 @@ impl std::fmt::Debug for TcpStore {
     }
 }
 
-fn connect_once(addr: &str, per_try: Duration) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
-    for sa in addr.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&sa, per_try.max(Duration::from_millis(1))) {
-            Ok(s) => {
-                s.set_nodelay(true)?;
-                return Ok(s);
-            }
-            Err(e) => last = e,
+/// Why a dial failed: the name did not resolve, or no connection to what it resolved to.
+enum Dial {
+    Resolve(io::Error),
+    Connect(io::Error),
+}
+
+impl std::fmt::Display for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dial::Resolve(e) => write!(f, "the host name does not resolve: {e}"),
+            Dial::Connect(e) => e.fmt(f),
         }
     }
-    Err(last)
+}
+
+impl From<Dial> for io::Error {
+    fn from(d: Dial) -> io::Error {
+        match d {
+            Dial::Resolve(e) => {
+                io::Error::new(e.kind(), format!("the host name does not resolve: {e}"))
+            }
+            Dial::Connect(e) => e,
+        }
+    }
+}
+
+fn connect_once(addr: &str, per_try: Duration) -> std::result::Result<TcpStream, Dial> {
+    let resolved: Vec<SocketAddr> = addr.to_socket_addrs().map_err(Dial::Resolve)?.collect();
+    if resolved.is_empty() {
+        return Err(Dial::Resolve(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the name resolved to no address",
+        )));
+    }
+    let mut last = None;
+    for sa in resolved {
+        match TcpStream::connect_timeout(&sa, per_try.max(Duration::from_millis(1))) {
+            Ok(s) => {
+                s.set_nodelay(true).map_err(Dial::Connect)?;
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Dial::Connect(
+        last.unwrap_or_else(|| io::ErrorKind::NotConnected.into()),
+    ))
+}
+
+/// A connection's last will, armed on a store connection of its own ([`TcpStore::last_will`]):
+/// if this value is dropped (or the process dies) without [`disarm`](Self::disarm), the
+/// store sets the will's key.
+pub struct LastWill {
+    stream: TcpStream,
+    addr: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for LastWill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LastWill")
+            .field("store", &self.addr)
+            .finish()
+    }
+}
+
+impl LastWill {
+    /// Withdraws the will and closes its connection: the key is not set.
+    pub fn disarm(mut self) -> Result<()> {
+        let frame = protocol::encode_request(&Request::Will {
+            key: String::new(),
+            value: Vec::new(),
+        })
+        .map_err(|e| Error::invalid("LastWill::disarm", "key", e.to_string()))?;
+        let addr = self.addr.clone();
+        let io = |e: io::Error| {
+            Error::io(
+                format!("store tcp://{addr}: withdrawing this process's last will"),
+                e,
+            )
+        };
+        self.stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(io)?;
+        self.stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(io)?;
+        self.stream.write_all(&frame).map_err(io)?;
+        let mut hb = [0u8; RESPONSE_HEADER_LEN];
+        self.stream.read_exact(&mut hb).map_err(io)?;
+        match ResponseHeader::decode(&hb) {
+            Ok(h) if h.status == protocol::Status::Ok && h.body_len == 0 => Ok(()),
+            _ => Err(Error::misbehaved(
+                format!("store tcp://{}", self.addr),
+                "unexpected reply to withdrawing a will",
+            )),
+        }
+    }
 }
 
 /// The client's side of the handshake of [`crate::auth`] on a fresh connection.
@@ -888,6 +1260,7 @@ impl TcpStore {
         let deadline = start.checked_add(timeout);
         let mut last_log = start;
         let mut backoff = Duration::from_millis(10);
+        let mut unresolved_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
             let remaining =
@@ -902,11 +1275,30 @@ impl TcpStore {
                     return Ok(TcpStore {
                         addr: addr.to_owned(),
                         io_timeout,
-                        idle: Mutex::new(vec![s]),
+                        idle: Mutex::new(vec![(s, Some(Instant::now()))]),
                         secret,
                     });
                 }
-                Err(e) => e,
+                Err(Dial::Resolve(e)) => {
+                    let since = *unresolved_since.get_or_insert(now);
+                    if now - since >= RESOLVE_GRACE || deadline.is_some_and(|d| now >= d) {
+                        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                        return Err(Error::io(
+                            format!(
+                                "store tcp://{addr}: the host name {host:?} does not resolve \
+                                 (tried for {:.0?}); check the master address (MASTER_ADDR or \
+                                 the tcp:// host) and this machine's DNS or /etc/hosts",
+                                now - start
+                            ),
+                            io::Error::new(e.kind(), e.to_string()),
+                        ));
+                    }
+                    Dial::Resolve(e)
+                }
+                Err(e) => {
+                    unresolved_since = None;
+                    e
+                }
             };
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
@@ -946,26 +1338,66 @@ impl TcpStore {
         &self.addr
     }
 
-    fn checkout(&self) -> Result<TcpStream> {
-        if let Some(s) = self.idle.lock().pop() {
-            return Ok(s);
-        }
-        let mut s = connect_once(&self.addr, self.io_timeout.min(Duration::from_secs(30))).ctx(|| {
-            format!(
-                "store tcp://{}: opening another connection (is the process hosting the store still running?)",
-                self.addr
-            )
-        })?;
+    /// A fresh connection to the store, authenticated if there is a secret.
+    fn open(&self) -> Result<TcpStream> {
+        let mut s = connect_once(&self.addr, self.io_timeout.min(Duration::from_secs(30)))
+            .map_err(io::Error::from)
+            .ctx(|| {
+                format!(
+                    "store tcp://{}: opening another connection (the store host, rank 0 or the \
+                     launcher, may be gone: it exited, gave up or was killed; see its log)",
+                    self.addr
+                )
+            })?;
         if let Some(secret) = &self.secret {
             client_handshake(&mut s, secret, &self.addr, self.io_timeout)?;
         }
         Ok(s)
     }
 
+    fn checkout(&self) -> Result<TcpStream> {
+        loop {
+            let Some((s, fresh)) = self.idle.lock().pop() else {
+                break;
+            };
+            // Never used and old: the server may have dropped it as idle; open another.
+            if fresh.is_none_or(|t| t.elapsed() < FRESH_FOR) {
+                return Ok(s);
+            }
+        }
+        self.open()
+    }
+
     fn checkin(&self, s: TcpStream) {
         let mut idle = self.idle.lock();
         if idle.len() < MAX_IDLE {
-            idle.push(s);
+            idle.push((s, None));
+        }
+    }
+
+    /// Arms a last will on a connection of its own: if the returned value is dropped, or
+    /// this process dies, before [`LastWill::disarm`], the server sets `key` to `value`
+    /// (unless `key` is set already). See [`protocol`] (`Will`).
+    pub fn last_will(&self, key: &str, value: &[u8]) -> Result<LastWill> {
+        if key.is_empty() {
+            return Err(Error::invalid(
+                "TcpStore::last_will",
+                "key",
+                "the key must not be empty",
+            ));
+        }
+        let req = Request::Will {
+            key: key.to_owned(),
+            value: value.to_vec(),
+        };
+        let mut stream = self.open()?;
+        match self.exchange(&mut stream, "last_will", &req, None)? {
+            Response::Ok(v) if v.is_empty() => Ok(LastWill {
+                stream,
+                addr: self.addr.clone(),
+                timeout: self.io_timeout,
+            }),
+            r => Err(self.unexpected("last_will", &r)),
         }
     }
 
@@ -982,6 +1414,22 @@ impl TcpStore {
                     self.addr
                 ),
             }
+        } else if matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+        ) {
+            Error::io(
+                format!(
+                    "store tcp://{}: {what}: the store host closed the connection (the process \
+                     hosting the store, rank 0 or the launcher, exited, gave up or was killed; \
+                     its log says why)",
+                    self.addr
+                ),
+                io::Error::new(e.kind(), "connection closed by the store host"),
+            )
         } else {
             Error::io(
                 format!(
@@ -993,39 +1441,48 @@ impl TcpStore {
         }
     }
 
-    /// Sends one request and reads its response on a pooled connection.
-    fn request(&self, what: &str, req: &Request, wait: Option<Duration>) -> Result<Response> {
+    /// Sends `req` on `stream` and reads the response; a stopping server's answer becomes
+    /// an error that says so (and why, when the server's owner said).
+    fn exchange(
+        &self,
+        stream: &mut TcpStream,
+        what: &str,
+        req: &Request,
+        wait: Option<Duration>,
+    ) -> Result<Response> {
         let frame = protocol::encode_request(req)
             .map_err(|e| Error::invalid(format!("Store::{what}"), "key/value", e.to_string()))?;
-        let mut stream = self.checkout()?;
         let read_timeout = wait
             .map_or(self.io_timeout, |w| {
                 w.min(protocol::MAX_TIMEOUT).saturating_add(WAIT_GRACE)
             })
             .max(Duration::from_millis(1));
         let peer = format!("store tcp://{}", self.addr);
-        let exchange = |s: &mut TcpStream| -> Result<Response> {
-            let io = |e| self.io_error(what, e, read_timeout);
-            s.set_read_timeout(Some(read_timeout)).map_err(io)?;
-            s.set_write_timeout(Some(self.io_timeout)).map_err(io)?;
-            s.write_all(&frame).map_err(io)?;
-            let mut hb = [0u8; RESPONSE_HEADER_LEN];
-            s.read_exact(&mut hb).map_err(io)?;
-            let h = ResponseHeader::decode(&hb).map_err(|e| {
-                Error::misbehaved(&peer, format!("bad reply header to {what}: {e}"))
-            })?;
-            let mut body = vec![0u8; h.body_len as usize];
-            s.read_exact(&mut body).map_err(io)?;
-            protocol::decode_response_body(&h, &body)
-                .map_err(|e| Error::misbehaved(&peer, format!("bad reply to {what}: {e}")))
-        };
-        let resp = exchange(&mut stream)?;
-        self.checkin(stream);
+        let io = |e| self.io_error(what, e, read_timeout);
+        let s = stream;
+        s.set_read_timeout(Some(read_timeout)).map_err(io)?;
+        s.set_write_timeout(Some(self.io_timeout)).map_err(io)?;
+        s.write_all(&frame).map_err(io)?;
+        let mut hb = [0u8; RESPONSE_HEADER_LEN];
+        s.read_exact(&mut hb).map_err(io)?;
+        let h = ResponseHeader::decode(&hb)
+            .map_err(|e| Error::misbehaved(&peer, format!("bad reply header to {what}: {e}")))?;
+        let mut body = vec![0u8; h.body_len as usize];
+        s.read_exact(&mut body).map_err(io)?;
+        let resp = protocol::decode_response_body(&h, &body)
+            .map_err(|e| Error::misbehaved(&peer, format!("bad reply to {what}: {e}")))?;
         match resp {
             Response::ShuttingDown => Err(Error::io(
                 format!(
                     "store tcp://{}: {what}: the store server is shutting down (the process hosting it \
                      — rank 0 or the launcher — is exiting)",
+                    self.addr
+                ),
+                io::Error::from(io::ErrorKind::ConnectionAborted),
+            )),
+            Response::Closing(why) => Err(Error::io(
+                format!(
+                    "store tcp://{}: {what}: the store host closed the store: {why}",
                     self.addr
                 ),
                 io::Error::from(io::ErrorKind::ConnectionAborted),
@@ -1039,6 +1496,14 @@ impl TcpStore {
         }
     }
 
+    /// Sends one request and reads its response on a pooled connection.
+    fn request(&self, what: &str, req: &Request, wait: Option<Duration>) -> Result<Response> {
+        let mut stream = self.checkout()?;
+        let resp = self.exchange(&mut stream, what, req, wait)?;
+        self.checkin(stream);
+        Ok(resp)
+    }
+
     fn unexpected(&self, what: &str, r: &Response) -> Error {
         let kind = match r {
             Response::Ok(v) => format!("a value of {} bytes", v.len()),
@@ -1047,6 +1512,7 @@ impl TcpStore {
             Response::BadRequest(_) => "bad request".into(),
             Response::ShuttingDown => "shutting down".into(),
             Response::Refused(_) => "refused".into(),
+            Response::Closing(_) => "closing".into(),
         };
         Error::misbehaved(
             format!("store tcp://{}", self.addr),

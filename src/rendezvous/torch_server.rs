@@ -32,7 +32,7 @@ use super::super::torch_wire::{
     self, CHECK_NOT_READY, CHECK_READY, Query, STOP_WAITING, VALIDATION_MAGIC, WAIT_CANCELED,
     put_bytes, put_i64,
 };
-use super::{Data, Shared};
+use super::{Data, PendingGuard, Shared};
 
 /// The prefix under which torch clients' keys are kept in the server's map. It starts with
 /// a byte ferrocomm's own keys never use, so the two namespaces cannot meet.
@@ -45,14 +45,6 @@ fn ns(key: &str) -> String {
     format!("{TORCH_NAMESPACE}{key}")
 }
 
-/// Whether to log the refusal of a torch client (with a secret and without
-/// `allow_torch`): the first, then every 100th, since torch's client retries for minutes.
-pub(super) fn log_refusal() -> Option<u64> {
-    static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
-    (n == 1 || n.is_multiple_of(100)).then_some(n)
-}
-
 /// What the first byte of a connection says.
 pub(super) enum Kind {
     /// A PyTorch `TCPStore` client.
@@ -63,15 +55,19 @@ pub(super) enum Kind {
     Silent,
 }
 
-/// Peeks at the first byte of a new connection, waiting at most `limit` (`None`: no limit).
-/// A connection that closes before sending anything counts as `Other`: the ordinary path
-/// reports it as before.
-pub(super) fn detect(stream: &TcpStream, limit: Option<std::time::Duration>) -> Kind {
-    if stream.set_read_timeout(limit).is_err() {
-        return Kind::Other;
-    }
+/// Peeks at the first byte of a new connection, waiting until `by` at most. A connection
+/// that closes before sending anything counts as `Other`: the ordinary path reports it as
+/// before.
+pub(super) fn detect(stream: &TcpStream, by: Instant) -> Kind {
     let mut b = [0u8; 1];
     loop {
+        let left = by.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Kind::Silent;
+        }
+        if stream.set_read_timeout(Some(left)).is_err() {
+            return Kind::Other;
+        }
         match stream.peek(&mut b) {
             Ok(1) if b[0] == torch_wire::QueryType::Validate as u8 => return Kind::Torch,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -142,6 +138,9 @@ struct Conn<'a> {
     stream: TcpStream,
     peer: SocketAddr,
     validated: bool,
+    /// Until its first complete query: the deadline for it, and the guard counting this
+    /// connection against its address's limit of such connections.
+    first: Option<(Option<PendingGuard>, Instant)>,
 }
 
 impl<'a> Conn<'a> {
@@ -394,6 +393,7 @@ impl<'a> Conn<'a> {
                     buf.drain(..used);
                     started = (!buf.is_empty()).then(Instant::now);
                     self.handle(q, scope, pending)?;
+                    self.first = None;
                     continue;
                 }
                 Ok(None) => {}
@@ -401,9 +401,25 @@ impl<'a> Conn<'a> {
             // Between queries a client may stay idle as long as it likes; inside one it has
             // the frame timeout.
             let limit = match started {
-                None => None,
+                None => match &self.first {
+                    // The first query must be complete by the deadline of new connections.
+                    Some((_, by)) => {
+                        let left = by.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Err(format!(
+                                "no complete first query within {:?}",
+                                self.shared.config.handshake_timeout
+                            ));
+                        }
+                        Some(left)
+                    }
+                    None => None,
+                },
                 Some(t) => {
-                    let left = frame_timeout.saturating_sub(t.elapsed());
+                    let mut left = frame_timeout.saturating_sub(t.elapsed());
+                    if let Some((_, by)) = &self.first {
+                        left = left.min(by.saturating_duration_since(Instant::now()));
+                    }
                     if left.is_zero() {
                         return Err(format!(
                             "stalled for more than {frame_timeout:?} inside a TCPStore query"
@@ -439,13 +455,20 @@ impl<'a> Conn<'a> {
 }
 
 /// Serves one torch client until it leaves; logs why if it is closed for a fault.
-pub(super) fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+pub(super) fn serve(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+    pending: Option<PendingGuard>,
+    first_by: Instant,
+) {
     std::thread::scope(|scope| {
         let mut conn = Conn {
             shared,
             stream,
             peer,
             validated: false,
+            first: Some((pending, first_by)),
         };
         let mut pending = None;
         let result = conn.run(scope, &mut pending);
@@ -456,15 +479,8 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
                 shared.addr,
                 conn.peer
             ),
-            Err(why) => {
-                if !shared.stopping.load(Ordering::Acquire) {
-                    tracing::warn!(
-                        "store server {}: closing connection of PyTorch client {}: {why}",
-                        shared.addr,
-                        conn.peer
-                    );
-                }
-            }
+            Err(why) => shared
+                .refusal(|| format!("closing connection of PyTorch client {}: {why}", conn.peer)),
         }
     });
 }

@@ -852,6 +852,18 @@ impl TcpTransport {
                         self.drop_pending(slot);
                         return;
                     }
+                    Ok(0) if pd.stage == Stage::Start && pd.got == 0 => {
+                        // Closed before saying anything: usually a crossing dial that its rank
+                        // gave up (the lower rank's connection wins). Nothing to warn about.
+                        tracing::debug!(
+                            rank = self.rank,
+                            from = %pd.addr,
+                            "dropped a connection closed before its handshake (a crossing dial \
+                             given up?)"
+                        );
+                        self.drop_pending(slot);
+                        return;
+                    }
                     Ok(0) => {
                         let why = format!("closed during the handshake ({} bytes)", pd.got);
                         self.refuse(slot, why);
@@ -860,6 +872,22 @@ impl TcpTransport {
                     Ok(n) => pd.got += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                        ) =>
+                    {
+                        // The dialer dropped its attempt (a crossing dial given up after the
+                        // tie-break, or a rank that exited): a healthy run sees this too.
+                        tracing::debug!(
+                            rank = self.rank,
+                            from = %pd.addr,
+                            "dropped a connection reset during its handshake: {e}"
+                        );
+                        self.drop_pending(slot);
+                        return;
+                    }
                     Err(e) => {
                         self.refuse(slot, format!("read failed: {e}"));
                         return;

@@ -488,6 +488,29 @@ impl ShmSetup {
                 ));
             }
             let who = format!("rank {}", p.rank);
+            let lost = |detail: String| Error::PeerLost {
+                rank: self.rank,
+                peer: p.rank,
+                op: "init (attaching shared memory)".into(),
+                detail,
+            };
+            // Watched from the start: a rank that dies before creating its segment is
+            // noticed at once, not at the timeout.
+            let proc = if p.pid == me {
+                None
+            } else {
+                Some(PidFd::open(p.pid).map_err(|e| {
+                    if e.raw_os_error() == Some(libc::ESRCH) {
+                        lost(format!(
+                            "its process (pid {}) has exited: it died or failed during start-up \
+                             (see its log)",
+                            p.pid
+                        ))
+                    } else {
+                        lost(format!("its process {} cannot be watched: {e}", p.pid))
+                    }
+                })?)
+            };
             let seg = Segment::attach(
                 &p.segment,
                 n,
@@ -495,17 +518,15 @@ impl ShmSetup {
                 (n - 1) as u32,
                 deadline,
                 &who,
+                &mut || match &proc {
+                    Some(pr) if !pr.alive() => Err(lost(format!(
+                        "its process (pid {}) exited before creating its shared-memory segment \
+                         {}: it died or failed during start-up (see its log)",
+                        p.pid, p.segment
+                    ))),
+                    _ => Ok(()),
+                },
             )?;
-            let proc = if p.pid == me {
-                None
-            } else {
-                Some(PidFd::open(p.pid).map_err(|e| Error::PeerLost {
-                    rank: self.rank,
-                    peer: p.rank,
-                    op: "connecting shared memory".into(),
-                    detail: format!("its process {} cannot be watched: {e}", p.pid),
-                })?)
-            };
             peers[p.rank] = Some(Box::new(Peer {
                 pid: p.pid,
                 proc,
@@ -576,14 +597,30 @@ impl ShmTransport {
     /// from `/dev/shm`: from here on a crash leaves nothing behind.
     pub fn wait_attached(&self, deadline: Instant) -> Result<()> {
         let expected = self.order.len() as u32;
+        let start = Instant::now();
         while self.seg.attached() < expected {
+            for &r in &self.order {
+                if let Some(p) = self.peers[r].as_deref()
+                    && p.proc.as_ref().is_some_and(|pr| !pr.alive())
+                {
+                    return Err(Error::PeerLost {
+                        rank: self.rank,
+                        peer: r,
+                        op: "init (waiting for local peers to map shared memory)".into(),
+                        detail: format!(
+                            "its process (pid {}) exited during start-up (see its log)",
+                            p.pid
+                        ),
+                    });
+                }
+            }
             if Instant::now() >= deadline {
                 return Err(Error::Timeout {
                     op: format!(
                         "rank {}: waiting for local peers to map its shared memory",
                         self.rank
                     ),
-                    waited: Duration::ZERO,
+                    waited: start.elapsed(),
                     detail: format!(
                         "{} of {expected} local peers attached; the others may have failed \
                          during start-up",

@@ -204,7 +204,8 @@ impl Segment {
 
     /// Maps the segment `name` of a peer, waiting for it to appear until `deadline`;
     /// checks that it has `slots` rings of `cap` bytes, then counts this attachment and
-    /// unlinks the name if this was the last of `expected` attachments.
+    /// unlinks the name if this was the last of `expected` attachments. While it waits,
+    /// `alive` is asked whether the owner still runs; its error ends the wait.
     pub(crate) fn attach(
         name: &str,
         slots: usize,
@@ -212,8 +213,10 @@ impl Segment {
         expected: u32,
         deadline: Instant,
         who: &str,
+        alive: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Arc<Segment>> {
         let len = segment_len(slots, cap);
+        let start = Instant::now();
         let map = loop {
             match Mapping::open(name, SLOTS_OFFSET) {
                 Ok(m) => {
@@ -237,10 +240,11 @@ impl Segment {
                     ));
                 }
             }
+            alive()?;
             if Instant::now() >= deadline {
                 return Err(Error::Timeout {
                     op: format!("attaching {who}'s shared-memory segment {name}"),
-                    waited: Duration::ZERO,
+                    waited: start.elapsed(),
                     detail: "the segment did not appear; that rank may have failed during \
                              start-up, or its /dev/shm is not this one (containers?); \
                              FERROCOMM_TRANSPORT=tcp avoids shared memory"
