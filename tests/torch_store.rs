@@ -713,3 +713,28 @@ fn torchrun_c10d_rendezvous_on_a_ferrocomm_store() {
         "{status:?}\n--- stdout\n{out}\n--- stderr\n{err}"
     );
 }
+
+#[test]
+fn a_torch_connection_must_complete_its_first_query_by_the_handshake_deadline() {
+    let srv = server(ServerConfig {
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    });
+    // Half a VALIDATE, then nothing: dropped at the deadline, though the frame timeout is 30 s.
+    let mut s = TcpStream::connect(srv.local_addr()).unwrap();
+    s.set_read_timeout(Some(LONG)).unwrap();
+    s.write_all(&torch_wire::encode_query(&Query::Validate(VALIDATION_MAGIC))[..3])
+        .unwrap();
+    let start = Instant::now();
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0, "connection not closed");
+    assert!(start.elapsed() < Duration::from_secs(20));
+    // A validated client is past the deadline and stays.
+    let mut s = raw_torch(&srv);
+    std::thread::sleep(Duration::from_millis(600));
+    s.write_all(&torch_wire::encode_query(&Query::Ping(5)))
+        .unwrap();
+    let mut n = [0u8; 4];
+    s.read_exact(&mut n).unwrap();
+    assert_eq!(u32::from_le_bytes(n), 5);
+}

@@ -30,6 +30,7 @@
 //! | job id | [`InitOptions::job_id`] | `FERROCOMM_JOB_ID`, else `TORCHELASTIC_RUN_ID` | `default` |
 //! | host identity | [`InitOptions::host_id`] | `FERROCOMM_HOST_ID` | [`host::host_id`] |
 //! | store hosted elsewhere | [`InitOptions::store_external`] | `FERROCOMM_STORE_EXTERNAL=1` | no |
+//! | torchrun's store | — | `TORCHELASTIC_USE_AGENT_STORE=True` (env:// only; `FERROCOMM_STORE_EXTERNAL` wins) | no: see [`Plan::torch_agent_store`] |
 //! | job secret | [`InitOptions::secret`] | `FERROCOMM_SECRET` | none: connections are not authenticated (see [`crate::auth`]) |
 //! | transport listen address | [`InitOptions::bind_addr`] | `FERROCOMM_SOCKET_IFADDR` | the interface that routes towards the master (loopback for a loopback master) |
 //!

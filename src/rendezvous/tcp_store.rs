@@ -2,7 +2,9 @@
 //!
 //! The server keeps every key in memory and serves each client connection on its own thread
 //! (at most [`ServerConfig::max_clients`] at once; more are accepted and closed at once, with
-//! a logged refusal). Requests use the binary protocol of [`super::protocol`]. Waiting
+//! a logged refusal). Requests use the binary protocol of [`super::protocol`]; PyTorch's
+//! `TCPStore` clients, told apart by their first byte, are served on the same port by
+//! `torch_server` (see [`super::torch_wire`] and `docs/store.md`). Waiting
 //! requests (`get` of an absent key, `wait`) block the client's server thread for at most the
 //! timeout the client sent; writes (`set`, `add`, a successful `compare_set`) wake exactly the
 //! waiters of the key written. A waiter registers under the first key it still misses, so a
@@ -132,7 +134,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ServerConfig {
     /// The defaults adjusted by `FERROCOMM_STORE_MAX_CLIENTS`, `FERROCOMM_STORE_MAX_PENDING`,
-    /// `FERROCOMM_HANDSHAKE_TIMEOUT` (seconds) and `FERROCOMM_SECRET`.
+    /// `FERROCOMM_HANDSHAKE_TIMEOUT` (seconds), `FERROCOMM_SECRET` and
+    /// `FERROCOMM_STORE_ALLOW_TORCH`.
     pub fn from_env() -> Result<ServerConfig> {
         Self::from_lookup(&crate::config::process_env)
     }

@@ -12,9 +12,11 @@
 //! log line) unless [`ServerConfig::allow_torch`](super::ServerConfig::allow_torch) is set,
 //! in which case they are served without authentication, like torchrun's own store.
 //!
-//! The server's limits apply as to ferrocomm's clients: the client limit at accept, the
-//! frame timeout from the first byte of a query to its last, and the write timeout; an
-//! idle torch client may stay connected as long as it likes. A `Wait` or `Barrier` runs on
+//! The server's limits apply as to ferrocomm's clients: the client limits at accept, the
+//! deadline for the first complete query ([`ServerConfig::handshake_timeout`](super::ServerConfig::handshake_timeout)),
+//! the frame timeout from the first byte of a later query to its last, the write timeout,
+//! and the rate-limited log; a validated torch client may then stay idle as long as it
+//! likes. A `Wait` or `Barrier` runs on
 //! a helper thread of the connection, so the connection keeps reading and can take the
 //! client's `CancelWait`.
 
