@@ -58,11 +58,12 @@ _BITWISE = {
 _ALLTOALLV_TAG = 0xFFFF_FF00
 
 
+# dtypes passed to the library as they are (the fast path of all_reduce and broadcast).
+_PLAIN = {d: c for d, c in _DTYPES.items() if d != torch.bool}
+
+
 def _red_type(op):
-    for t in RedOp.__members__.values():
-        if op == t:
-            return t
-    raise ValueError(f"unknown reduce op {op!r}")
+    return op.op if hasattr(op, "op") else op
 
 
 def _done(result):
@@ -183,6 +184,14 @@ class FerrocommBackend(c10d.Backend):
                     f"AVG only, got {t.name}"
                 )
             return _NATIVE_OPS[t]
+        if t == RedOp.PREMUL_SUM:
+            if not (buf.orig.is_floating_point() or buf.orig.is_complex()):
+                raise dist.DistBackendError(
+                    f"ferrocomm: rank {self._rank}: {what}: PREMUL_SUM needs a floating-point "
+                    f"tensor, got {buf.orig.dtype}"
+                )
+            buf.work.mul_(reduce_op.factor)
+            return _lib.SUM
         if t in _BITWISE:
             if buf.orig.is_floating_point() or buf.orig.is_complex():
                 raise dist.DistBackendError(
@@ -192,7 +201,7 @@ class FerrocommBackend(c10d.Backend):
             return None
         raise dist.DistBackendError(
             f"ferrocomm: rank {self._rank}: {what}: ReduceOp.{t.name} is not supported by "
-            "the ferrocomm backend (supported: SUM, PRODUCT, MIN, MAX, AVG, BAND, BOR, BXOR)"
+            "the ferrocomm backend (supported: SUM, PRODUCT, MIN, MAX, AVG, PREMUL_SUM, BAND, BOR, BXOR)"
         )
 
     def _bitwise_allreduce(self, buf, reduce_op, what):
@@ -209,6 +218,23 @@ class FerrocommBackend(c10d.Backend):
     # ---- collectives ----------------------------------------------------------------
 
     def allreduce(self, tensors, opts):
+        if len(tensors) == 1 and self._comm:
+            # Fast path: a contiguous CPU tensor of a plain type and a native operation.
+            t = tensors[0]
+            code = _PLAIN.get(t.dtype)
+            op = _NATIVE_OPS.get(opts.reduceOp.op)
+            if (
+                code is not None
+                and op is not None
+                and (op != _lib.AVG or code >= _lib.F16)
+                and t.is_cpu
+                and t.is_contiguous()
+            ):
+                n = t.numel()
+                p = t.data_ptr() if n else None
+                if lib.ferrocomm_allreduce(self._comm, p, p, n, code, op) != _lib.OK:
+                    raise self._fail("all_reduce", 1)
+                return _done(tensors)
         what = "all_reduce"
         b = self._buf(self._one(tensors, what), what)
         op = self._op(opts.reduceOp, b, what)

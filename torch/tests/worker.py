@@ -191,6 +191,10 @@ def scenario_ops(rank, size):
     dist.all_reduce(z)
     close(torch.view_as_real(z), torch.view_as_real(torch.complex(
         torch.ones(3) * sum(range(size)), torch.ones(3) * size)), "all_reduce complex")
+    # PREMUL_SUM: every input scaled by the factor, then summed
+    t = torch.full((3,), float(rank + 1), dtype=torch.float64)
+    dist.all_reduce(t, op=dist._make_nccl_premul_sum(0.5))
+    close(t, torch.full((3,), 0.5 * sum(range(1, size + 1)), dtype=torch.float64), "premul_sum")
     # allreduce_coalesced
     ts = [torch.full((3,), float(rank)), torch.full((5,), 2.0 * rank)]
     dist.all_reduce_coalesced(ts)
