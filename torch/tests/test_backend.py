@@ -127,3 +127,14 @@ def test_unsupported_dtype_is_refused_with_its_name():
 
     with pytest.raises(dist.DistBackendError, match="float8"):
         _Buf(torch.empty(2, dtype=torch.float8_e4m3fn), "all_reduce", 0)
+
+
+def test_mismatched_collectives_give_every_rank_an_error():
+    outs = run_ranks("mismatch", 3, tcp_url())
+    assert all("collective mismatch" in o for o in outs), outs
+
+
+def test_a_rank_that_never_calls_gives_a_timeout_naming_the_operation():
+    outs = run_ranks("timeout", 3, tcp_url(), extra_env={"FERROCOMM_OP_TIMEOUT": "3"})
+    for o in outs[:2]:
+        assert "timed out" in o and "rank 2" in o, o

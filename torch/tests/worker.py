@@ -302,6 +302,36 @@ def scenario_dead(rank, size):
     raise AssertionError("all_reduce with a dead rank succeeded")
 
 
+def scenario_mismatch(rank, size):
+    # Rank 0 calls all_reduce while the others broadcast: every rank gets an error.
+    t = torch.ones(8)
+    try:
+        if rank == 0:
+            dist.all_reduce(t)
+        else:
+            dist.broadcast(t, 0)
+    except dist.DistBackendError as e:
+        print(f"rank {rank}: mismatch reported: {str(e)[:300]}")
+        os._exit(0)
+    raise AssertionError(f"rank {rank}: mismatched collectives succeeded: {t}")
+
+
+def scenario_timeout(rank, size):
+    # The last rank never joins the all_reduce (it waits, alive): the others time out
+    # (FERROCOMM_OP_TIMEOUT, set small by the test) with an error naming the operation.
+    if rank == size - 1:
+        time.sleep(float(os.environ["FERROCOMM_OP_TIMEOUT"]) * 4)
+        os._exit(0)
+    try:
+        dist.all_reduce(torch.ones(4))
+    except dist.DistBackendError as e:
+        msg = str(e)
+        assert "all_reduce" in msg and "timed out" in msg, msg
+        print(f"rank {rank}: timed out as expected: {msg[:300]}")
+        os._exit(0)
+    raise AssertionError("all_reduce without the last rank succeeded")
+
+
 def main():
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
