@@ -138,3 +138,37 @@ def test_a_rank_that_never_calls_gives_a_timeout_naming_the_operation():
     outs = run_ranks("timeout", 3, tcp_url(), extra_env={"FERROCOMM_OP_TIMEOUT": "3"})
     for o in outs[:2]:
         assert "timed out" in o and "rank 2" in o, o
+
+
+EXAMPLES = os.path.join(HERE, "..", "..", "examples", "torch")
+
+
+@pytest.mark.parametrize("nproc", [1, 3])
+@pytest.mark.parametrize("example", ["launcher", "ddp_linear", "sampler", "checkpoint"])
+def test_walkthrough_example_under_torchrun(example, nproc, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = [torchrun, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), os.path.join(EXAMPLES, f"{example}.py")]
+    if example == "checkpoint":
+        args.append(str(tmp_path / "ckpt.pt"))
+    p = subprocess.run(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=LIMIT)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0, out[-4000:]
+
+
+def test_walkthrough_launcher_by_hand_with_env():
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(EXAMPLES, "launcher.py")],
+            env=env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                     "RANK": str(r)}),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    for r, p in enumerate(procs):
+        out, _ = p.communicate(timeout=LIMIT)
+        assert p.returncode == 0, out.decode(errors="replace")[-4000:]
+        assert f"rank {r} of 2" in out.decode()
