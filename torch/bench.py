@@ -4,6 +4,7 @@ bytes / time * 2 (n - 1) / n) at 4 B, 1 KiB, 1 MiB and 64 MiB.
 
     .venv/bin/torchrun --nproc-per-node 2 torch/bench.py
     FERROCOMM_TRANSPORT=tcp .venv/bin/torchrun --nproc-per-node 2 torch/bench.py   # TCP only
+    BENCH_DDP=0 ...   # without the DDP step comparison (a 25M-parameter MLP)
 
 By hand: `python torch/bench.py RANK SIZE tcp://127.0.0.1:PORT` in each process.
 """
@@ -45,6 +46,30 @@ def time_allreduce(group, nbytes):
     return t.item()
 
 
+def ddp_step_time(group, steps=5):
+    """Seconds per DDP training step of a ~25M-parameter MLP (batch 32)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [torch.nn.Linear(2048, 2048), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers)
+    ddp = DDP(model, process_group=group)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+    x = torch.randn(32, 2048)
+    for i in range(steps + 1):
+        if i == 1:
+            dist.barrier(group=group)
+            start = time.perf_counter()
+        opt.zero_grad()
+        ddp(x).square().mean().backward()
+        opt.step()
+    t = torch.tensor([(time.perf_counter() - start) / steps], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item()
+
+
 def fmt_size(b):
     for unit, div in (("MiB", 1 << 20), ("KiB", 1024)):
         if b >= div:
@@ -76,6 +101,11 @@ def main():
         for nbytes, fc, gl in rows:
             print(f"{fmt_size(nbytes):>8} | {fc * 1e6:12.1f} {nbytes / fc * factor / 1e9:10.3f} | "
                   f"{gl * 1e6:10.1f} {nbytes / gl * factor / 1e9:10.3f} | {gl / fc:12.2f}")
+    if os.environ.get("BENCH_DDP", "1") != "0":
+        fc, gl = ddp_step_time(None), ddp_step_time(gloo)
+        if rank == 0:
+            print(f"DDP step, 25M-parameter MLP, batch 32: ferrocomm {fc * 1e3:.1f} ms, "
+                  f"gloo {gl * 1e3:.1f} ms, gloo/ferrocomm {gl / fc:.2f}")
     dist.destroy_process_group()
 
 
