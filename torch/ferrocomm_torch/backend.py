@@ -6,14 +6,17 @@ supports works. Operations call the C library through ctypes, which releases the
 data moves; contiguous tensors are passed by address (no copy), non-contiguous ones go
 through a contiguous copy and are written back.
 
-Collectives run to completion in the calling thread and return a completed Work (its
-`get_future()` holds the output tensors); send and recv start non-blocking transfers whose
-Work waits for them. Errors raise `torch.distributed.DistBackendError` naming the rank and
+Collectives keep their program order: synchronous ones run in the calling thread when
+nothing is queued, asynchronous ones (`async_op=True`, DDP's buckets) on the group's worker
+thread; every Work's `get_future()` completes with the output tensors and `wait()` raises
+the operation's error. send and recv start non-blocking transfers whose Work waits for them. Errors raise `torch.distributed.DistBackendError` naming the rank and
 the operation.
 """
 
+import collections
 import ctypes
 import functools
+import threading
 
 import torch
 import torch.distributed as dist
@@ -72,6 +75,125 @@ def _done(result):
     return c10d._create_work_from_future(fut)
 
 
+def _collective(method):
+    """Runs a collective's body in order with the others on this process group: in the
+    calling thread when torch waits for it (`opts.asyncOp` false) and nothing is queued,
+    else on the group's worker thread (DDP's bucket all_reduces overlap backward). Returns
+    a Work whose future completes with the body's result (the output tensors)."""
+
+    @functools.wraps(method)
+    def run(self, *args):
+        opts = args[-1]
+        if not getattr(opts, "asyncOp", True) or self._runner.on_worker():
+            self._runner.drain()
+            return _done(method(self, *args))
+        return _FutureWork(self._runner.submit(lambda: method(self, *args)))
+
+    return run
+
+
+class _FutureWork(dist._Work):
+    """The Work of an operation queued on the worker thread: `wait` raises its error (the
+    Work of `_create_work_from_future` would report success), `get_future` is its future."""
+
+    def __init__(self, fut):
+        super().__init__()
+        self._fut = fut
+
+    def wait(self, timeout=None):
+        try:
+            self._fut.wait()
+        except dist.DistBackendError:
+            raise
+        except Exception as e:
+            raise dist.DistBackendError(str(e)) from None
+        return True
+
+    def is_completed(self):
+        return self._fut.done()
+
+    def is_success(self):
+        if not self._fut.done():
+            return False
+        try:
+            self._fut.wait()
+        except Exception:
+            return False
+        return True
+
+    def result(self):
+        self.wait()
+        return self._fut.value()
+
+    def get_future(self):
+        return self._fut
+
+
+class _Runner:
+    """One worker thread per process group; ops keep their program order."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._queue = collections.deque()
+        self._pending = 0
+        self._thread = None
+        self._stop = False
+
+    def on_worker(self):
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def drain(self):
+        """Waits until every queued operation has run (the GIL is released meanwhile)."""
+        if self._pending:
+            with self._cv:
+                while self._pending:
+                    self._cv.wait()
+
+    def submit(self, fn):
+        fut = Future()
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="ferrocomm-torch", daemon=True
+                )
+                self._thread.start()
+            self._pending += 1
+            self._queue.append((fn, fut))
+            self._cv.notify_all()
+        return fut
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                fn, fut = self._queue.popleft()
+            try:
+                result = fn()
+            except BaseException as e:  # the Work reports it
+                err = e
+                result = None
+            else:
+                err = None
+            with self._cv:
+                self._pending -= 1
+                self._cv.notify_all()
+            if err is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(err)
+
+    def stop(self):
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=60)
+
+
 class _Buf:
     """A tensor as a buffer the library can use: contiguous (a copy when the tensor is
     not, written back by `finish`), complex numbers as pairs of reals, bool as bytes."""
@@ -114,6 +236,7 @@ class FerrocommBackend(c10d.Backend):
         self._rank = rank
         self._size = size
         self._comm = ctypes.c_void_p()
+        self._runner = _Runner()
         adapter = _lib.StoreAdapter(store)
         url = _store_url(store)
         ms = int(timeout.total_seconds() * 1000) if timeout is not None else 0
@@ -217,6 +340,7 @@ class FerrocommBackend(c10d.Backend):
 
     # ---- collectives ----------------------------------------------------------------
 
+    @_collective
     def allreduce(self, tensors, opts):
         if len(tensors) == 1 and self._comm:
             # Fast path: a contiguous CPU tensor of a plain type and a native operation.
@@ -234,7 +358,7 @@ class FerrocommBackend(c10d.Backend):
                 p = t.data_ptr() if n else None
                 if lib.ferrocomm_allreduce(self._comm, p, p, n, code, op) != _lib.OK:
                     raise self._fail("all_reduce", 1)
-                return _done(tensors)
+                return tensors
         what = "all_reduce"
         b = self._buf(self._one(tensors, what), what)
         op = self._op(opts.reduceOp, b, what)
@@ -243,8 +367,9 @@ class FerrocommBackend(c10d.Backend):
         else:
             self._call(what, lib.ferrocomm_allreduce, b.ptr, b.ptr, b.count, b.dtype, op)
         b.finish()
-        return _done(tensors)
+        return tensors
 
+    @_collective
     def allreduce_coalesced(self, tensors, opts):
         what = "all_reduce_coalesced"
         for t in tensors:
@@ -255,15 +380,17 @@ class FerrocommBackend(c10d.Backend):
             else:
                 self._call(what, lib.ferrocomm_allreduce, b.ptr, b.ptr, b.count, b.dtype, op)
             b.finish()
-        return _done(tensors)
+        return tensors
 
+    @_collective
     def broadcast(self, tensors, opts):
         what = f"broadcast from rank {opts.rootRank}"
         b = self._buf(self._one(tensors, what), what)
         self._call(what, lib.ferrocomm_broadcast, b.ptr, b.count, b.dtype, opts.rootRank)
         b.finish()
-        return _done(tensors)
+        return tensors
 
+    @_collective
     def reduce(self, tensors, opts):
         what = f"reduce to rank {opts.rootRank}"
         b = self._buf(self._one(tensors, what), what)
@@ -279,7 +406,7 @@ class FerrocommBackend(c10d.Backend):
                 what, lib.ferrocomm_reduce, b.ptr, b.ptr, b.count, b.dtype, op, opts.rootRank
             )
         b.finish()
-        return _done(tensors)
+        return tensors
 
     def _allgather_flat(self, out_flat, inp, what):
         b = self._buf(inp, what)
@@ -292,6 +419,7 @@ class FerrocommBackend(c10d.Backend):
         self._call(what, lib.ferrocomm_allgather, b.ptr, ob.ptr, b.count, b.dtype)
         ob.finish()
 
+    @_collective
     def allgather(self, output_tensors, input_tensors, opts):
         what = "all_gather"
         inp = self._one(input_tensors, what)
@@ -305,16 +433,18 @@ class FerrocommBackend(c10d.Backend):
         self._allgather_flat(flat, inp, what)
         for i, o in enumerate(outs):
             o.copy_(flat[i].view(o.shape) if o.numel() == inp.numel() else flat[i])
-        return _done(output_tensors)
+        return output_tensors
 
+    @_collective
     def _allgather_base(self, output, input, opts):
         self._allgather_flat(output, input, "all_gather_into_tensor")
-        return _done([output])
+        return [output]
 
+    @_collective
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts):
         for o, i in zip(outputs, inputs):
             self._allgather_flat(o, i, "all_gather_into_tensor_coalesced")
-        return _done(outputs)
+        return outputs
 
     def _reduce_scatter_flat(self, out, inp_flat, reduce_op, what):
         ob = self._buf(out, what)
@@ -333,23 +463,27 @@ class FerrocommBackend(c10d.Backend):
             self._call(what, lib.ferrocomm_reduce_scatter, ib.ptr, ob.ptr, ob.count, ob.dtype, op)
         ob.finish()
 
+    @_collective
     def reduce_scatter(self, output_tensors, input_tensors, opts):
         what = "reduce_scatter"
         out = self._one(output_tensors, what)
         ins = self._one(input_tensors, what)
         flat = torch.stack([i.reshape(out.shape) for i in ins])
         self._reduce_scatter_flat(out, flat, opts.reduceOp, what)
-        return _done(output_tensors)
+        return output_tensors
 
+    @_collective
     def _reduce_scatter_base(self, output, input, opts):
         self._reduce_scatter_flat(output, input, opts.reduceOp, "reduce_scatter_tensor")
-        return _done([output])
+        return [output]
 
+    @_collective
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts):
         for o, i in zip(outputs, inputs):
             self._reduce_scatter_flat(o, i, opts.reduceOp, "reduce_scatter_tensor_coalesced")
-        return _done(outputs)
+        return outputs
 
+    @_collective
     def gather(self, output_tensors, input_tensors, opts):
         root = opts.rootRank
         what = f"gather to rank {root}"
@@ -371,8 +505,9 @@ class FerrocommBackend(c10d.Backend):
                 o.copy_(src.view(o.shape))
         else:
             self._call(what, lib.ferrocomm_gather, b.ptr, None, b.count, b.dtype, root)
-        return _done(output_tensors)
+        return output_tensors
 
+    @_collective
     def scatter(self, output_tensors, input_tensors, opts):
         root = opts.rootRank
         what = f"scatter from rank {root}"
@@ -388,8 +523,9 @@ class FerrocommBackend(c10d.Backend):
         else:
             self._call(what, lib.ferrocomm_scatter, None, ob.ptr, ob.count, ob.dtype, root)
         ob.finish()
-        return _done(output_tensors)
+        return output_tensors
 
+    @_collective
     def alltoall(self, output_tensors, input_tensors, opts):
         what = "all_to_all"
         if len(output_tensors) != self._size or len(input_tensors) != self._size:
@@ -404,8 +540,9 @@ class FerrocommBackend(c10d.Backend):
         self._alltoallv(out, inp, sizes_out, sizes_in, what)
         for o, piece in zip(output_tensors, out.split(sizes_out)):
             o.copy_(piece.view(o.shape))
-        return _done(output_tensors)
+        return output_tensors
 
+    @_collective
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts):
         what = "all_to_all_single"
         n = self._size
@@ -418,7 +555,7 @@ class FerrocommBackend(c10d.Backend):
                 )
             self._call(what, lib.ferrocomm_alltoall, ib.ptr, ob.ptr, ib.count // n, ib.dtype)
             ob.finish()
-            return _done([output])
+            return [output]
         row_out = output[0].numel() if output.dim() > 0 and output.shape[0] else 1
         row_in = input[0].numel() if input.dim() > 0 and input.shape[0] else 1
         outs = [s * row_out for s in output_split_sizes] or [output.numel() // n] * n
@@ -427,7 +564,7 @@ class FerrocommBackend(c10d.Backend):
         self._alltoallv(out, input.contiguous().view(-1), outs, ins, what)
         if out.data_ptr() != output.data_ptr():
             output.copy_(out.view(output.shape))
-        return _done([output])
+        return [output]
 
     def _alltoallv(self, out, inp, outs, ins, what):
         """all_to_all with counts per peer, as non-blocking sends and receives."""
@@ -481,6 +618,7 @@ class FerrocommBackend(c10d.Backend):
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts):
         return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
 
+    @_collective
     def gather_single(self, output, input, opts):
         root = opts.rootRank
         what = f"gather_into_tensor to rank {root}"
@@ -496,15 +634,17 @@ class FerrocommBackend(c10d.Backend):
             ob.finish()
         else:
             self._call(what, lib.ferrocomm_gather, b.ptr, None, b.count, b.dtype, root)
-        return _done([output] if output is not None else [])
+        return [output] if output is not None else []
 
+    @_collective
     def barrier(self, opts):
         self._call("barrier", lib.ferrocomm_barrier)
-        return _done([])
+        return []
 
     # ---- point to point -------------------------------------------------------------
 
     def send(self, tensors, dst, tag):
+        self._runner.drain()
         what = f"send to rank {dst} (tag {tag})"
         b = self._buf(self._one(tensors, what), what)
         req = ctypes.c_void_p()
@@ -512,6 +652,7 @@ class FerrocommBackend(c10d.Backend):
         return _P2PWork(self, req, tensors, b, what)
 
     def recv(self, tensors, src, tag):
+        self._runner.drain()
         what = f"recv from rank {src} (tag {tag})"
         b = self._buf(self._one(tensors, what), what)
         req = ctypes.c_void_p()
@@ -519,6 +660,7 @@ class FerrocommBackend(c10d.Backend):
         return _P2PWork(self, req, tensors, b, what)
 
     def recv_anysource(self, tensors, tag):
+        self._runner.drain()
         what = f"recv from any rank (tag {tag})"
         b = self._buf(self._one(tensors, what), what)
         req = ctypes.c_void_p()
@@ -536,6 +678,10 @@ class FerrocommBackend(c10d.Backend):
         self.shutdown()
 
     def shutdown(self):
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.drain()
+            runner.stop()
         if self._comm:
             lib.ferrocomm_comm_free(self._comm)
             self._comm = ctypes.c_void_p()

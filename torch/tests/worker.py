@@ -206,6 +206,15 @@ def scenario_ops(rank, size):
     w.wait()
     fut = w.get_future().value()
     close(fut[0], torch.full((4,), float(size)), "future value")
+    # a burst of async operations, then a synchronous one: all complete, in order
+    ts = [torch.full((1000,), float(rank * i)) for i in range(8)]
+    works = [dist.all_reduce(t, async_op=True) for t in ts]
+    b = torch.full((3,), float(rank))
+    dist.broadcast(b, 0)
+    for i, (w, t) in enumerate(zip(works, ts)):
+        w.wait()
+        close(t, torch.full((1000,), float(i * sum(range(size)))), f"async all_reduce #{i}")
+    close(b, torch.zeros(3), "broadcast after async all_reduces")
     # send / recv in a ring (non-blocking, so no order deadlock)
     if size > 1:
         nxt, prv = (rank + 1) % size, (rank - 1) % size
@@ -292,7 +301,8 @@ def scenario_dead(rank, size):
     start = time.time()
     try:
         for _ in range(3):
-            dist.all_reduce(torch.ones(1 << 16))
+            # async: the error arrives through the Work (the worker thread's future)
+            dist.all_reduce(torch.ones(1 << 16), async_op=True).wait()
     except Exception as e:
         msg = str(e)
         assert f"rank {size - 1}" in msg and "all_reduce" in msg, msg
