@@ -87,7 +87,9 @@ def _collective(method):
         if not getattr(opts, "asyncOp", True) or self._runner.on_worker():
             self._runner.drain()
             return _done(method(self, *args))
-        return _FutureWork(self._runner.submit(lambda: method(self, *args)))
+        return _FutureWork(
+            self._runner.submit(lambda: method(self, *args)), self, method.__name__.strip("_")
+        )
 
     return run
 
@@ -96,11 +98,25 @@ class _FutureWork(dist._Work):
     """The Work of an operation queued on the worker thread: `wait` raises its error (the
     Work of `_create_work_from_future` would report success), `get_future` is its future."""
 
-    def __init__(self, fut):
+    def __init__(self, fut, backend, what):
         super().__init__()
         self._fut = fut
+        self._backend = backend
+        self._what = what
 
     def wait(self, timeout=None):
+        secs = timeout.total_seconds() if timeout is not None else 0.0
+        if secs > 0 and not self._fut.done():
+            # As torch's own backends: an operation that outlives the timeout aborts the
+            # process group (every later call fails too) and raises here.
+            done = threading.Event()
+            self._fut.add_done_callback(lambda _f: done.set())
+            if not done.wait(secs):
+                self._backend._abort_for(f"{self._what} did not finish within {secs:g} s")
+                raise dist.DistBackendError(
+                    f"ferrocomm: rank {self._backend._rank}: {self._what} did not finish "
+                    f"within the wait timeout of {secs:g} s; the process group is aborted"
+                )
         try:
             self._fut.wait()
         except dist.DistBackendError:
@@ -671,6 +687,10 @@ class FerrocommBackend(c10d.Backend):
         return _P2PWork(self, req, tensors, b, what)
 
     # ---- lifetime -------------------------------------------------------------------
+
+    def _abort_for(self, reason):
+        if self._comm:
+            lib.ferrocomm_comm_abort(self._comm, reason.encode())
 
     def abort(self):
         if self._comm:

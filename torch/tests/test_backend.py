@@ -172,3 +172,9 @@ def test_walkthrough_launcher_by_hand_with_env():
         out, _ = p.communicate(timeout=LIMIT)
         assert p.returncode == 0, out.decode(errors="replace")[-4000:]
         assert f"rank {r} of 2" in out.decode()
+
+
+def test_work_wait_honours_its_timeout():
+    outs = run_ranks("wait_timeout", 3, tcp_url(), extra_env={"FERROCOMM_OP_TIMEOUT": "600"})
+    for o in outs[:2]:
+        assert "wait(timeout) raised" in o, o

@@ -342,6 +342,24 @@ def scenario_timeout(rank, size):
     raise AssertionError("all_reduce without the last rank succeeded")
 
 
+def scenario_wait_timeout(rank, size):
+    # The last rank never joins; the others' Work.wait(timeout) raises after the timeout
+    # (the operation's own timeout is far longer).
+    if rank == size - 1:
+        time.sleep(20)
+        os._exit(0)
+    w = dist.all_reduce(torch.ones(4), async_op=True)
+    start = time.time()
+    try:
+        w.wait(datetime.timedelta(seconds=2))
+    except dist.DistBackendError as e:
+        # Its own timeout, or the abort of a rank whose timeout came first.
+        assert "within the wait timeout" in str(e) or "aborted" in str(e), str(e)
+        print(f"rank {rank}: wait(timeout) raised after {time.time() - start:.1f}s: {e}")
+        os._exit(0)
+    raise AssertionError("wait(timeout) returned although the operation cannot finish")
+
+
 def main():
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
