@@ -135,6 +135,9 @@ impl InitOptions {
     }
 
     fn init_via(&self, store: Option<Arc<dyn crate::rendezvous::Store>>) -> Result<Communicator> {
+        // A peer's closed socket must be an error naming it, not SIGPIPE killing this
+        // process (C programs keep the default disposition).
+        crate::sys::signal::ignore_sigpipe_if_default();
         let lookup = &config::process_env;
         let plan = self.resolve()?;
         let choice = transport_choice(lookup)?;
