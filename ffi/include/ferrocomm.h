@@ -209,6 +209,21 @@ FERROCOMM_ENUM_(ferrocomm_op) {
 #define FERROCOMM_UNDEFINED -1
 
 /**
+ * A callback's result: success.
+ */
+#define FERROCOMM_STORE_OK 0
+
+/**
+ * A callback's result: the wait (`get`, `wait`) ran out of time.
+ */
+#define FERROCOMM_STORE_TIMEOUT 1
+
+/**
+ * A callback's result: any other failure; the callback passed its message to the sink.
+ */
+#define FERROCOMM_STORE_ERROR 2
+
+/**
  * `src` of a receive that accepts a message from any rank (`MPI_ANY_SOURCE`).
  */
 #define FERROCOMM_ANY_SOURCE -1
@@ -250,6 +265,100 @@ typedef struct ferrocomm_reducer_t ferrocomm_reducer_t;
  * `ferrocomm_request_free`.
  */
 typedef struct ferrocomm_request_t ferrocomm_request_t;
+
+/**
+ * Where a store callback delivers bytes (a value it read, or an error message): call it at
+ * most once per callback, with `sink_ctx` as given, `data` readable for `len` bytes (NULL
+ * when `len` is 0). ferrocomm copies the bytes before it returns.
+ */
+typedef void (*ferrocomm_store_sink)(void *sink_ctx, const uint8_t *data, size_t len);
+
+/**
+ * An external key-value store, as callbacks over `ctx`, for `ferrocomm_init_with_store`.
+ * Keys are NUL-terminated UTF-8 strings; values are bytes. Every callback returns
+ * `FERROCOMM_STORE_OK`, `FERROCOMM_STORE_TIMEOUT` (waits only) or `FERROCOMM_STORE_ERROR`
+ * (after passing a message to the sink), and receives a sink for its output. Every member
+ * except `release` must be non-NULL; the callbacks must be safe to call from any thread.
+ */
+typedef struct ferrocomm_store_ops {
+    /**
+     * Passed as the first argument of every callback.
+     */
+    void *ctx;
+    /**
+     * Sets `key` to `value[0..len]` and wakes its waiters.
+     */
+    int32_t (*set)(void *ctx,
+                   const char *key,
+                   const uint8_t *value,
+                   size_t len,
+                   ferrocomm_store_sink sink,
+                   void *sink_ctx);
+    /**
+     * Waits up to `timeout_ms` milliseconds for `key` and passes its value to the sink.
+     */
+    int32_t (*get)(void *ctx,
+                   const char *key,
+                   int64_t timeout_ms,
+                   ferrocomm_store_sink sink,
+                   void *sink_ctx);
+    /**
+     * Adds `delta` to the counter `key` (missing counts as 0; stored as decimal text) and
+     * stores the new value in `*result`.
+     */
+    int32_t (*add)(void *ctx,
+                   const char *key,
+                   int64_t delta,
+                   int64_t *result,
+                   ferrocomm_store_sink sink,
+                   void *sink_ctx);
+    /**
+     * Atomically: if `key`'s value equals `expected[0..expected_len]` (with
+     * `expected_present` 0: if `key` is absent), sets it to `desired[0..desired_len]`.
+     * Passes the value stored afterwards to the sink. (c10d's `compare_set` treats an
+     * empty `expected` as "absent".)
+     */
+    int32_t (*compare_set)(void *ctx,
+                           const char *key,
+                           const uint8_t *expected,
+                           size_t expected_len,
+                           int32_t expected_present,
+                           const uint8_t *desired,
+                           size_t desired_len,
+                           ferrocomm_store_sink sink,
+                           void *sink_ctx);
+    /**
+     * Waits up to `timeout_ms` milliseconds until all `n` keys are set.
+     */
+    int32_t (*wait)(void *ctx,
+                    const char *const *keys,
+                    size_t n,
+                    int64_t timeout_ms,
+                    ferrocomm_store_sink sink,
+                    void *sink_ctx);
+    /**
+     * For each of the `n` keys, stores 1 in `present[i]` if it is set now, else 0.
+     */
+    int32_t (*check)(void *ctx,
+                     const char *const *keys,
+                     size_t n,
+                     uint8_t *present,
+                     ferrocomm_store_sink sink,
+                     void *sink_ctx);
+    /**
+     * Deletes `key`; stores 1 in `*existed` if it was set, else 0.
+     */
+    int32_t (*delete_key)(void *ctx,
+                          const char *key,
+                          uint8_t *existed,
+                          ferrocomm_store_sink sink,
+                          void *sink_ctx);
+    /**
+     * Called once with `ctx` when ferrocomm no longer needs the store (the communicator's
+     * world is gone, or the init failed). May be NULL.
+     */
+    void (*release)(void *ctx);
+} ferrocomm_store_ops;
 
 /**
  * What a completed operation reports (`MPI_Status`). Filled by `ferrocomm_recv`,
@@ -991,6 +1100,41 @@ const char *ferrocomm_last_error(void);
  * block.
  */
 const char *ferrocomm_strerror(uint32_t code);
+
+/**
+ * Joins a job through an external store given as callbacks (PyTorch's c10d store, handed
+ * to a process group's backend) and makes its communicator: what `ferrocomm_init_url` does,
+ * except that ferrocomm neither hosts nor opens a store. Everything is written under
+ * `job/<job_id>/` of the store (`FERROCOMM_JOB_ID`, default "default"); give each
+ * communicator a store of its own (a prefixed view), as c10d does for each process group.
+ *
+ * - `ops`: the store; copied, so the struct itself may be freed after the call, but `ctx`
+ *   and the callbacks must stay valid until `ops->release` is called (on failure: before
+ *   this function returns; on success: when the last communicator of the world is freed).
+ * - `world_size`, `rank`: as `ferrocomm_init_url` (-1: from the environment).
+ * - `url`: NULL, or an init URL (`tcp://HOST:PORT`, `env://`) used only to pick the
+ *   interface the transports listen on (the one facing HOST). NULL: `env://` when
+ *   `MASTER_ADDR` is set, else the address of this machine's hostname.
+ * - `timeout_ms`: how long the rendezvous may take, or 0 for `FERROCOMM_TIMEOUT`.
+ *
+ * Blocking: collective over the job, as `ferrocomm_init`; the callbacks run on the calling
+ * thread. Ownership: on success `*comm` is a new handle (`ferrocomm_comm_free`); NULL on
+ * failure.
+ *
+ * Errors: `INVALID_ARGUMENT` (`ops` or `comm` NULL, a NULL callback other than `release`,
+ * `url` not UTF-8, `world_size`/`rank`/`timeout_ms` below their range), `CONFIG`,
+ * `TIMEOUT`, `JOB_MISMATCH`, `PEER_LOST`, `IO` (a callback failed: its message is included).
+ *
+ * # Safety
+ * `ops` must be NULL or point to a readable `ferrocomm_store_ops` whose callbacks keep the
+ * contracts above; `url` NULL or NUL-terminated; `comm` NULL or writable.
+ */
+ferrocomm_result ferrocomm_init_with_store(const struct ferrocomm_store_ops *ops,
+                                           int64_t world_size,
+                                           int64_t rank,
+                                           const char *url,
+                                           int64_t timeout_ms,
+                                           struct ferrocomm_comm_t **comm);
 
 /**
  * Sends `count` elements of type `dtype` from `buf` to rank `dst` with tag `tag`

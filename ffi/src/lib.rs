@@ -21,6 +21,7 @@
 mod collective;
 mod comm;
 mod error;
+mod ext_store;
 mod handle;
 mod p2p;
 mod reducer;
@@ -37,6 +38,7 @@ mod types;
 pub use collective::*;
 pub use comm::*;
 pub use error::{ferrocomm_last_error, ferrocomm_result, ferrocomm_strerror};
+pub use ext_store::*;
 pub use p2p::*;
 pub use reducer::*;
 pub use request::*;

@@ -119,6 +119,25 @@ impl InitOptions {
     /// ranks at the store, connects the transports and passes a barrier, so that when it
     /// returns every rank of the world is reachable.
     pub fn init(&self) -> Result<Communicator> {
+        self.init_via(None)
+    }
+
+    /// Joins the job through `store`, a store made elsewhere (PyTorch hands each process
+    /// group a c10d store), and returns its communicator: as [`init`](Self::init), except
+    /// that no store is opened or hosted. The rank and world size must be given (option or
+    /// environment); the init method only picks the interface the TCP transport listens
+    /// on (`tcp://` or `env://` towards the master, `file://` the hostname's address).
+    pub fn init_with_store(
+        &self,
+        store: Arc<dyn crate::rendezvous::Store>,
+    ) -> Result<Communicator> {
+        self.init_via(Some(store))
+    }
+
+    fn init_via(&self, store: Option<Arc<dyn crate::rendezvous::Store>>) -> Result<Communicator> {
+        // A peer's closed socket must be an error naming it, not SIGPIPE killing this
+        // process (C programs keep the default disposition).
+        crate::sys::signal::ignore_sigpipe_if_default();
         let lookup = &config::process_env;
         let plan = self.resolve()?;
         let choice = transport_choice(lookup)?;
@@ -158,7 +177,10 @@ impl InitOptions {
         if let Some(v) = &verbs {
             v.publish(&mut addrs);
         }
-        let mut boot = plan.join(addrs)?;
+        let mut boot = match store {
+            Some(s) => plan.join_with_store(s, addrs)?,
+            None => plan.join(addrs)?,
+        };
         tracing::debug!(rank = boot.rank, world = boot.world_size, ?choice, %addr, "joined the job");
         // Armed until every rank is reachable: dropping it (an error below) tells the others
         // at once that this rank left during init.

@@ -1403,6 +1403,27 @@ impl Plan {
     /// (see the [module docs](self)). Fails after [`timeout`](Self::timeout) in all, naming
     /// who is missing.
     pub fn join(&self, addrs: BTreeMap<String, String>) -> Result<Bootstrap> {
+        self.join_via(None, addrs)
+    }
+
+    /// Joins the job as [`join`](Self::join) does, but through `store`, a store someone
+    /// else made (PyTorch's c10d store, handed over the C ABI as callbacks), instead of the
+    /// one the init method names: nothing is hosted or opened, and the init method only
+    /// picks the interface the transports listen on. `store` should be private to this
+    /// job or group (a prefixed view); everything is written under `job/<job_id>/` in it.
+    pub fn join_with_store(
+        &self,
+        store: Arc<dyn Store>,
+        addrs: BTreeMap<String, String>,
+    ) -> Result<Bootstrap> {
+        self.join_via(Some(store), addrs)
+    }
+
+    fn join_via(
+        &self,
+        given: Option<Arc<dyn Store>>,
+        addrs: BTreeMap<String, String>,
+    ) -> Result<Bootstrap> {
         let w = self.world_size;
         if w == 0 {
             return Err(Error::invalid(
@@ -1431,7 +1452,10 @@ impl Plan {
                 .unwrap_or_else(|| self.method.to_string()),
             me: None,
         };
-        let (raw, server, tcp) = self.open_store(&waiting)?;
+        let (raw, server, tcp) = match given {
+            Some(store) => (store, None, None),
+            None => self.open_store(&waiting)?,
+        };
         waiting.store = raw.describe();
         let prefix = format!("job/{}", self.job_id);
         let store: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), raw.clone()));

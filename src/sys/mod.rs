@@ -13,6 +13,7 @@ pub(crate) mod futex;
 pub(crate) mod pidfd;
 pub(crate) mod poll;
 pub(crate) mod shm;
+pub(crate) mod signal;
 
 /// Calls a libc function that returns `-1` and sets `errno` on failure; evaluates to
 /// `io::Result` of the return value.

@@ -1,0 +1,383 @@
+"""One rank of a multi-process test: `python worker.py SCENARIO RANK SIZE INIT_URL`.
+
+Exits 0 when every check passed; prints what failed otherwise. Each scenario compares
+ferrocomm with a reference computed here and with gloo (a second process group).
+"""
+
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import ferrocomm_torch  # noqa: F401  (registers "ferrocomm")
+
+DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+]
+SIZES = [0, 1, 7, 1000]
+R = dist.ReduceOp
+
+
+def data(rank, dtype, n, salt=0):
+    g = torch.Generator().manual_seed(1000 * rank + 17 * n + salt)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, (n,), generator=g).bool()
+    if dtype.is_floating_point:
+        return (torch.randn(n, generator=g, dtype=torch.float64) * 4).to(dtype)
+    lo = 0 if dtype == torch.uint8 else -4
+    return torch.randint(lo, 5, (n,), generator=g).to(dtype)
+
+
+def reference(op, xs):
+    dt = xs[0].dtype
+    if dt == torch.bool:
+        st = torch.stack([x.to(torch.uint8) for x in xs])
+        fn = {R.SUM: st.amax, R.MAX: st.amax, R.BOR: st.amax, R.PRODUCT: st.amin,
+              R.MIN: st.amin, R.BAND: st.amin}.get(op)
+        if fn is not None:
+            return fn(0).bool()
+        return torch.stack(xs).to(torch.uint8).sum(0).remainder(2).bool()  # BXOR
+    wide = torch.float64 if dt.is_floating_point else torch.int64
+    st = torch.stack([x.to(wide) for x in xs])
+    if op == R.SUM:
+        out = st.sum(0)
+    elif op == R.PRODUCT:
+        out = st.prod(0)
+    elif op == R.MIN:
+        out = st.amin(0)
+    elif op == R.MAX:
+        out = st.amax(0)
+    elif op == R.AVG:
+        out = st.mean(0)
+    else:
+        import functools
+        fn = {R.BAND: torch.bitwise_and, R.BOR: torch.bitwise_or, R.BXOR: torch.bitwise_xor}[op]
+        out = functools.reduce(fn, list(st.unbind(0)))
+    return out.to(dt)  # integers wrap like the backends do
+
+
+def close(a, b, what):
+    if a.dtype.is_floating_point:
+        tol = {torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(a.dtype, 1e-5)
+        ok = torch.allclose(a.double(), b.double(), rtol=tol, atol=tol * 8)
+    else:
+        ok = torch.equal(a, b)
+    if not ok:
+        raise AssertionError(f"{what}: got {a[:8]} expected {b[:8]}")
+
+
+def ops_for(dtype):
+    if dtype == torch.bool:
+        return [R.SUM, R.PRODUCT, R.MIN, R.MAX, R.BAND, R.BOR]
+    if dtype.is_floating_point:
+        return [R.SUM, R.PRODUCT, R.MIN, R.MAX, R.AVG]
+    return [R.SUM, R.PRODUCT, R.MIN, R.MAX, R.BAND, R.BOR, R.BXOR]
+
+
+def with_gloo(gloo, fn):
+    """Runs fn on the gloo group; None when gloo does not support the case."""
+    try:
+        return fn(gloo)
+    except (RuntimeError, ValueError, TypeError):
+        return None
+
+
+def scenario_ops(rank, size):
+    gloo = dist.new_group(backend="gloo")
+    checked = 0
+    for dtype in DTYPES:
+        for n in SIZES:
+            xs = [data(r, dtype, n) for r in range(size)]
+            for op in ops_for(dtype):
+                what = f"all_reduce {op} {dtype} n={n}"
+                x = xs[rank].clone()
+                dist.all_reduce(x, op=op)
+                ref = reference(op, xs)
+                close(x, ref, what)
+                # gloo agrees (when it handles the case; integers exactly).
+                if op != R.AVG:
+                    def g(grp, op=op):
+                        y = xs[rank].clone()
+                        dist.all_reduce(y, op=op, group=grp)
+                        return y
+                    y = with_gloo(gloo, g)
+                    if y is not None:
+                        close(x, y, what + " vs gloo")
+                checked += 1
+            # broadcast from the last rank
+            x = xs[rank].clone()
+            dist.broadcast(x, size - 1)
+            close(x, xs[size - 1], f"broadcast {dtype} n={n}")
+            # all_gather, list and tensor forms
+            outs = [torch.empty(n, dtype=dtype) for _ in range(size)]
+            dist.all_gather(outs, xs[rank])
+            for r in range(size):
+                close(outs[r], xs[r], f"all_gather {dtype} n={n} from {r}")
+            flat = torch.empty(n * size, dtype=dtype)
+            dist.all_gather_into_tensor(flat, xs[rank])
+            close(flat, torch.cat(xs), f"all_gather_into_tensor {dtype} n={n}")
+            # reduce to rank 0
+            if dtype != torch.bool:
+                x = xs[rank].clone()
+                dist.reduce(x, 0, op=R.SUM)
+                if rank == 0:
+                    close(x, reference(R.SUM, xs), f"reduce {dtype} n={n}")
+            # gather / scatter at the last rank
+            root = size - 1
+            gl = [torch.empty(n, dtype=dtype) for _ in range(size)] if rank == root else None
+            dist.gather(xs[rank], gl, dst=root)
+            if rank == root:
+                for r in range(size):
+                    close(gl[r], xs[r], f"gather {dtype} n={n} from {r}")
+            out = torch.empty(n, dtype=dtype)
+            dist.scatter(out, [x for x in xs] if rank == root else None, src=root)
+            close(out, xs[rank], f"scatter {dtype} n={n}")
+            # reduce_scatter (tensor and list forms) of size * n elements
+            if dtype != torch.bool:
+                ins = [data(r, dtype, n * size, salt=1) for r in range(size)]
+                out = torch.empty(n, dtype=dtype)
+                dist.reduce_scatter_tensor(out, ins[rank].clone())
+                ref = reference(R.SUM, ins)[rank * n:(rank + 1) * n]
+                close(out, ref, f"reduce_scatter_tensor {dtype} n={n}")
+                out2 = torch.empty(n, dtype=dtype)
+                dist.reduce_scatter(out2, list(ins[rank].clone().split(n)) if n else
+                                    [torch.empty(0, dtype=dtype)] * size)
+                close(out2, ref, f"reduce_scatter {dtype} n={n}")
+            # all_to_all_single, even
+            ins = [data(r, dtype, n * size, salt=2) for r in range(size)]
+            out = torch.empty(n * size, dtype=dtype)
+            dist.all_to_all_single(out, ins[rank].clone())
+            ref = torch.cat([ins[r][rank * n:(rank + 1) * n] for r in range(size)])
+            close(out, ref, f"all_to_all_single {dtype} n={n}")
+    # all_to_all_single with split sizes: rank r sends (r + d + 1) elements to rank d.
+    for dtype in (torch.float32, torch.int64):
+        def splits(src):
+            return [src + d + 1 for d in range(size)]
+        ins = [data(r, dtype, sum(splits(r)), salt=3) for r in range(size)]
+        in_split = splits(rank)
+        out_split = [r + rank + 1 for r in range(size)]
+        out = torch.empty(sum(out_split), dtype=dtype)
+        dist.all_to_all_single(out, ins[rank].clone(), out_split, in_split)
+        pieces = []
+        for r in range(size):
+            off = sum(splits(r)[:rank])
+            pieces.append(ins[r][off:off + rank + r + 1])
+        close(out, torch.cat(pieces), f"all_to_all_single splits {dtype}")
+        # all_to_all (lists) with the same shapes
+        outs = [torch.empty(s, dtype=dtype) for s in out_split]
+        dist.all_to_all(outs, list(ins[rank].clone().split(in_split)))
+        close(torch.cat(outs), torch.cat(pieces), f"all_to_all {dtype}")
+    # non-contiguous tensors
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6) + rank
+    nc = base.t()
+    assert not nc.is_contiguous()
+    dist.all_reduce(nc)
+    expect = sum(torch.arange(24, dtype=torch.float32).reshape(4, 6) + r for r in range(size))
+    close(base, expect, "all_reduce non-contiguous")
+    # complex numbers as pairs of reals
+    z = torch.complex(torch.ones(3) * rank, torch.ones(3))
+    dist.all_reduce(z)
+    close(torch.view_as_real(z), torch.view_as_real(torch.complex(
+        torch.ones(3) * sum(range(size)), torch.ones(3) * size)), "all_reduce complex")
+    # PREMUL_SUM: every input scaled by the factor, then summed
+    t = torch.full((3,), float(rank + 1), dtype=torch.float64)
+    dist.all_reduce(t, op=dist._make_nccl_premul_sum(0.5))
+    close(t, torch.full((3,), 0.5 * sum(range(1, size + 1)), dtype=torch.float64), "premul_sum")
+    # allreduce_coalesced
+    ts = [torch.full((3,), float(rank)), torch.full((5,), 2.0 * rank)]
+    dist.all_reduce_coalesced(ts)
+    close(ts[0], torch.full((3,), float(sum(range(size)))), "coalesced 0")
+    close(ts[1], torch.full((5,), 2.0 * sum(range(size))), "coalesced 1")
+    # async works complete with their tensors
+    t = torch.ones(4)
+    w = dist.all_reduce(t, async_op=True)
+    w.wait()
+    fut = w.get_future().value()
+    close(fut[0], torch.full((4,), float(size)), "future value")
+    # a burst of async operations, then a synchronous one: all complete, in order
+    ts = [torch.full((1000,), float(rank * i)) for i in range(8)]
+    works = [dist.all_reduce(t, async_op=True) for t in ts]
+    b = torch.full((3,), float(rank))
+    dist.broadcast(b, 0)
+    for i, (w, t) in enumerate(zip(works, ts)):
+        w.wait()
+        close(t, torch.full((1000,), float(i * sum(range(size)))), f"async all_reduce #{i}")
+    close(b, torch.zeros(3), "broadcast after async all_reduces")
+    # send / recv in a ring (non-blocking, so no order deadlock)
+    if size > 1:
+        nxt, prv = (rank + 1) % size, (rank - 1) % size
+        s = torch.full((5,), float(rank))
+        r = torch.empty(5)
+        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, s, nxt), dist.P2POp(dist.irecv, r, prv)])
+        for q in reqs:
+            q.wait()
+        close(r, torch.full((5,), float(prv)), "batch_isend_irecv ring")
+        if rank == 0:
+            dist.send(torch.tensor([42.0, 43.0]), 1, tag=7)
+        elif rank == 1:
+            got = torch.empty(2)
+            dist.recv(got, 0, tag=7)
+            close(got, torch.tensor([42.0, 43.0]), "send/recv")
+    dist.barrier()
+    # a sub-group of the even ranks
+    evens = list(range(0, size, 2))
+    sub = dist.new_group(evens, backend="ferrocomm")
+    if rank in evens:
+        t = torch.ones(2)
+        dist.all_reduce(t, group=sub)
+        close(t, torch.full((2,), float(len(evens))), "new_group all_reduce")
+    print(f"rank {rank}: {checked} all_reduce cases and the other operations passed")
+
+
+def scenario_ddp(rank, size):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    gloo = dist.new_group(backend="gloo")
+
+    def train(group, **kw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+            torch.nn.Linear(64, 4),
+        )
+        # Different starting parameters per rank: DDP's broadcast must equalise them.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(rank * 0.01)
+        ddp = DDP(model, process_group=group, bucket_cap_mb=0.01, **kw)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(rank)
+        for step in range(6):
+            x = torch.randn(8, 16, generator=g)
+            y = torch.randn(8, 4, generator=g)
+            opt.zero_grad()
+            if step == 2:
+                with ddp.no_sync():
+                    torch.nn.functional.mse_loss(ddp(x), y).backward()
+                x = torch.randn(8, 16, generator=g)
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            loss.backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    mine = train(None)
+    theirs = train(gloo)
+    close(mine, theirs, "DDP parameters ferrocomm vs gloo")
+    # Replicas are identical.
+    all_p = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(all_p, mine)
+    for r in range(size):
+        if not torch.equal(all_p[r], mine):
+            raise AssertionError(f"replica of rank {r} differs from rank {rank}'s")
+    # A communication hook (fp16 compression) runs over the backend's futures.
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    ddp = DDP(model)
+    ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    ddp(torch.randn(4, 8)).sum().backward()
+    print(f"rank {rank}: DDP matches gloo")
+
+
+def scenario_dead(rank, size):
+    # The last rank leaves; the others must get an error naming it, not hang.
+    t = torch.ones(4)
+    dist.all_reduce(t)
+    if rank == size - 1:
+        os._exit(0)
+    time.sleep(0.5)
+    start = time.time()
+    try:
+        for _ in range(3):
+            # async: the error arrives through the Work (the worker thread's future)
+            dist.all_reduce(torch.ones(1 << 16), async_op=True).wait()
+    except Exception as e:
+        msg = str(e)
+        assert f"rank {size - 1}" in msg and "all_reduce" in msg, msg
+        assert isinstance(e, dist.DistBackendError), type(e)
+        print(f"rank {rank}: got the expected error after {time.time() - start:.1f}s: {msg[:200]}")
+        os._exit(0)
+    raise AssertionError("all_reduce with a dead rank succeeded")
+
+
+def scenario_mismatch(rank, size):
+    # Rank 0 calls all_reduce while the others broadcast: every rank gets an error.
+    t = torch.ones(8)
+    try:
+        if rank == 0:
+            dist.all_reduce(t)
+        else:
+            dist.broadcast(t, 0)
+    except dist.DistBackendError as e:
+        print(f"rank {rank}: mismatch reported: {str(e)[:300]}")
+        os._exit(0)
+    raise AssertionError(f"rank {rank}: mismatched collectives succeeded: {t}")
+
+
+def scenario_timeout(rank, size):
+    # The last rank never joins the all_reduce (it waits, alive): the others time out
+    # (FERROCOMM_OP_TIMEOUT, set small by the test) with an error naming the operation.
+    if rank == size - 1:
+        time.sleep(float(os.environ["FERROCOMM_OP_TIMEOUT"]) * 4)
+        os._exit(0)
+    try:
+        dist.all_reduce(torch.ones(4))
+    except dist.DistBackendError as e:
+        msg = str(e)
+        assert "all_reduce" in msg and "timed out" in msg, msg
+        print(f"rank {rank}: timed out as expected: {msg[:300]}")
+        os._exit(0)
+    raise AssertionError("all_reduce without the last rank succeeded")
+
+
+def scenario_wait_timeout(rank, size):
+    # The last rank never joins; the others' Work.wait(timeout) raises after the timeout
+    # (the operation's own timeout is far longer).
+    if rank == size - 1:
+        time.sleep(20)
+        os._exit(0)
+    w = dist.all_reduce(torch.ones(4), async_op=True)
+    start = time.time()
+    try:
+        w.wait(datetime.timedelta(seconds=2))
+    except dist.DistBackendError as e:
+        # Its own timeout, or the abort of a rank whose timeout came first.
+        assert "within the wait timeout" in str(e) or "aborted" in str(e), str(e)
+        print(f"rank {rank}: wait(timeout) raised after {time.time() - start:.1f}s: {e}")
+        os._exit(0)
+    raise AssertionError("wait(timeout) returned although the operation cannot finish")
+
+
+def main():
+    scenario = sys.argv[1]
+    if len(sys.argv) > 2:
+        rank, size = int(sys.argv[2]), int(sys.argv[3])
+    else:  # under torchrun
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    url = sys.argv[4] if len(sys.argv) > 4 else None
+    if url:
+        dist.init_process_group(
+            "ferrocomm", init_method=url, rank=rank, world_size=size,
+            timeout=datetime.timedelta(seconds=60),
+        )
+    else:  # env:// (torchrun)
+        dist.init_process_group("ferrocomm", timeout=datetime.timedelta(seconds=60))
+    assert dist.get_rank() == rank and dist.get_world_size() == size
+    globals()["scenario_" + scenario](rank, size)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
