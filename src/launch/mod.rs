@@ -42,7 +42,9 @@
 //! `LOCAL_WORLD_SIZE`, `NODE_RANK`, `GROUP_RANK` (= node rank), `GROUP_WORLD_SIZE`
 //! (= nnodes), `ROLE_RANK`, `ROLE_WORLD_SIZE`, `ROLE_NAME=default`,
 //! `TORCHELASTIC_RESTART_COUNT=0`, `TORCHELASTIC_MAX_RESTARTS=0`, `TORCHELASTIC_RUN_ID` and
-//! `FERROCOMM_JOB_ID` (the job id), `FERROCOMM_STORE_EXTERNAL=1`; like torchrun,
+//! `FERROCOMM_JOB_ID` (the job id), `FERROCOMM_STORE_EXTERNAL=1`,
+//! `TORCHELASTIC_USE_AGENT_STORE=True` (PyTorch programs join the launcher's store, which
+//! serves torch's `TCPStore` clients too); like torchrun,
 //! `OMP_NUM_THREADS=1` when a node runs several ranks and it is not already set. The rest
 //! of the launcher's environment is passed on. Standard input is `/dev/null`.
 //!
@@ -771,6 +773,14 @@ fn host_store(cfg: &LaunchConfig, secret: Option<crate::auth::Secret>) -> Result
         }
     };
     let mut config = ServerConfig::from_env()?;
+    // A secret the user did not set (generated here for a single node) must not lock out
+    // PyTorch programs, whose TCPStore clients cannot authenticate: they are served, confined
+    // to their own key namespace, unless FERROCOMM_STORE_ALLOW_TORCH=0. A user-set secret
+    // keeps them out unless FERROCOMM_STORE_ALLOW_TORCH=1.
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    if !set(crate::auth::SECRET_ENV) && !set("FERROCOMM_STORE_ALLOW_TORCH") {
+        config.allow_torch = true;
+    }
     config.secret = secret;
     let server = TcpStoreServer::bind_with(SocketAddr::new(ip, port), config)?;
     tracing::debug!("store listening on {}", server.local_addr());
@@ -846,6 +856,9 @@ fn rank_specs(cfg: &LaunchConfig, plan: &NodePlan, port: u16) -> Vec<RankSpec> {
                 ("TORCHELASTIC_RUN_ID".into(), plan.job_id.clone()),
                 ("FERROCOMM_JOB_ID".into(), plan.job_id.clone()),
                 ("FERROCOMM_STORE_EXTERNAL".into(), "1".into()),
+                // PyTorch's env:// then joins this store (which speaks TCPStore's protocol)
+                // in every rank instead of binding MASTER_PORT in rank 0.
+                ("TORCHELASTIC_USE_AGENT_STORE".into(), "True".into()),
             ];
             if set_omp {
                 env.push(("OMP_NUM_THREADS".into(), "1".into()));

@@ -30,6 +30,7 @@
 //! | job id | [`InitOptions::job_id`] | `FERROCOMM_JOB_ID`, else `TORCHELASTIC_RUN_ID` | `default` |
 //! | host identity | [`InitOptions::host_id`] | `FERROCOMM_HOST_ID` | [`host::host_id`] |
 //! | store hosted elsewhere | [`InitOptions::store_external`] | `FERROCOMM_STORE_EXTERNAL=1` | no |
+//! | torchrun's store | — | `TORCHELASTIC_USE_AGENT_STORE=True` (env:// only; `FERROCOMM_STORE_EXTERNAL` wins) | no: see [`Plan::torch_agent_store`] |
 //! | job secret | [`InitOptions::secret`] | `FERROCOMM_SECRET` | none: connections are not authenticated (see [`crate::auth`]) |
 //! | transport listen address | [`InitOptions::bind_addr`] | `FERROCOMM_SOCKET_IFADDR` | the interface that routes towards the master (loopback for a loopback master) |
 //!
@@ -101,6 +102,8 @@ pub mod host;
 pub mod protocol;
 pub mod store;
 pub mod tcp_store;
+pub mod torch_store;
+pub mod torch_wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, ToSocketAddrs};
@@ -112,6 +115,7 @@ pub use file_store::FileStore;
 pub use host::{host_id, hostname};
 pub use store::{PrefixStore, Store};
 pub use tcp_store::{LastWill, ServerConfig, TcpStore, TcpStoreServer};
+pub use torch_store::TorchStore;
 
 use crate::auth::Secret;
 use crate::error::{Error, Result};
@@ -524,6 +528,18 @@ impl InitOptions {
             Some(b) => b,
             None => env_bool(env, "FERROCOMM_STORE_EXTERNAL")?.unwrap_or(false),
         };
+        // Under torchrun, its agent hosts a PyTorch TCPStore at MASTER_ADDR:MASTER_PORT and
+        // says so; ferrorun hosts ferrocomm's own store and sets FERROCOMM_STORE_EXTERNAL,
+        // which wins.
+        let torch_agent_store = (!store_external
+            && matches!(method, InitMethod::Env)
+            && env_str(env, "TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True"))
+        .then(|| {
+            format!(
+                "ferrocomm/attempt_{}",
+                env_str(env, "TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into())
+            )
+        });
         let host_id = host::host_id_with(
             self.host_id
                 .clone()
@@ -599,6 +615,7 @@ impl InitOptions {
             log_interval,
             secret,
             bind_addr,
+            torch_agent_store,
         })
     }
 }
@@ -636,6 +653,11 @@ pub struct Plan {
     pub log_interval: Duration,
     /// The job secret (`None`: connections are not authenticated).
     pub secret: Option<Secret>,
+    /// Under torchrun (`TORCHELASTIC_USE_AGENT_STORE=True`, env://, and no
+    /// `FERROCOMM_STORE_EXTERNAL`): the key prefix (`ferrocomm/attempt_<restart count>`) under
+    /// which this job's keys live in the agent's PyTorch `TCPStore`, which every rank joins
+    /// as a client ([`TorchStore`]). `None`: ferrocomm's own store.
+    pub torch_agent_store: Option<String>,
     /// The local address to listen on, when the user named one.
     pub bind_addr: Option<IpAddr>,
 }
@@ -1158,6 +1180,24 @@ impl Plan {
                         "no master address: tcp:// and env:// need one",
                     ));
                 };
+                if let Some(prefix) = &self.torch_agent_store {
+                    if self.secret.is_some() {
+                        tracing::warn!(
+                            "joining torchrun's store at {addr}: PyTorch's TCPStore has no \
+                             authentication, so the job secret is not checked by the store \
+                             (the transports still check it)"
+                        );
+                    }
+                    let client = TorchStore::connect(
+                        addr,
+                        waiting.remaining(),
+                        self.timeout,
+                        self.log_interval,
+                    )?;
+                    let store: Arc<dyn Store> =
+                        Arc::new(PrefixStore::new(prefix.clone(), Arc::new(client)));
+                    return Ok((store, None, None));
+                }
                 let hosting = match (self.store_external, self.rank) {
                     (true, _) | (false, Some(1..)) => Hosting::Client,
                     (false, Some(0)) => self.host_store(host, port, true)?,
@@ -1678,6 +1718,35 @@ mod tests {
         assert_eq!(p.log_interval, DEFAULT_LOG_INTERVAL);
         assert_eq!(p.job_id, "default");
         assert!(!p.store_external);
+    }
+
+    #[test]
+    fn under_torchrun_joins_the_agent_store_unless_ferrorun_hosts_one() {
+        let base = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ];
+        let p = resolve(&InitOptions::new(), &base).unwrap();
+        assert_eq!(p.torch_agent_store, None);
+        let mut torchrun = base.to_vec();
+        torchrun.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+        torchrun.push(("TORCHELASTIC_RESTART_COUNT", "2"));
+        let p = resolve(&InitOptions::new(), &torchrun).unwrap();
+        assert_eq!(p.torch_agent_store.as_deref(), Some("ferrocomm/attempt_2"));
+        // ferrorun sets both: its own store (ferrocomm's protocol, authenticated) wins.
+        let mut ferrorun = torchrun.clone();
+        ferrorun.push(("FERROCOMM_STORE_EXTERNAL", "1"));
+        let p = resolve(&InitOptions::new(), &ferrorun).unwrap();
+        assert_eq!(p.torch_agent_store, None);
+        // Only env:// names the agent's store.
+        let p = resolve(
+            &InitOptions::new().init_method("tcp://127.0.0.1:29400"),
+            &torchrun,
+        )
+        .unwrap();
+        assert_eq!(p.torch_agent_store, None);
     }
 
     #[test]

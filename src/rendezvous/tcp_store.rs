@@ -2,7 +2,9 @@
 //!
 //! The server keeps every key in memory and serves each client connection on its own thread
 //! (at most [`ServerConfig::max_clients`] at once; more are accepted and closed at once, with
-//! a logged refusal). Requests use the binary protocol of [`super::protocol`]. Waiting
+//! a logged refusal). Requests use the binary protocol of [`super::protocol`]; PyTorch's
+//! `TCPStore` clients, told apart by their first byte, are served on the same port by
+//! `torch_server` (see [`super::torch_wire`] and `docs/store.md`). Waiting
 //! requests (`get` of an absent key, `wait`) block the client's server thread for at most the
 //! timeout the client sent; writes (`set`, `add`, a successful `compare_set`) wake exactly the
 //! waiters of the key written. A waiter registers under the first key it still misses, so a
@@ -56,6 +58,10 @@ use super::store::Store;
 use crate::auth::{self, Channel, ClientHandshake, Secret, ServerHandshake};
 use crate::error::{Error, IoContext, Result};
 
+#[path = "torch_server.rs"]
+mod torch_server;
+pub use torch_server::TORCH_NAMESPACE;
+
 /// How often a client that waits for the server to come up logs that it is still waiting,
 /// unless the caller chooses ([`TcpStore::connect_with`]).
 pub const DEFAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -104,6 +110,10 @@ pub struct ServerConfig {
     /// first request (with or without a secret) before it is dropped with a log line.
     /// Default 10 s (`FERROCOMM_HANDSHAKE_TIMEOUT`).
     pub handshake_timeout: Duration,
+    /// Serve PyTorch `TCPStore` clients even though a secret is set (they cannot
+    /// authenticate, so they bypass it). Without a secret they are always served. Default
+    /// false (`FERROCOMM_STORE_ALLOW_TORCH=1`).
+    pub allow_torch: bool,
 }
 
 impl Default for ServerConfig {
@@ -114,6 +124,7 @@ impl Default for ServerConfig {
             frame_timeout: Duration::from_secs(30),
             secret: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            allow_torch: false,
         }
     }
 }
@@ -123,7 +134,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ServerConfig {
     /// The defaults adjusted by `FERROCOMM_STORE_MAX_CLIENTS`, `FERROCOMM_STORE_MAX_PENDING`,
-    /// `FERROCOMM_HANDSHAKE_TIMEOUT` (seconds) and `FERROCOMM_SECRET`.
+    /// `FERROCOMM_HANDSHAKE_TIMEOUT` (seconds), `FERROCOMM_SECRET` and
+    /// `FERROCOMM_STORE_ALLOW_TORCH`.
     pub fn from_env() -> Result<ServerConfig> {
         Self::from_lookup(&crate::config::process_env)
     }
@@ -150,6 +162,18 @@ impl ServerConfig {
             cfg.handshake_timeout = t;
         }
         cfg.secret = Secret::from_lookup(lookup);
+        if let Some(allow) = crate::config::parse_var(
+            lookup,
+            "FERROCOMM_STORE_ALLOW_TORCH",
+            "1 or 0 (true or false)",
+            |v| match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Some(true),
+                "0" | "false" | "no" | "off" | "" => Some(false),
+                _ => None,
+            },
+        )? {
+            cfg.allow_torch = allow;
+        }
         Ok(cfg)
     }
 }
@@ -163,6 +187,8 @@ struct Data {
     shutdown: bool,
     /// Why the server stops, when its owner said ([`TcpStoreServer::close_with`]).
     closing: Option<String>,
+    /// The queues of PyTorch clients ([`torch_server`]).
+    torch_queues: torch_server::Queues,
 }
 
 impl Data {
@@ -627,6 +653,36 @@ impl Shared {
         if let Err(e) = stream.set_write_timeout(Some(self.config.frame_timeout)) {
             self.refusal(|| format!("closing connection of {peer}: {e}"));
             return;
+        }
+        // PyTorch `TCPStore` clients start with a 0x00 byte; `torch_server` serves them.
+        match torch_server::detect(&stream, first_by) {
+            torch_server::Kind::Silent => {
+                self.refusal(|| {
+                    format!(
+                        "refusing client {peer}: nothing received within {:?}",
+                        self.config.handshake_timeout
+                    )
+                });
+                return;
+            }
+            torch_server::Kind::Torch
+                if self.config.secret.is_some() && !self.config.allow_torch =>
+            {
+                self.refusal(|| {
+                    format!(
+                        "refusing PyTorch TCPStore client {peer}: this store requires the job \
+                         secret (FERROCOMM_SECRET) and torch's protocol cannot authenticate; \
+                         set FERROCOMM_STORE_ALLOW_TORCH=1 where the store is hosted to serve \
+                         torch clients without authentication"
+                    )
+                });
+                linger_close(&mut stream);
+                return;
+            }
+            torch_server::Kind::Torch => {
+                return torch_server::serve(self, stream, peer, pending.take(), first_by);
+            }
+            torch_server::Kind::Other => {}
         }
         if let Some(secret) = &self.config.secret {
             if let Err(why) = self.authenticate(&mut stream, secret) {
