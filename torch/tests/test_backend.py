@@ -178,3 +178,39 @@ def test_work_wait_honours_its_timeout():
     outs = run_ranks("wait_timeout", 3, tcp_url(), extra_env={"FERROCOMM_OP_TIMEOUT": "600"})
     for o in outs[:2]:
         assert "wait(timeout) raised" in o, o
+
+
+FERRORUN = os.path.join(HERE, "..", "..", "target", "release", "ferrorun")
+
+
+def ferrorun(nproc, args):
+    assert os.path.exists(FERRORUN), (
+        f"{FERRORUN} is missing: cargo build --release --bins (cargo test builds it)"
+    )
+    return subprocess.run(
+        [FERRORUN, "--nproc-per-node", str(nproc), "--", sys.executable] + args,
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=LIMIT,
+    )
+
+
+def test_ferrorun_launches_ddp_that_matches_gloo():
+    # env:// under ferrorun: torch's TCPStore client joins ferrorun's store (which speaks
+    # TCPStore's protocol), the backend rendezvouses through it.
+    p = ferrorun(2, [WORKER, "ddp"])
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0, out[-4000:]
+    assert out.count("DDP matches gloo") == 2, out[-4000:]
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("example", ["launcher", "ddp_linear", "sampler", "checkpoint"])
+def test_walkthrough_example_under_ferrorun(example, nproc, tmp_path):
+    args = [os.path.join(EXAMPLES, f"{example}.py")]
+    if example == "checkpoint":
+        args.append(str(tmp_path / "ckpt.pt"))
+    p = ferrorun(nproc, args)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0, out[-4000:]
+    if example == "launcher":
+        for r in range(nproc):
+            assert f"rank {r} of {nproc}" in out, out[-4000:]
