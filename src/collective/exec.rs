@@ -1316,8 +1316,10 @@ impl Exec<'_> {
                 Ok(()) => {}
                 Err(Error::Timeout { .. }) => continue,
                 Err(_) => {
+                    // The evidence as it is now (what arrived while waiting counts).
+                    let (edges, dead, _) = self.blame_evidence(mine);
                     self.settling = nested;
-                    return chain;
+                    return resolve(suspect, &edges, &dead);
                 }
             }
             let mut done: Vec<(usize, Result<Done>)> = Vec::new();
