@@ -1019,6 +1019,22 @@ impl Engine {
         earlier
     }
 
+    /// The collective notices kept for context `ctx` of calls *later* than `seq` (their
+    /// senders completed call `seq`), oldest first, with their senders (world ranks): a
+    /// rank still in call `seq` that such a notice blames answers it at once (see the
+    /// module documentation of `collective::exec`, "Naming the stuck rank").
+    pub fn later_notices(&self, ctx: u64, seq: u32) -> Vec<(usize, Envelope)> {
+        self.core
+            .notices
+            .iter()
+            .copied()
+            .filter(|(_, env)| {
+                let (c, tag) = Env::key(env);
+                c == ctx && (1..=0x7FFF_FFFF).contains(&tag.wrapping_sub(seq))
+            })
+            .collect()
+    }
+
     /// The sticky error, if the engine has failed for good.
     pub fn fatal(&self) -> Option<Error> {
         self.core.fatal.clone()

@@ -1147,15 +1147,15 @@ impl ShmTransport {
                     return true;
                 }
                 // The data is only good if the sender had not aborted (and so could not
-                // have reused its buffer) while we read it.
+                // have reused its buffer) while we read it. The receive is not completed:
+                // the peer is failed once its ring is drained (`check_closed`), so what it
+                // wrote before aborting (a notice saying why it gave up) arrives first.
                 if p.inn.hdr().producer.state.load(Ordering::Acquire) == ring::ABORTED {
-                    let err = lost(
-                        self.rank,
-                        pull.peer,
-                        "recv",
-                        "it aborted during the transfer".into(),
+                    tracing::debug!(
+                        rank = self.rank,
+                        peer = pull.peer,
+                        "the peer aborted during a transfer; failing it once its ring is drained"
                     );
-                    self.fail(pull.peer, err);
                     return true;
                 }
                 ev.recv_done(pull.token);
@@ -1222,13 +1222,7 @@ impl ShmTransport {
             return;
         };
         if p.inn.hdr().producer.state.load(Ordering::Acquire) == ring::ABORTED {
-            let err = lost(
-                self.rank,
-                peer,
-                "recv",
-                "it aborted during the transfer".into(),
-            );
-            self.fail(peer, err);
+            // As in `run_pulls`: failed once its ring is drained, after its last records.
             return;
         }
         ev.recv_done(s.token);
