@@ -621,3 +621,86 @@ fn shm_world_of_many_threads_on_few_cores() {
         }
     });
 }
+
+/// A rank that dies (killed: no destructor runs) after creating its segment, before its
+/// peers mapped it: the peers that find it dead remove its name, and their own go when
+/// their setups fail, so nothing is left in /dev/shm.
+#[test]
+fn a_rank_killed_after_creating_its_segment_leaves_nothing_behind() {
+    use ferrocomm::transport::shm::{LocalPeer, ShmSetup};
+    let job = format!("shm-died-in-init-{}", std::process::id());
+    // A pid that has exited (and been reaped): the "killed" rank's.
+    let mut child = Command::new("true").spawn().expect("spawn true");
+    let dead = child.id();
+    child.wait().expect("wait for true");
+    let me = std::process::id();
+    let local: Vec<LocalPeer> = [me, me, dead]
+        .iter()
+        .enumerate()
+        .map(|(rank, &pid)| LocalPeer {
+            rank,
+            pid,
+            segment: ShmSetup::name_for(&job),
+        })
+        .collect();
+    let setup = |r| ShmSetup::create(r, 3, local.clone(), ShmConfig::default()).unwrap();
+    // Rank 2 creates its segment and dies: forgetting the setup is what a kill does.
+    std::mem::forget(setup(2));
+    let (s0, s1) = (setup(0), setup(1));
+    assert_eq!(leftovers(&job).len(), 3, "{:?}", leftovers(&job));
+    // Rank 0 maps rank 1's segment, then finds rank 2 dead; rank 1 then fails too (its
+    // setup is dropped, as an error return from init does).
+    match s0.connect(Instant::now() + Duration::from_secs(30)) {
+        Err(Error::PeerLost { peer: 2, .. }) => {}
+        other => panic!("expected PeerLost for rank 2, got {:?}", other.err()),
+    }
+    drop(s1);
+    assert!(
+        leftovers(&job).is_empty(),
+        "segments left behind: {:?}",
+        leftovers(&job)
+    );
+}
+
+/// As above, but the rank dies after a peer mapped its segment, while that peer waits for
+/// the others to map its own: the waiting peer removes the dead rank's name.
+#[test]
+fn a_rank_killed_while_peers_attach_leaves_nothing_behind() {
+    use ferrocomm::transport::shm::{LocalPeer, ShmSetup};
+    let job = format!("shm-died-attaching-{}", std::process::id());
+    let mut child = Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
+    let me = std::process::id();
+    let local: Vec<LocalPeer> = [me, me, child.id()]
+        .iter()
+        .enumerate()
+        .map(|(rank, &pid)| LocalPeer {
+            rank,
+            pid,
+            segment: ShmSetup::name_for(&job),
+        })
+        .collect();
+    let setup = |r| ShmSetup::create(r, 3, local.clone(), ShmConfig::default()).unwrap();
+    std::mem::forget(setup(2));
+    let (s0, s1) = (setup(0), setup(1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let t0 = s0
+        .connect(deadline)
+        .expect("rank 0 maps both peers' segments");
+    // Rank 2 is killed; rank 1 has not attached anything yet.
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    match t0.wait_attached(deadline) {
+        Err(Error::PeerLost { .. }) => {}
+        other => panic!("expected PeerLost, got {other:?}"),
+    }
+    drop(t0);
+    drop(s1);
+    assert!(
+        leftovers(&job).is_empty(),
+        "segments left behind: {:?}",
+        leftovers(&job)
+    );
+}

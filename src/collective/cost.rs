@@ -10,9 +10,19 @@
 //! - `max_sent`: the most bytes any rank sends in the whole collective;
 //! - `critical_reduced`: like `critical_bytes` for bytes combined by reductions (`γ`).
 //!
-//! The model time is `rounds α + critical_bytes β + critical_reduced γ` (Thakur,
-//! Rabenseifner and Gropp 2005, section 3). It ignores what the executor adds on top (pieces
-//! of a ring step overlap the next step), so for large messages it is an upper bound.
+//! - `agree_rounds`: the rounds of the agreement exchange the executor runs beside the data
+//!   for the calls that need it (broadcast, reduce, gather, scatter, and every call with
+//!   count 0 except barrier, on more than one rank; see [`crate::collective::exec`]):
+//!   `⌈log2 P⌉` rounds of empty messages, each round's send waiting for the previous
+//!   round's receive. Their messages are counted in `messages`.
+//!
+//! The model time is `max(rounds α + critical_bytes β + critical_reduced γ, agree_rounds α)`
+//! (Thakur, Rabenseifner and Gropp 2005, section 3, plus the agreement): the executor posts
+//! every agreement receive at the start and sends agreement messages as soon as the
+//! previous round's arrives, independently of the data, and the call completes when both
+//! are done. The empty agreement messages' share of the links is ignored. The model also
+//! ignores what the executor adds on top of the data rounds (pieces of a ring step overlap
+//! the next step), so for large messages it is an upper bound.
 //!
 //! Building the schedules also checks them: in every round, the messages sent and the
 //! messages received must pair up (source, destination and size), or [`cost`] fails naming
@@ -41,8 +51,10 @@ pub struct Cost {
     pub max_sent: u64,
     /// Sum over rounds of the most bytes one rank reduces in the round.
     pub critical_reduced: u64,
-    /// Messages sent by all ranks together.
+    /// Messages sent by all ranks together, agreement messages included.
     pub messages: u64,
+    /// Rounds of the agreement exchange run beside the data (0 when the call has none).
+    pub agree_rounds: u32,
 }
 
 /// Machine parameters of the alpha-beta-gamma model.
@@ -59,9 +71,25 @@ pub struct Model {
 impl Cost {
     /// The model's time for this cost, in seconds.
     pub fn time(&self, m: &Model) -> f64 {
-        f64::from(self.rounds) * m.alpha
+        let data = f64::from(self.rounds) * m.alpha
             + self.critical_bytes as f64 * m.beta
-            + self.critical_reduced as f64 * m.gamma
+            + self.critical_reduced as f64 * m.gamma;
+        data.max(f64::from(self.agree_rounds) * m.alpha)
+    }
+}
+
+/// Rounds of the agreement exchange the executor adds to `algo`'s call among `p` ranks with
+/// count `count` (mirrors `Call::agrees` and the executor's dissemination loop).
+pub fn agree_rounds(algo: Algorithm, p: usize, count: usize) -> u32 {
+    let rooted = matches!(
+        algo.collective(),
+        "broadcast" | "reduce" | "gather" | "scatter"
+    );
+    let zero = count == 0 && algo != Algorithm::BarrierDissemination;
+    if p > 1 && (rooted || zero) {
+        super::schedule::ceil_log2(p)
+    } else {
+        0
     }
 }
 
@@ -164,7 +192,10 @@ pub fn cost(algo: Algorithm, p: usize, count: usize, elem: usize) -> Result<Cost
             ));
         }
     }
+    let agree_rounds = agree_rounds(algo, p, count);
+    messages += p as u64 * u64::from(agree_rounds);
     Ok(Cost {
+        agree_rounds,
         algo,
         ranks: p,
         elem,
@@ -306,6 +337,71 @@ mod tests {
                 assert_eq!(a2a.rounds, want as u32, "P={p}");
             }
         }
+    }
+
+    #[test]
+    fn agreement_rounds_are_counted_and_overlap_the_data() {
+        let m = Model {
+            alpha: 1.0,
+            beta: 0.0,
+            gamma: 0.0,
+        };
+        for p in sizes().into_iter().filter(|&p| p <= 1024) {
+            let lg = super::super::schedule::ceil_log2(p);
+            let rooted = [
+                Algorithm::BroadcastBinomial,
+                Algorithm::BroadcastScatterAllGather,
+                Algorithm::ReduceBinomial,
+                Algorithm::ReduceScatterGather,
+                Algorithm::GatherBinomial,
+                Algorithm::ScatterBinomial,
+            ];
+            for a in rooted {
+                for n in [0, 7 * p] {
+                    let c = cost(a, p, n, 4).unwrap();
+                    assert_eq!(c.agree_rounds, lg, "{a} P={p} n={n}");
+                    let want = f64::from(c.rounds.max(lg));
+                    assert_eq!(c.time(&m), want, "{a} P={p} n={n}");
+                }
+            }
+            // The same schedule without agreement: only the agreement's messages differ.
+            let g = cost(Algorithm::GatherBinomial, p, 3, 4).unwrap();
+            let ag = cost(Algorithm::AllGatherRing, p, 3, 4).unwrap();
+            assert_eq!(ag.agree_rounds, 0, "P={p}");
+            let data_msgs = (0..p)
+                .map(|r| {
+                    Algorithm::GatherBinomial
+                        .schedule(r, p, 3, 0, false)
+                        .steps
+                        .iter()
+                        .filter(|s| matches!(s.op, Op::Send { .. }))
+                        .count() as u64
+                })
+                .sum::<u64>();
+            assert_eq!(g.messages, data_msgs + p as u64 * u64::from(lg), "P={p}");
+            // Count 0: every collective but barrier agrees; all_reduce then has no data
+            // rounds, and the agreement is the whole cost.
+            for a in [Algorithm::AllReduceRing, Algorithm::AllToAllPairwise] {
+                let c = cost(a, p, 0, 4).unwrap();
+                assert_eq!(c.agree_rounds, lg, "{a} P={p}");
+                assert!(c.time(&m) >= f64::from(lg), "{a} P={p}");
+            }
+            let bar = cost(Algorithm::BarrierDissemination, p, 0, 1).unwrap();
+            assert_eq!(bar.agree_rounds, 0, "P={p}");
+            assert_eq!(
+                cost(Algorithm::AllReduceRing, p, 5 * p, 4)
+                    .unwrap()
+                    .agree_rounds,
+                0
+            );
+        }
+        // A single rank exchanges nothing.
+        assert_eq!(
+            cost(Algorithm::BroadcastBinomial, 1, 9, 4)
+                .unwrap()
+                .agree_rounds,
+            0
+        );
     }
 
     #[test]

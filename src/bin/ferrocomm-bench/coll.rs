@@ -1,4 +1,5 @@
-//! Collective benchmarks (nccl-tests' `*_perf`, osu_allreduce, osu_bcast, osu_barrier).
+//! Collective benchmarks (nccl-tests' `*_perf`, osu_allreduce, osu_bcast, osu_reduce,
+//! osu_gather, osu_scatter, osu_barrier).
 //! Every rank times every call; the results are checked (see `values.rs`): the output is
 //! poisoned before the timed calls and compared element by element with its exact expected
 //! value after them (or after every call with `--check all`).
@@ -51,6 +52,14 @@ pub enum Which {
     ReduceScatter,
     /// `all_to_all`: `count / n` elements to every rank.
     AllToAll,
+    /// `reduce` to a root, out of place (the root's output is the whole buffer).
+    Reduce,
+    /// `gather` to a root: each rank contributes `count / n` elements, the root's output is
+    /// the whole buffer.
+    Gather,
+    /// `scatter` from a root: the root's input is the whole buffer, each rank receives
+    /// `count / n` elements.
+    Scatter,
 }
 
 impl Which {
@@ -62,6 +71,9 @@ impl Which {
             Which::AllGather => "allgather",
             Which::ReduceScatter => "reduce_scatter",
             Which::AllToAll => "alltoall",
+            Which::Reduce => "reduce",
+            Which::Gather => "gather",
+            Which::Scatter => "scatter",
         }
     }
 
@@ -70,13 +82,28 @@ impl Which {
     pub fn blocked(self) -> bool {
         matches!(
             self,
-            Which::AllGather | Which::ReduceScatter | Which::AllToAll
+            Which::AllGather
+                | Which::ReduceScatter
+                | Which::AllToAll
+                | Which::Gather
+                | Which::Scatter
+        )
+    }
+
+    /// Whether the operation has a root (takes `--root`).
+    pub fn rooted(self) -> bool {
+        matches!(
+            self,
+            Which::Broadcast | Which::Reduce | Which::Gather | Which::Scatter
         )
     }
 
     /// Whether the operation reduces (takes `--op`).
     pub fn reduces(self) -> bool {
-        matches!(self, Which::AllReduce | Which::ReduceScatter)
+        matches!(
+            self,
+            Which::AllReduce | Which::ReduceScatter | Which::Reduce
+        )
     }
 
     /// The algorithm ferrocomm runs for `count` elements of `esize` bytes on `comm` (the
@@ -102,6 +129,9 @@ impl Which {
             Which::AllGather => select::choose_all_gather(p, bytes),
             Which::ReduceScatter => select::choose_reduce_scatter(p, bytes),
             Which::AllToAll => Algorithm::AllToAllPairwise,
+            Which::Reduce => select::choose_reduce(p, count, bytes),
+            Which::Gather => Algorithm::GatherBinomial,
+            Which::Scatter => Algorithm::ScatterBinomial,
         }
     }
 }
@@ -124,7 +154,8 @@ pub struct Coll<'c, T> {
 impl<'c, T: Val> Coll<'c, T> {
     /// Buffers for `which` over `count` elements (a multiple of the rank count for the
     /// blocked operations); `op` for the reductions, `opts` for all_reduce, `root` for
-    /// broadcast.
+    /// the rooted operations (the root's output of reduce and gather is the whole buffer;
+    /// the other ranks have none).
     pub fn new(
         comm: &'c Communicator,
         which: Which,
@@ -162,6 +193,24 @@ impl<'c, T: Val> Coll<'c, T> {
                 (s, poison())
             }
             Which::AllToAll => (full(&|i| values::input(me, i, n)), poison()),
+            Which::Reduce => {
+                let s: Vec<T> = full(&|i| values::reduce_input(op, me, i, n));
+                (s, if me == root { poison() } else { Vec::new() })
+            }
+            Which::Gather => {
+                let s = (0..block)
+                    .map(|j| T::small(values::input(me, me * block + j, n)))
+                    .collect();
+                (s, if me == root { poison() } else { Vec::new() })
+            }
+            Which::Scatter => {
+                let s = if me == root {
+                    full(&|i| values::input(root, i, n))
+                } else {
+                    Vec::new()
+                };
+                (s, vec![T::small(POISON); block])
+            }
         };
         Coll {
             comm,
@@ -179,10 +228,11 @@ impl<'c, T: Val> Coll<'c, T> {
     fn want(&self, i: usize) -> Option<T> {
         let (me, n, b) = (self.comm.rank(), self.comm.size(), self.block);
         match self.which {
-            Which::AllReduce => values::expected(self.op, i, n),
+            Which::AllReduce | Which::Reduce => values::expected(self.op, i, n),
             Which::ReduceScatter => values::expected(self.op, me * b + i, n),
             Which::Broadcast => Some(T::small(values::input(self.root, i, n))),
-            Which::AllGather => Some(T::small(values::input(i / b.max(1), i, n))),
+            Which::AllGather | Which::Gather => Some(T::small(values::input(i / b.max(1), i, n))),
+            Which::Scatter => Some(T::small(values::input(self.root, me * b + i, n))),
             Which::AllToAll => Some(T::small(values::input(
                 i / b.max(1),
                 me * b + i % b.max(1),
@@ -205,6 +255,9 @@ impl<T: Val> Kernel for Coll<'_, T> {
             Which::AllGather => c.all_gather(&self.sbuf, &mut self.rbuf)?,
             Which::ReduceScatter => c.reduce_scatter(&self.sbuf, &mut self.rbuf, self.op)?,
             Which::AllToAll => c.all_to_all(&self.sbuf, &mut self.rbuf)?,
+            Which::Reduce => c.reduce(&self.sbuf, &mut self.rbuf, self.op, self.root)?,
+            Which::Gather => c.gather(&self.sbuf, &mut self.rbuf, self.root)?,
+            Which::Scatter => c.scatter(&self.sbuf, &mut self.rbuf, self.root)?,
         }
         Ok(t.elapsed().as_secs_f64())
     }
@@ -246,12 +299,15 @@ impl<T: Val> Kernel for Coll<'_, T> {
 mod tests {
     use super::*;
 
-    const ALL: [Which; 5] = [
+    const ALL: [Which; 8] = [
         Which::AllReduce,
         Which::Broadcast,
         Which::AllGather,
         Which::ReduceScatter,
         Which::AllToAll,
+        Which::Reduce,
+        Which::Gather,
+        Which::Scatter,
     ];
 
     /// Runs `which` on `n` thread ranks with `count` elements; each rank returns what its
@@ -279,8 +335,9 @@ mod tests {
                         k.poison();
                         let poisoned = k.check();
                         k.call().expect("the collective runs again");
-                        let last = k.rbuf.len() - 1;
-                        k.rbuf[last] = T::small(POISON);
+                        if let Some(last) = k.rbuf.last_mut() {
+                            *last = T::small(POISON);
+                        }
                         let corrupted = k.check();
                         [ok, poisoned, corrupted]
                     })
@@ -297,11 +354,17 @@ mod tests {
             let at = format!("{} {op} n={n} rank {r}", which.name());
             assert_eq!(ok, &None, "{at}: a correct result was refused");
             let root_keeps = which == Which::Broadcast && r == n - 1;
+            // Reduce and gather leave the other ranks without output: nothing to check.
+            let no_output = matches!(which, Which::Reduce | Which::Gather) && r != n - 1;
             assert_eq!(
                 poisoned.is_some(),
-                !root_keeps,
+                !root_keeps && !no_output,
                 "{at}: output not written: {poisoned:?}"
             );
+            if no_output {
+                assert_eq!(corrupted, &None, "{at}");
+                continue;
+            }
             let msg = corrupted.as_deref().unwrap_or_default();
             assert!(
                 msg.contains(which.name()) && msg.contains("expected"),
@@ -329,8 +392,10 @@ mod tests {
                     let got = run::<half::bf16>(Which::AllReduce, n, 8 * n, op, algo);
                     expect_checked(Which::AllReduce, n, op, &got);
                 }
-                let got = run::<f64>(Which::ReduceScatter, n, 8 * n, op, AllReduceAlgo::Auto);
-                expect_checked(Which::ReduceScatter, n, op, &got);
+                for w in [Which::ReduceScatter, Which::Reduce] {
+                    let got = run::<f64>(w, n, 8 * n, op, AllReduceAlgo::Auto);
+                    expect_checked(w, n, op, &got);
+                }
                 if op != ReduceOp::Avg {
                     let got = run::<i8>(Which::AllReduce, n, 8 * n, op, AllReduceAlgo::Auto);
                     expect_checked(Which::AllReduce, n, op, &got);
@@ -359,5 +424,12 @@ mod tests {
         );
         assert!(Which::AllGather.blocked() && !Which::AllReduce.blocked());
         assert!(Which::ReduceScatter.reduces() && !Which::Broadcast.reduces());
+        assert!(Which::Reduce.reduces() && !Which::Gather.reduces());
+        assert!(Which::Gather.blocked() && Which::Scatter.blocked() && !Which::Reduce.blocked());
+        assert!(Which::Scatter.rooted() && !Which::AllGather.rooted());
+        assert_eq!(
+            Which::Reduce.algorithm(c, 1 << 20, 4, &auto),
+            select::choose_reduce(1, 1 << 20, 4 << 20)
+        );
     }
 }

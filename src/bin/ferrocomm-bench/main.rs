@@ -80,6 +80,15 @@ enum Cmd {
     Allreduce(#[command(flatten)] AllReduceArgs),
     /// broadcast from --root, in place (broadcast_perf, osu_bcast); busbw = algbw.
     Broadcast(#[command(flatten)] RootArgs),
+    /// reduce to --root, out of place (reduce_perf, osu_reduce); size = the whole buffer,
+    /// busbw = algbw.
+    Reduce(#[command(flatten)] ReduceArgs),
+    /// gather to --root (gather_perf, osu_gather); size = the root's gathered output (n
+    /// blocks), busbw = algbw × (n-1)/n.
+    Gather(#[command(flatten)] RootArgs),
+    /// scatter from --root (scatter_perf, osu_scatter); size = the root's input (n blocks),
+    /// busbw = algbw × (n-1)/n.
+    Scatter(#[command(flatten)] RootArgs),
     /// all_gather (all_gather_perf, osu_allgather); size = the gathered output (n blocks),
     /// busbw = algbw × (n-1)/n.
     Allgather(#[command(flatten)] Common),
@@ -114,6 +123,15 @@ struct AllReduceArgs {
 struct RootArgs {
     #[command(flatten)]
     common: Common,
+    /// The root rank.
+    #[arg(short = 'r', long, default_value_t = 0)]
+    root: usize,
+}
+
+#[derive(Debug, Args)]
+struct ReduceArgs {
+    #[command(flatten)]
+    op: OpArgs,
     /// The root rank.
     #[arg(short = 'r', long, default_value_t = 0)]
     root: usize,
@@ -339,7 +357,8 @@ fn common(cmd: &Cmd) -> &Common {
         Cmd::Bandwidth(s) | Cmd::Bibw(s) => &s.common,
         Cmd::Allreduce(a) => &a.op.common,
         Cmd::ReduceScatter(a) => &a.common,
-        Cmd::Broadcast(a) => &a.common,
+        Cmd::Broadcast(a) | Cmd::Gather(a) | Cmd::Scatter(a) => &a.common,
+        Cmd::Reduce(a) => &a.op.common,
     }
 }
 
@@ -351,6 +370,9 @@ fn which(cmd: &Cmd) -> Option<Which> {
         Cmd::Allgather(_) => Some(Which::AllGather),
         Cmd::ReduceScatter(_) => Some(Which::ReduceScatter),
         Cmd::Alltoall(_) => Some(Which::AllToAll),
+        Cmd::Reduce(_) => Some(Which::Reduce),
+        Cmd::Gather(_) => Some(Which::Gather),
+        Cmd::Scatter(_) => Some(Which::Scatter),
         Cmd::Latency(_) | Cmd::Bandwidth(_) | Cmd::Bibw(_) | Cmd::Barrier(_) => None,
     }
 }
@@ -370,7 +392,10 @@ fn coll_params(cmd: &Cmd) -> (ReduceOp, AllReduceOptions, usize) {
     match cmd {
         Cmd::Allreduce(a) => (a.op.op, AllReduceOptions::algo(a.algo), 0),
         Cmd::ReduceScatter(a) => (a.op, AllReduceOptions::default(), 0),
-        Cmd::Broadcast(a) => (ReduceOp::Sum, AllReduceOptions::default(), a.root),
+        Cmd::Broadcast(a) | Cmd::Gather(a) | Cmd::Scatter(a) => {
+            (ReduceOp::Sum, AllReduceOptions::default(), a.root)
+        }
+        Cmd::Reduce(a) => (a.op.op, AllReduceOptions::default(), a.root),
         _ => (ReduceOp::Sum, AllReduceOptions::default(), 0),
     }
 }
@@ -444,7 +469,10 @@ fn point<T: Val>(
         | Cmd::Broadcast(_)
         | Cmd::Allgather(_)
         | Cmd::ReduceScatter(_)
-        | Cmd::Alltoall(_) => {
+        | Cmd::Alltoall(_)
+        | Cmd::Reduce(_)
+        | Cmd::Gather(_)
+        | Cmd::Scatter(_) => {
             let Some(w) = which(cmd) else {
                 return Ok(None);
             };
@@ -454,7 +482,7 @@ fn point<T: Val>(
             let algo = w.algorithm(cx.comm, count, dtype.size(), &opts);
             let mut row = row;
             row.algo = Some(algo.name().to_string());
-            row.root = (w == Which::Broadcast).then_some(root);
+            row.root = w.rooted().then_some(root);
             row.redop = w.reduces().then(|| op.name());
             cx.coll_row(row, s)
         }
@@ -498,7 +526,8 @@ fn run(cli: &Cli) -> Result<(), BenchError> {
         let extra = match &cli.cmd {
             Cmd::Allreduce(a) => format!(", op {}, algorithm {}", a.op.op, a.algo),
             Cmd::ReduceScatter(a) => format!(", op {}", a.op),
-            Cmd::Broadcast(a) => format!(", root {}", a.root),
+            Cmd::Broadcast(a) | Cmd::Gather(a) | Cmd::Scatter(a) => format!(", root {}", a.root),
+            Cmd::Reduce(a) => format!(", op {}, root {}", a.op.op, a.root),
             _ => String::new(),
         };
         output::print_header(

@@ -47,7 +47,7 @@ pub struct Row {
     /// The algorithm ferrocomm ran (collectives; the library's name, e.g. `ring`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub algo: Option<String>,
-    /// Root rank (`broadcast`).
+    /// Root rank (`broadcast`, `reduce`, `gather`, `scatter`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root: Option<usize>,
     /// Reduction (`allreduce`, `reduce_scatter`).
@@ -62,7 +62,8 @@ pub fn busbw_factor(op: &str, n: usize) -> f64 {
     let n = n as f64;
     match op {
         "allreduce" => 2.0 * (n - 1.0) / n,
-        "allgather" | "reduce_scatter" | "alltoall" => (n - 1.0) / n,
+        // gather and scatter: size = the root's whole buffer, of which (n-1)/n crosses links.
+        "allgather" | "reduce_scatter" | "alltoall" | "gather" | "scatter" => (n - 1.0) / n,
         // broadcast, reduce and point-to-point: every byte crosses one link once.
         _ => 1.0,
     }
@@ -154,6 +155,9 @@ mod tests {
         assert_eq!(busbw_factor("reduce_scatter", 8), 0.875);
         assert_eq!(busbw_factor("alltoall", 2), 0.5);
         assert_eq!(busbw_factor("broadcast", 8), 1.0);
+        assert_eq!(busbw_factor("reduce", 8), 1.0);
+        assert_eq!(busbw_factor("gather", 4), 0.75);
+        assert_eq!(busbw_factor("scatter", 2), 0.5);
         assert_eq!(busbw_factor("latency", 2), 1.0);
     }
 

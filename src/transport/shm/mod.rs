@@ -501,6 +501,9 @@ impl ShmSetup {
             } else {
                 Some(PidFd::open(p.pid).map_err(|e| {
                     if e.raw_os_error() == Some(libc::ESRCH) {
+                        // It may have created its segment before it died: nobody else
+                        // would remove the name.
+                        segment::remove_name_of_dead_owner(&p.segment);
                         lost(format!(
                             "its process (pid {}) has exited: it died or failed during start-up \
                              (see its log)",
@@ -519,11 +522,14 @@ impl ShmSetup {
                 deadline,
                 &who,
                 &mut || match &proc {
-                    Some(pr) if !pr.alive() => Err(lost(format!(
-                        "its process (pid {}) exited before creating its shared-memory segment \
+                    Some(pr) if !pr.alive() => {
+                        segment::remove_name_of_dead_owner(&p.segment);
+                        Err(lost(format!(
+                            "its process (pid {}) exited before creating its shared-memory segment \
                          {}: it died or failed during start-up (see its log)",
-                        p.pid, p.segment
-                    ))),
+                            p.pid, p.segment
+                        )))
+                    }
                     _ => Ok(()),
                 },
             )?;
@@ -603,6 +609,9 @@ impl ShmTransport {
                 if let Some(p) = self.peers[r].as_deref()
                     && p.proc.as_ref().is_some_and(|pr| !pr.alive())
                 {
+                    // Its segment's name may still wait for peers that will now never
+                    // attach it: remove it (it is mapped here, the memory stays valid).
+                    p.out.seg.unlink();
                     return Err(Error::PeerLost {
                         rank: self.rank,
                         peer: r,

@@ -21,8 +21,12 @@
 //! mapped the segment: each attaching peer increments the attach count and the one that
 //! completes it unlinks the name. From then on only the mappings keep the memory, and the
 //! kernel frees it when the last process using it exits, however it exits. The owner also
-//! unlinks it when initialisation ends and when the transport is dropped (in case a peer
-//! never attached), so a name survives only if its owner dies during initialisation.
+//! unlinks it when initialisation ends, on every error path (the owner's [`Segment`]
+//! unlinks its name when dropped) and when the transport is dropped (in case a peer never
+//! attached). A name could then survive only if its owner is killed during initialisation,
+//! before every peer mapped the segment: the peers that find the owner dead remove its name
+//! (see `ShmSetup::connect` and `ShmTransport::wait_attached`), and `ferrorun` sweeps the
+//! names of its exited ranks ([`remove_segments_of`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,6 +86,17 @@ pub fn remove_segments_of(job_id: &str, pids: &[u32]) -> usize {
         }
     }
     removed
+}
+
+/// Removes the name of the segment `name` of a local peer whose process has exited (a peer
+/// killed during initialisation, before every rank mapped its segment, runs no destructor).
+/// A name that is not there (never created, or removed already) is fine.
+pub(crate) fn remove_name_of_dead_owner(name: &str) {
+    match shm::unlink(name) {
+        Ok(()) => tracing::debug!("removed the shared-memory segment {name} of a dead peer"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("removing the shared-memory segment {name} of a dead peer: {e}"),
+    }
 }
 
 /// A fresh, unique segment name for this process in job `job_id`.
