@@ -229,3 +229,9 @@ def test_split_group_subgroups_sequence_numbers_and_monitored_barrier():
     outs = run_ranks("groups", 3, tcp_url())
     assert "rank 2 did not reach the barrier" in outs[0], outs[0]
     assert "rank 0 reports" in outs[1], outs[1]
+
+
+def test_monitored_barrier_with_wait_all_ranks_names_every_absent_rank():
+    outs = run_ranks("monitored_all", 4, tcp_url())
+    assert "ranks 2, 3 did not reach the barrier" in outs[0], outs[0]
+    assert "rank 0 reports" in outs[1], outs[1]

@@ -465,6 +465,27 @@ def scenario_groups(rank, size):
     raise AssertionError("monitored_barrier passed without the last rank")
 
 
+def scenario_monitored_all(rank, size):
+    # monitored_barrier(wait_all_ranks=True) with the last two ranks absent: rank 0 names
+    # both, the other rank that came hears it from rank 0.
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    if rank >= size - 2:
+        time.sleep(8)  # alive past the others' 3 s timeout (leaving would be "lost peer")
+        os._exit(0)
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=3), wait_all_ranks=True)
+    except dist.DistBackendError as e:
+        msg = str(e)
+        if rank == 0:
+            expected = f"ranks {size - 2}, {size - 1} did not reach the barrier"
+            assert expected in msg, msg
+        else:
+            assert "rank 0 reports" in msg, msg
+        print(f"rank {rank}: monitored_barrier reported: {msg[:200]}")
+        os._exit(0)
+    raise AssertionError("monitored_barrier passed without the last two ranks")
+
+
 def main():
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
