@@ -321,6 +321,12 @@ class FerrocommBackend(c10d.Backend):
             store, ranks.index(self._rank), len(ranks), timeout or self._timeout
         )
 
+    def perform_nocolor_split(self, device):
+        """What c10d asks of a rank outside a new group made by splitting (a process group
+        bound to a device): nothing, as a sub-group's communicator is a rendezvous of its
+        members only."""
+        return None
+
     def _next_seq(self):
         with self._seq_lock:
             seq = self._seq

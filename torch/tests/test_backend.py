@@ -235,3 +235,10 @@ def test_monitored_barrier_with_wait_all_ranks_names_every_absent_rank():
     outs = run_ranks("monitored_all", 4, tcp_url())
     assert "ranks 2, 3 did not reach the barrier" in outs[0], outs[0]
     assert "rank 0 reports" in outs[1], outs[1]
+
+
+def test_new_group_and_split_group_of_a_group_bound_to_a_device():
+    # init_process_group(device_id=cpu:0): new_group splits the parent and asks the ranks
+    # outside it for a no-color split.
+    outs = run_ranks("bound_split", 3, tcp_url())
+    assert all("bound split passed" in o for o in outs), outs

@@ -486,6 +486,23 @@ def scenario_monitored_all(rank, size):
     raise AssertionError("monitored_barrier passed without the last two ranks")
 
 
+def scenario_bound_split(rank, size):
+    # A process group bound to a device (init_process_group(device_id=cpu:0)): new_group
+    # splits the parent, ranks outside the new group are asked for a "no-color" split.
+    pair = dist.new_group([0, 1])
+    if rank < 2:
+        t = torch.tensor([rank + 1.0])
+        dist.all_reduce(t, group=pair)
+        close(t, torch.tensor([3.0]), "new_group of a bound group")
+    elif pair is not dist.GroupMember.NON_GROUP_MEMBER:
+        raise AssertionError(f"rank {rank} got a group it is not in: {pair}")
+    sub = dist.split_group(split_ranks=[[0, 2], [1]])
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t, group=sub)
+    close(t, torch.tensor([4.0 if rank != 1 else 2.0]), "split_group of a bound group")
+    print(f"rank {rank}: bound split passed")
+
+
 def main():
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
@@ -493,10 +510,11 @@ def main():
     else:  # under torchrun
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     url = sys.argv[4] if len(sys.argv) > 4 else None
+    bound = {"device_id": torch.device("cpu:0")} if scenario == "bound_split" else {}
     if url:
         dist.init_process_group(
             "ferrocomm", init_method=url, rank=rank, world_size=size,
-            timeout=datetime.timedelta(seconds=60),
+            timeout=datetime.timedelta(seconds=60), **bound,
         )
     else:  # env:// (torchrun)
         dist.init_process_group("ferrocomm", timeout=datetime.timedelta(seconds=60))
