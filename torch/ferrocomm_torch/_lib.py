@@ -135,6 +135,7 @@ def _bind(lib):
         "ferrocomm_isend": ([_vp, _vp, _sz, _u32, _sz, _u32, p(_vp)], _u32),
         "ferrocomm_irecv": ([_vp, _vp, _sz, _u32, _i64, _i64, p(_vp)], _u32),
         "ferrocomm_wait": ([_vp, p(Status)], _u32),
+        "ferrocomm_test": ([_vp, p(_c.c_int), p(Status)], _u32),
         "ferrocomm_waitall": ([_sz, p(_vp), p(Status)], _u32),
         "ferrocomm_request_free": ([_vp], _u32),
     }

@@ -17,6 +17,7 @@ import collections
 import ctypes
 import functools
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,9 @@ _BITWISE = {
 # Tag of the point-to-point messages all_to_all_single with split sizes is made of (far
 # above the tags programs use).
 _ALLTOALLV_TAG = 0xFFFF_FF00
+# Tags of monitored_barrier's arrival messages (to rank 0) and rank 0's answers.
+_MONITOR_TAG = 0xFFFF_FF01
+_MONITOR_ACK_TAG = 0xFFFF_FF02
 
 
 # dtypes passed to the library as they are (the fast path of all_reduce and broadcast).
@@ -84,11 +88,15 @@ def _collective(method):
     @functools.wraps(method)
     def run(self, *args):
         opts = args[-1]
+        seq = self._next_seq()
         if not getattr(opts, "asyncOp", True) or self._runner.on_worker():
             self._runner.drain()
             return _done(method(self, *args))
         return _FutureWork(
-            self._runner.submit(lambda: method(self, *args)), self, method.__name__.strip("_")
+            self._runner.submit(lambda: method(self, *args)),
+            self,
+            method.__name__.strip("_"),
+            seq,
         )
 
     return run
@@ -98,11 +106,16 @@ class _FutureWork(dist._Work):
     """The Work of an operation queued on the worker thread: `wait` raises its error (the
     Work of `_create_work_from_future` would report success), `get_future` is its future."""
 
-    def __init__(self, fut, backend, what):
+    def __init__(self, fut, backend, what, seq):
         super().__init__()
         self._fut = fut
         self._backend = backend
         self._what = what
+        self._seq = seq
+
+    def _get_sequence_number(self):
+        """The operation's sequence number in its process group (0 for the first)."""
+        return self._seq
 
     def wait(self, timeout=None):
         secs = timeout.total_seconds() if timeout is not None else 0.0
@@ -253,6 +266,9 @@ class FerrocommBackend(c10d.Backend):
         self._size = size
         self._comm = ctypes.c_void_p()
         self._runner = _Runner()
+        self._timeout = timeout
+        self._seq = 0
+        self._seq_lock = threading.Lock()
         adapter = _lib.StoreAdapter(store)
         url = _store_url(store)
         ms = int(timeout.total_seconds() * 1000) if timeout is not None else 0
@@ -272,6 +288,55 @@ class FerrocommBackend(c10d.Backend):
 
     def getBackendName(self):  # noqa: N802 (the c10d name)
         return "ferrocomm"
+
+    @property
+    def supports_splitting(self):
+        # split_group / new_group(split) make a child communicator through the store.
+        return True
+
+    @property
+    def options(self):
+        # c10d's split reads the parent's options (the property of the C++ base would
+        # call back into this class without end).
+        opts = c10d.Backend.Options("ferrocomm")
+        if self._timeout is not None:
+            opts._timeout = self._timeout
+        return opts
+
+    def split(self, store, ranks, opts):
+        """The backend of a sub-group of this group's ranks (`dist.split_group`): a new
+        communicator made through `store` (c10d prefixes it per sub-group).
+
+        torch calls this on a rank that is in none of the splits too, and cannot take "no
+        backend" back from a Python backend (it crashes), so such a rank gets an error."""
+        ranks = list(ranks)
+        if self._rank not in ranks:
+            raise dist.DistBackendError(
+                f"ferrocomm: rank {self._rank}: split_group: this rank is in none of the "
+                "splits; with the ferrocomm backend every rank of the parent group must be "
+                "in one split (give ranks that need no sub-group a split of their own)"
+            )
+        timeout = getattr(opts, "_timeout", None) if opts is not None else None
+        return FerrocommBackend(
+            store, ranks.index(self._rank), len(ranks), timeout or self._timeout
+        )
+
+    def perform_nocolor_split(self, device):
+        """What c10d asks of a rank outside a new group made by splitting (a process group
+        bound to a device): nothing, as a sub-group's communicator is a rendezvous of its
+        members only."""
+        return None
+
+    def _next_seq(self):
+        with self._seq_lock:
+            seq = self._seq
+            self._seq += 1
+        return seq
+
+    def _get_sequence_number_for_group(self):
+        """How many operations this rank has issued on the group (each Work's
+        `_get_sequence_number()` is its operation's place in that count)."""
+        return self._seq
 
     @property
     def supports_coalescing(self):
@@ -657,6 +722,108 @@ class FerrocommBackend(c10d.Backend):
         self._call("barrier", lib.ferrocomm_barrier)
         return []
 
+    def monitored_barrier(self, opts=None, wait_all_ranks=False):
+        """A barrier that names the ranks that did not reach it (`dist.monitored_barrier`).
+
+        Every rank but 0 tells rank 0 it arrived and waits for its answer; rank 0 waits up
+        to the timeout (`opts.timeout`) for all of them. When some rank is missing, rank 0
+        raises an error naming it (all missing ranks with `wait_all_ranks`, else the
+        lowest), and the ranks that did arrive get an error saying rank 0 reported missing
+        ranks; a rank whose answer from rank 0 does not come within twice the timeout
+        raises naming rank 0."""
+        self._runner.drain()
+        self._next_seq()
+        # torch passes BarrierOptions (its `timeout`); a direct call may pass a timedelta.
+        timeout = getattr(opts, "timeout", opts)
+        secs = timeout.total_seconds() if timeout is not None else -1.0
+        if secs <= 0 and self._timeout is not None:
+            secs = self._timeout.total_seconds()
+        if secs <= 0:
+            secs = 1800.0
+        what = "monitored_barrier"
+        if self._size == 1:
+            return None
+        if self._rank != 0:
+            token = torch.zeros(1, dtype=torch.uint8)
+            answer = torch.zeros(1, dtype=torch.uint8)
+            reqs = [self._start(what, lib.ferrocomm_isend, token, 0, _MONITOR_TAG)]
+            reqs.append(self._start(what, lib.ferrocomm_irecv, answer, 0, _MONITOR_ACK_TAG))
+            # Twice the timeout: rank 0's verdict on a missing rank comes after one.
+            missing = self._poll(reqs, 2 * secs, what)
+            if missing:
+                raise dist.DistBackendError(
+                    f"ferrocomm: rank {self._rank}: {what}: rank 0 did not answer within "
+                    f"{2 * secs:g} s (twice the timeout): rank 0 did not reach the barrier"
+                )
+            if answer.item():
+                raise dist.DistBackendError(
+                    f"ferrocomm: rank {self._rank}: {what}: rank 0 reports that some ranks "
+                    f"did not reach the barrier within {secs:g} s (rank 0's error names them)"
+                )
+            return None
+        tokens = torch.zeros(self._size, dtype=torch.uint8)
+        reqs = [
+            self._start(what, lib.ferrocomm_irecv, tokens[r : r + 1], r, _MONITOR_TAG)
+            for r in range(1, self._size)
+        ]
+        pending = self._poll(reqs, secs, what)
+        missing = [r + 1 for r, req in enumerate(pending) if req is not None] if pending else []
+        verdict = torch.tensor([1 if missing else 0], dtype=torch.uint8)
+        acks = [
+            self._start(what, lib.ferrocomm_isend, verdict, r, _MONITOR_ACK_TAG)
+            for r in range(1, self._size)
+            if r not in missing
+        ]
+        if self._poll(acks, secs, what):
+            raise dist.DistBackendError(
+                f"ferrocomm: rank 0: {what}: could not answer the ranks within {secs:g} s"
+            )
+        if missing:
+            named = missing if wait_all_ranks else missing[:1]
+            ranks = ", ".join(str(r) for r in named)
+            raise dist.DistBackendError(
+                f"ferrocomm: rank 0: {what}: rank{'s' if len(named) > 1 else ''} {ranks} "
+                f"did not reach the barrier within {secs:g} s (check that rank"
+                f"{'s' if len(named) > 1 else ''} for a hang or an earlier error)"
+            )
+        return None
+
+    def _start(self, what, fn, tensor, peer, tag):
+        req = ctypes.c_void_p()
+        self._call(what, fn, tensor.data_ptr(), 1, _lib.U8, peer, tag, ctypes.byref(req))
+        return req
+
+    def _poll(self, reqs, secs, what):
+        """Tests `reqs` until all end or `secs` pass (sleeping between rounds, the GIL
+        released). Returns None when all ended, else the list with the unfinished requests
+        (freed, so withdrawn) in place and None for the finished ones."""
+        deadline = time.monotonic() + secs
+        pending = list(reqs)
+        nap = 0.0005
+        done = ctypes.c_int()
+        st = _lib.Status()
+        while True:
+            for i, req in enumerate(pending):
+                if req is None:
+                    continue
+                rc = lib.ferrocomm_test(req, ctypes.byref(done), ctypes.byref(st))
+                if done.value:
+                    pending[i] = None
+                    if rc != _lib.OK:
+                        for other in pending:
+                            if other is not None:
+                                lib.ferrocomm_request_free(other)
+                        raise self._fail(what, rc)
+            if all(r is None for r in pending):
+                return None
+            if time.monotonic() >= deadline:
+                for r in pending:
+                    if r is not None:
+                        lib.ferrocomm_request_free(r)
+                return pending
+            time.sleep(nap)
+            nap = min(nap * 2, 0.01)
+
     # ---- point to point -------------------------------------------------------------
 
     def send(self, tensors, dst, tag):
@@ -665,7 +832,7 @@ class FerrocommBackend(c10d.Backend):
         b = self._buf(self._one(tensors, what), what)
         req = ctypes.c_void_p()
         self._call(what, lib.ferrocomm_isend, b.ptr, b.count, b.dtype, dst, tag, ctypes.byref(req))
-        return _P2PWork(self, req, tensors, b, what)
+        return _P2PWork(self, req, tensors, b, what, self._next_seq())
 
     def recv(self, tensors, src, tag):
         self._runner.drain()
@@ -673,7 +840,7 @@ class FerrocommBackend(c10d.Backend):
         b = self._buf(self._one(tensors, what), what)
         req = ctypes.c_void_p()
         self._call(what, lib.ferrocomm_irecv, b.ptr, b.count, b.dtype, src, tag, ctypes.byref(req))
-        return _P2PWork(self, req, tensors, b, what)
+        return _P2PWork(self, req, tensors, b, what, self._next_seq())
 
     def recv_anysource(self, tensors, tag):
         self._runner.drain()
@@ -684,7 +851,7 @@ class FerrocommBackend(c10d.Backend):
             what, lib.ferrocomm_irecv, b.ptr, b.count, b.dtype, _lib.ANY_SOURCE, tag,
             ctypes.byref(req),
         )
-        return _P2PWork(self, req, tensors, b, what)
+        return _P2PWork(self, req, tensors, b, what, self._next_seq())
 
     # ---- lifetime -------------------------------------------------------------------
 
@@ -716,8 +883,9 @@ class FerrocommBackend(c10d.Backend):
 class _P2PWork(dist._Work):
     """A send or receive in flight: `wait` finishes it."""
 
-    def __init__(self, backend, req, tensors, buf, what):
+    def __init__(self, backend, req, tensors, buf, what, seq):
         super().__init__()
+        self._seq = seq
         self._backend = backend
         self._req = req
         self._tensors = tensors
@@ -739,6 +907,10 @@ class _P2PWork(dist._Work):
 
     def is_completed(self):
         return not self._req
+
+    def _get_sequence_number(self):
+        """The operation's sequence number in its process group."""
+        return self._seq
 
     def is_success(self):
         return True

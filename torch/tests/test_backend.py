@@ -214,3 +214,31 @@ def test_walkthrough_example_under_ferrorun(example, nproc, tmp_path):
     if example == "launcher":
         for r in range(nproc):
             assert f"rank {r} of {nproc}" in out, out[-4000:]
+
+
+def test_fsdp2_trains_to_the_same_parameters_as_gloo():
+    # fully_shard on CPU: all_gather_into_tensor and reduce_scatter_tensor with uneven
+    # shards (a 33-row layer on 2 ranks); Adam's steps match gloo's, replicas identical.
+    outs = run_ranks("fsdp2", 2, tcp_url())
+    assert all("FSDP2 matches gloo" in o for o in outs)
+
+
+def test_split_group_subgroups_sequence_numbers_and_monitored_barrier():
+    # split_group ([[0, 2], [1]], and one leaving rank 2 out), new_subgroups, the group's
+    # sequence numbers, monitored_barrier passing and naming the rank that does not come.
+    outs = run_ranks("groups", 3, tcp_url())
+    assert "rank 2 did not reach the barrier" in outs[0], outs[0]
+    assert "rank 0 reports" in outs[1], outs[1]
+
+
+def test_monitored_barrier_with_wait_all_ranks_names_every_absent_rank():
+    outs = run_ranks("monitored_all", 4, tcp_url())
+    assert "ranks 2, 3 did not reach the barrier" in outs[0], outs[0]
+    assert "rank 0 reports" in outs[1], outs[1]
+
+
+def test_new_group_and_split_group_of_a_group_bound_to_a_device():
+    # init_process_group(device_id=cpu:0): new_group splits the parent and asks the ranks
+    # outside it for a no-color split.
+    outs = run_ranks("bound_split", 3, tcp_url())
+    assert all("bound split passed" in o for o in outs), outs

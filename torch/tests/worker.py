@@ -360,6 +360,149 @@ def scenario_wait_timeout(rank, size):
     raise AssertionError("wait(timeout) returned although the operation cannot finish")
 
 
+def scenario_fsdp2(rank, size):
+    # FSDP2 (fully_shard on CPU): parameters sharded across ranks, all_gather_into_tensor
+    # before each forward/backward, reduce_scatter_tensor of the gradients; the same
+    # training with gloo must reach the same parameters, and every rank's full copy agrees.
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    def train(backend):
+        torch.manual_seed(0)
+        # Odd sizes: some parameters do not split evenly between the ranks.
+        model = torch.nn.Sequential(
+            torch.nn.Linear(13, 40), torch.nn.ReLU(), torch.nn.Linear(40, 33), torch.nn.ReLU(),
+            torch.nn.Linear(33, 3),
+        )
+        group = dist.group.WORLD if backend is None else dist.new_group(backend=backend)
+        mesh = DeviceMesh.from_group(group, "cpu")
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(5):
+            x = torch.randn(6, 13, generator=g)
+            y = torch.randn(6, 3, generator=g)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
+
+    mine = train(None)
+    theirs = train("gloo")
+    close(mine, theirs, "FSDP2 parameters ferrocomm vs gloo")
+    all_p = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(all_p, mine)
+    for r in range(size):
+        if not torch.equal(all_p[r], mine):
+            raise AssertionError(f"FSDP2: the full parameters of rank {r} differ from rank {rank}'s")
+    print(f"rank {rank}: FSDP2 matches gloo")
+
+
+def scenario_groups(rank, size):
+    # split_group, new_subgroups, monitored_barrier and sequence numbers (size 3).
+    # split_group: [[0, 2], [1]]; each sub-group's all_reduce and all_gather see its ranks only.
+    sub = dist.split_group(split_ranks=[[0, 2], [1]])
+    members = [0, 2] if rank in (0, 2) else [1]
+    t = torch.full((5,), float(rank + 1))
+    dist.all_reduce(t, group=sub)
+    close(t, torch.full((5,), float(sum(r + 1 for r in members))), "split_group all_reduce")
+    got = [torch.empty(1, dtype=torch.int64) for _ in members]
+    dist.all_gather(got, torch.tensor([rank]), group=sub)
+    if [int(x) for x in got] != members:
+        raise AssertionError(f"split_group all_gather: got {got}, expected {members}")
+    # A split that leaves rank 2 out: torch cannot take "not a member" back from a Python
+    # backend, so rank 2 gets an error saying so; ranks 0 and 1 get their group.
+    try:
+        pair = dist.split_group(split_ranks=[[0, 1]])
+    except dist.DistBackendError as e:
+        if rank != 2 or "in none of the splits" not in str(e):
+            raise
+    else:
+        if rank == 2:
+            raise AssertionError(f"rank 2 got a group it is not in: {pair}")
+        t = torch.tensor([10.0 * (rank + 1)])
+        dist.all_reduce(t, group=pair)
+        close(t, torch.tensor([30.0]), "split_group of ranks 0 and 1")
+    # new_subgroups: one group per rank.
+    own, _ = dist.new_subgroups(group_size=1)
+    t = torch.tensor([rank + 0.5])
+    dist.all_reduce(t, group=own)
+    close(t, torch.tensor([rank + 0.5]), "new_subgroups all_reduce")
+
+    # Sequence numbers: the group's counts the operations, the same on every rank (torch
+    # hands the user its own C++ Work, which cannot ask a Python Work for its number).
+    world = dist.group.WORLD
+    n0 = world._get_sequence_number_for_group()
+    dist.all_reduce(torch.ones(3), async_op=True).wait()
+    dist.broadcast(torch.ones(3), 0)
+    n = world._get_sequence_number_for_group()
+    if n != n0 + 2:
+        raise AssertionError(f"the group's sequence number went from {n0} to {n} in two calls")
+    seqs = [torch.empty(1, dtype=torch.int64) for _ in range(size)]
+    dist.all_gather(seqs, torch.tensor([n]))
+    if len({int(x) for x in seqs}) != 1:
+        raise AssertionError(f"ranks disagree on the sequence number: {seqs}")
+
+    # monitored_barrier: passes when every rank comes (twice in a row) ...
+    for _ in range(2):
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    # ... and names the rank that does not come.
+    if rank == size - 1:
+        time.sleep(8)  # alive past the others' 3 s timeout (leaving would be "lost peer")
+        os._exit(0)
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=3), wait_all_ranks=True)
+    except dist.DistBackendError as e:
+        msg = str(e)
+        if rank == 0:
+            assert f"rank {size - 1} did not reach the barrier" in msg, msg
+        else:
+            assert "rank 0 reports" in msg, msg
+        print(f"rank {rank}: groups passed; monitored_barrier reported: {msg[:200]}")
+        os._exit(0)
+    raise AssertionError("monitored_barrier passed without the last rank")
+
+
+def scenario_monitored_all(rank, size):
+    # monitored_barrier(wait_all_ranks=True) with the last two ranks absent: rank 0 names
+    # both, the other rank that came hears it from rank 0.
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    if rank >= size - 2:
+        time.sleep(8)  # alive past the others' 3 s timeout (leaving would be "lost peer")
+        os._exit(0)
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=3), wait_all_ranks=True)
+    except dist.DistBackendError as e:
+        msg = str(e)
+        if rank == 0:
+            expected = f"ranks {size - 2}, {size - 1} did not reach the barrier"
+            assert expected in msg, msg
+        else:
+            assert "rank 0 reports" in msg, msg
+        print(f"rank {rank}: monitored_barrier reported: {msg[:200]}")
+        os._exit(0)
+    raise AssertionError("monitored_barrier passed without the last two ranks")
+
+
+def scenario_bound_split(rank, size):
+    # A process group bound to a device (init_process_group(device_id=cpu:0)): new_group
+    # splits the parent, ranks outside the new group are asked for a "no-color" split.
+    pair = dist.new_group([0, 1])
+    if rank < 2:
+        t = torch.tensor([rank + 1.0])
+        dist.all_reduce(t, group=pair)
+        close(t, torch.tensor([3.0]), "new_group of a bound group")
+    elif pair is not dist.GroupMember.NON_GROUP_MEMBER:
+        raise AssertionError(f"rank {rank} got a group it is not in: {pair}")
+    sub = dist.split_group(split_ranks=[[0, 2], [1]])
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t, group=sub)
+    close(t, torch.tensor([4.0 if rank != 1 else 2.0]), "split_group of a bound group")
+    print(f"rank {rank}: bound split passed")
+
+
 def main():
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
@@ -367,10 +510,11 @@ def main():
     else:  # under torchrun
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     url = sys.argv[4] if len(sys.argv) > 4 else None
+    bound = {"device_id": torch.device("cpu:0")} if scenario == "bound_split" else {}
     if url:
         dist.init_process_group(
             "ferrocomm", init_method=url, rank=rank, world_size=size,
-            timeout=datetime.timedelta(seconds=60),
+            timeout=datetime.timedelta(seconds=60), **bound,
         )
     else:  # env:// (torchrun)
         dist.init_process_group("ferrocomm", timeout=datetime.timedelta(seconds=60))
