@@ -441,27 +441,25 @@ class FerrocommBackend(c10d.Backend):
                     raise self._fail("all_reduce", 1)
                 return tensors
         what = "all_reduce"
-        b = self._buf(self._one(tensors, what), what)
-        op = self._op(opts.reduceOp, b, what)
-        if op is None:
-            self._bitwise_allreduce(b, opts.reduceOp, what)
-        else:
-            self._call(what, lib.ferrocomm_allreduce, b.ptr, b.ptr, b.count, b.dtype, op)
-        b.finish()
+        self._allreduce_one(self._one(tensors, what), opts.reduceOp, what)
         return tensors
 
     @_collective
     def allreduce_coalesced(self, tensors, opts):
-        what = "all_reduce_coalesced"
         for t in tensors:
-            b = self._buf(t, what)
-            op = self._op(opts.reduceOp, b, what)
-            if op is None:
-                self._bitwise_allreduce(b, opts.reduceOp, what)
-            else:
-                self._call(what, lib.ferrocomm_allreduce, b.ptr, b.ptr, b.count, b.dtype, op)
-            b.finish()
+            self._allreduce_one(t, opts.reduceOp, "all_reduce_coalesced")
         return tensors
+
+    def _allreduce_one(self, tensor, reduce_op, what):
+        """All-reduces one tensor in place: natively, or as an all_gather and a local
+        reduction for the bitwise ops ferrocomm does not have."""
+        b = self._buf(tensor, what)
+        op = self._op(reduce_op, b, what)
+        if op is None:
+            self._bitwise_allreduce(b, reduce_op, what)
+        else:
+            self._call(what, lib.ferrocomm_allreduce, b.ptr, b.ptr, b.count, b.dtype, op)
+        b.finish()
 
     @_collective
     def broadcast(self, tensors, opts):
