@@ -10,61 +10,16 @@
 //! python3 with numpy, pkg-config) make a test print that it skipped, or fail under
 //! `FERROCOMM_REQUIRE_ALL=1` (CI).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
+
+use common::{build_once, profile_dir, root, run_within, skip};
 
 /// Upper bound of any one command; far above what any needs (valgrind included).
 const LIMIT: Duration = Duration::from_secs(300);
-
-/// The repository's root.
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("ffi/ has a parent")
-        .to_path_buf()
-}
-
-/// `target/<profile>`: where this test binary, `libferrocomm.so/.a` and `ferrorun` are.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/examples-<hash>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in target/<profile>/deps")
-        .to_path_buf()
-}
-
-/// Builds (or checks up to date) the C library and `ferrorun` in this test's profile, once
-/// per test binary: `cargo test` does not build a cdylib for integration tests, and a
-/// library left from an earlier build would test old code.
-fn build_once() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let profile = profile_dir();
-        let name = profile
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("debug")
-            .to_string();
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(root())
-            .args(["build", "--quiet", "-p", "ferrocomm-ffi", "--lib"])
-            .args(["-p", "ferrocomm", "--bin", "ferrorun"]);
-        match name.as_str() {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        run_ok(cmd);
-    });
-}
 
 /// The directory holding the built C library.
 fn lib_dir() -> PathBuf {
@@ -91,14 +46,6 @@ fn ferrorun() -> PathBuf {
     p
 }
 
-/// Whether a missing tool may skip a test (not under `FERROCOMM_REQUIRE_ALL=1`).
-fn skip(what: &str) {
-    if std::env::var("FERROCOMM_REQUIRE_ALL").is_ok_and(|v| v == "1") {
-        panic!("FERROCOMM_REQUIRE_ALL=1 but {what}; run scripts/setup");
-    }
-    eprintln!("SKIPPED: {what} (run scripts/setup)");
-}
-
 fn have(tool: &str, arg: &str) -> bool {
     Command::new(tool)
         .arg(arg)
@@ -109,27 +56,8 @@ fn have(tool: &str, arg: &str) -> bool {
 }
 
 /// Runs `cmd` to completion within [`LIMIT`]; kills it and fails the test when it hangs.
-fn run(mut cmd: Command) -> Output {
-    let shown = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for {shown}: {e}")),
-        Err(_) => {
-            // SIGTERM: ferrorun passes it to its ranks and stops them.
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-            panic!("{shown} hung for {LIMIT:?}");
-        }
-    }
+fn run(cmd: Command) -> Output {
+    run_within(cmd, LIMIT)
 }
 
 /// Runs `cmd` and returns its stdout; fails the test with both streams unless it succeeded.

@@ -8,92 +8,28 @@
 //! Builds the library and `ferrorun` in this test's profile first; a missing `cc` or
 //! python3/numpy skips that part (fails under `FERROCOMM_REQUIRE_ALL=1`).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
+
+use common::{build_once, profile_dir, root, run_within, skip};
 
 /// Upper bound of one command.
 const LIMIT: Duration = Duration::from_secs(120);
 /// `FERROCOMM_ERR_COLLECTIVE_MISMATCH`.
 const MISMATCH: u32 = 9;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("ffi/ has a parent")
-        .to_path_buf()
-}
-
-/// `target/<profile>`, where this test binary, the library and `ferrorun` are.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in target/<profile>/deps")
-        .to_path_buf()
-}
-
-/// Builds the C library and `ferrorun` in this profile, once.
-fn build_once() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let dir = profile_dir();
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-        let profile: Vec<&str> = match name {
-            "debug" => vec![],
-            "release" => vec!["--release"],
-            other => vec!["--profile", other],
-        };
-        for pkg in [
-            &["-p", "ferrocomm-ffi", "--lib"][..],
-            &["-p", "ferrocomm", "--bin", "ferrorun"],
-        ] {
-            let mut cmd = Command::new(&cargo);
-            cmd.current_dir(root())
-                .args(["build", "--quiet"])
-                .args(pkg)
-                .args(&profile);
-            let out = run(cmd);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    });
-    profile_dir()
-}
-
-fn skip(what: &str) {
-    if std::env::var("FERROCOMM_REQUIRE_ALL").is_ok_and(|v| v == "1") {
-        panic!("FERROCOMM_REQUIRE_ALL=1 but {what}; run scripts/setup");
-    }
-    eprintln!("SKIPPED: {what} (run scripts/setup)");
-}
-
 /// Runs `cmd` within [`LIMIT`]; fails the test when it hangs.
-fn run(mut cmd: Command) -> Output {
-    let shown = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for {shown}: {e}")),
-        Err(_) => {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-            panic!("{shown} hung for {LIMIT:?}");
-        }
-    }
+fn run(cmd: Command) -> Output {
+    run_within(cmd, LIMIT)
+}
+
+/// The library and `ferrorun`, built in this profile: their directory.
+fn built() -> PathBuf {
+    build_once();
+    profile_dir()
 }
 
 /// The two ranks an error names: "call #N: rank A called X(...) but rank B called Y(...)".
@@ -124,7 +60,7 @@ fn c_ranks_that_disagree_all_get_collective_mismatch() {
     if !cc {
         return skip("cc is not installed");
     }
-    let dir = build_once();
+    let dir = built();
     let tmp = tempfile::tempdir().expect("temporary directory");
     let exe = tmp.path().join("mismatch");
     let mut cmd = Command::new("cc");
@@ -186,7 +122,7 @@ fn python_ranks_that_disagree_all_get_collective_mismatch() {
     if !numpy {
         return skip("python3 with numpy is not installed");
     }
-    let dir = build_once();
+    let dir = built();
     let mut cmd = Command::new("python3");
     cmd.arg(root().join("ffi/python/test_mismatch.py"))
         .env("FERROCOMM_LIB", dir.join("libferrocomm.so"))
