@@ -409,14 +409,33 @@ class FerrocommBackend(c10d.Backend):
         )
 
     def _bitwise_allreduce(self, buf, reduce_op, what):
-        """BAND/BOR/BXOR on integers: all_gather, then reduce locally (in rank order)."""
-        gathered = torch.empty((self._size,) + tuple(buf.t.shape), dtype=buf.t.dtype)
+        """BAND/BOR/BXOR on integers: all_gather, then reduce locally (in rank order).
+
+        ferrocomm has no bitwise reduction, so the all_gather's own fingerprint cannot tell
+        BAND from BOR: each rank's block carries its operation in a trailing byte, and when
+        the ranks disagree every rank raises (never a success with mixed operations)."""
+        red = _red_type(reduce_op)
+        nbytes = buf.count * buf.t.element_size()
+        mine = torch.empty(nbytes + 1, dtype=torch.uint8)
+        mine[:nbytes].copy_(buf.t.reshape(-1).view(torch.uint8))
+        mine[nbytes] = int(red)
+        gathered = torch.empty((self._size, nbytes + 1), dtype=torch.uint8)
         self._call(
-            what, lib.ferrocomm_allgather, buf.ptr, gathered.data_ptr() if buf.count else None,
-            buf.count, buf.dtype,
+            what, lib.ferrocomm_allgather, mine.data_ptr(), gathered.data_ptr(), nbytes + 1,
+            _lib.U8,
         )
-        fn = _BITWISE[_red_type(reduce_op)]
-        out = functools.reduce(fn, list(gathered.unbind(0)))
+        ops = [int(c) for c in gathered[:, nbytes]]
+        for r, o in enumerate(ops):
+            if o != int(red):
+                raise dist.DistBackendError(
+                    f"ferrocomm: rank {self._rank}: {what}: collective mismatch: rank "
+                    f"{self._rank} reduces with {red} but rank {r} with "
+                    f"{dist.ReduceOp.RedOpType(o)}; every rank must pass the same op"
+                )
+        blocks = gathered[:, :nbytes].reshape(-1).view(buf.t.dtype).reshape(
+            (self._size,) + tuple(buf.t.shape)
+        )
+        out = functools.reduce(_BITWISE[red], list(blocks.unbind(0)))
         buf.t.copy_(out)
 
     # ---- collectives ----------------------------------------------------------------

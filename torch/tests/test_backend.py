@@ -134,6 +134,11 @@ def test_mismatched_collectives_give_every_rank_an_error():
     assert all("collective mismatch" in o for o in outs), outs
 
 
+def test_mismatched_bitwise_ops_give_every_rank_an_error():
+    outs = run_ranks("bitwise_mismatch", 3, tcp_url())
+    assert all("collective mismatch" in o and "BOR" in o and "BAND" in o for o in outs), outs
+
+
 def test_a_rank_that_never_calls_gives_a_timeout_naming_the_operation():
     outs = run_ranks("timeout", 3, tcp_url(), extra_env={"FERROCOMM_OP_TIMEOUT": "3"})
     for o in outs[:2]:

@@ -326,6 +326,19 @@ def scenario_mismatch(rank, size):
     raise AssertionError(f"rank {rank}: mismatched collectives succeeded: {t}")
 
 
+def scenario_bitwise_mismatch(rank, size):
+    # Rank 0 asks for BAND, the others for BOR (both are an all_gather underneath): every
+    # rank gets an error naming the operations, none a result.
+    t = torch.tensor([rank + 1, 6], dtype=torch.int32)
+    op = dist.ReduceOp.BAND if rank == 0 else dist.ReduceOp.BOR
+    try:
+        dist.all_reduce(t, op=op)
+    except dist.DistBackendError as e:
+        print(f"rank {rank}: mismatch reported: {str(e)[:300]}")
+        os._exit(0)
+    raise AssertionError(f"rank {rank}: mismatched bitwise ops succeeded: {t}")
+
+
 def scenario_timeout(rank, size):
     # The last rank never joins the all_reduce (it waits, alive): the others time out
     # (FERROCOMM_OP_TIMEOUT, set small by the test) with an error naming the operation.
